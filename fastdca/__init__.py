@@ -1,0 +1,7 @@
+"""fastdca: fast, low-memory Deconfounded Causal Adaptation (DCA) fine-tuning for LLaMA-family models."""
+
+from fastdca.config import DCAConfig
+from fastdca.ops import dca_attention
+
+__all__ = ["DCAConfig", "dca_attention"]
+__version__ = "0.1.0"

@@ -1,0 +1,206 @@
+"""The DCA attention op: argument checks, backend dispatch, and the torch and triton backends.
+
+`dca_attention` is the one entry point. Backends:
+- "triton": the fused kernels of `fastdca.kernels` (CUDA tensors, or any tensors under TRITON_INTERPRET=1);
+- "torch": scaled_dot_product_attention for the prompt keys plus small matmuls for the adapter keys;
+- "reference": `fastdca.reference`, the literal equations.
+"auto" picks triton for CUDA tensors and torch otherwise; FASTDCA_BACKEND overrides the choice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from fastdca import reference
+from fastdca.config import GATE_FNS
+from fastdca.reference import compute_dtype, gate_values, query_is_real
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+XG_MODES = ("sample", "token", None)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MAX_HEAD_DIM = 256
+MAX_ADAPTER_LEN = 64
+
+
+def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
+                  gate_fn="tanh", xg="sample", backend=None):
+    """Attention over the prompt keys plus a gated, separately normalised attention over M adapter keys.
+
+    out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
+    g = tanh(gate) (or gate with gate_fn="identity"), X_G = the adapter term restricted to the first
+    `causal_len` adapter keys (DESIGN.md section 1).
+
+    Args:
+        q: (B, Hq, T, D) queries after RoPE.
+        k, v: (B, Hkv, S, D) keys and values after RoPE and the cache update; Hq % Hkv == 0.
+        ak, av: (Hkv, M, D) adapter keys and values (no RoPE).
+        gate: (Hq,) per-head gate.
+        causal_len: H, 0 <= H <= M.
+        scale: softmax scale, 1/sqrt(D) by default.
+        key_padding_mask: (B, S) bool, True where the key is a real token, or None.
+        gate_fn: "tanh" or "identity".
+        xg: "sample", "token" or None (see Returns).
+        backend: "auto", "triton", "torch" or "reference"; default FASTDCA_BACKEND or "auto".
+
+    Returns:
+        (out, xg_stats): out (B, T, Hq, D) in the inputs' dtype. xg_stats is, for xg="sample",
+        (sum of X_G over each sample's real query tokens, float32 (B, Hq, D); real-token count (B,));
+        for xg="token", X_G (B, T, Hq, D); for xg=None, None. Differentiable in q, k, v, ak, av, gate.
+    """
+    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg)
+    name = resolve_backend(backend, q)
+    args = (q, k, v, ak, av, gate)
+    kwargs = dict(causal_len=causal_len, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+                  key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
+    if name == "reference":
+        return reference.dca_attention(*args, **kwargs)
+    if name == "torch":
+        return _torch_dca_attention(*args, **kwargs)
+    return _triton_dca_attention(*args, **kwargs)
+
+
+def resolve_backend(backend, q) -> str:
+    """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto."""
+    name = backend if backend is not None else os.environ.get("FASTDCA_BACKEND", "auto")
+    if name not in BACKENDS:
+        source = "backend" if backend is not None else "FASTDCA_BACKEND"
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    if name == "auto":
+        return "triton" if q.is_cuda and triton_available() else "torch"
+    if name == "triton" and not (q.is_cuda or triton_interpreted()):
+        raise ValueError(
+            "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
+            f"to run the kernels on the CPU; got tensors on {q.device}"
+        )
+    return name
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg):
+    tensors = dict(q=q, k=k, v=v, ak=ak, av=av, gate=gate)
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, ndim, layout in (("q", 4, "(B, Hq, T, D)"), ("k", 4, "(B, Hkv, S, D)"),
+                               ("v", 4, "(B, Hkv, S, D)"), ("ak", 3, "(Hkv, M, D)"),
+                               ("av", 3, "(Hkv, M, D)"), ("gate", 1, "(Hq,)")):
+        if tensors[name].dim() != ndim:
+            raise ValueError(f"{name} must have shape {layout}, got shape {tuple(tensors[name].shape)}")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    M = ak.shape[1]
+    if T < 1 or D < 1:
+        raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"q head dim D must be at most {MAX_HEAD_DIM}, got {D}")
+    if Hkv < 1 or Hq % Hkv != 0:
+        raise ValueError(f"k must have Hkv heads dividing Hq={Hq} (grouped-query attention), got Hkv={Hkv}")
+    if S < T:
+        raise ValueError(f"k must have S >= T={T} keys (the queries are the last T of them), got S={S}")
+    expected = dict(k=(B, Hkv, S, D), v=(B, Hkv, S, D), ak=(Hkv, M, D), av=(Hkv, M, D), gate=(Hq,))
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensors[name].shape)}")
+    if not 1 <= M <= MAX_ADAPTER_LEN:
+        raise ValueError(f"ak must have 1 <= M <= {MAX_ADAPTER_LEN} adapter tokens, got M={M}")
+    if isinstance(causal_len, bool) or not isinstance(causal_len, int) or not 0 <= causal_len <= M:
+        raise ValueError(f"causal_len must be an integer in [0, M={M}], got {causal_len!r}")
+    if q.dtype not in DTYPES:
+        raise ValueError(f"q must have dtype in {DTYPES}, got {q.dtype}")
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError("key_padding_mask must be a bool tensor of shape (B, S) (True = real token)")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must have shape {(B, S)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
+        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if gate_fn not in GATE_FNS:
+        raise ValueError(f"gate_fn must be one of {GATE_FNS}, got {gate_fn!r}")
+    if xg not in XG_MODES:
+        raise ValueError(f"xg must be one of {XG_MODES}, got {xg!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch backend
+
+
+def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask)             # (B, Hq, T, D)
+
+    # Adapter keys: the Hq/Hkv query heads of a group share one kv head, so fold them into rows
+    # instead of repeating ak and av.
+    ct = compute_dtype(q.dtype)
+    group = Hq // Hkv
+    q_rows = q.reshape(B, Hkv, group * T, D)
+    adapter_scores = torch.matmul(q_rows, ak.transpose(-1, -2)).to(ct) * scale   # (B, Hkv, group*T, M)
+    g = gate_values(gate.to(ct), gate_fn).view(1, Hkv, group, 1, 1)
+    adapter_probs = (torch.softmax(adapter_scores, dim=-1).view(B, Hkv, group, T, -1) * g)
+    adapter_out = torch.matmul(adapter_probs.view(B, Hkv, group * T, -1).to(q.dtype), av)
+
+    out = (prompt_out + adapter_out.view(B, Hq, T, D)).transpose(1, 2)
+    if xg is None:
+        return out, None
+    causal_probs = adapter_probs[..., :causal_len]                               # (B, Hkv, group, T, H)
+    causal_values = av[:, :causal_len].to(ct)                                    # (Hkv, H, D)
+    if xg == "token":
+        x_g = torch.matmul(causal_probs.reshape(B, Hkv, group * T, causal_len), causal_values)
+        return out, x_g.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
+    # sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h, :H]: only the column sums are needed.
+    real = query_is_real(key_padding_mask, B, T, S, q.device)
+    column_sums = torch.einsum("bkgtj,bt->bkgj", causal_probs, real.to(ct))      # (B, Hkv, group, H)
+    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hq, D)
+    return out, (sums, real.sum(dim=1))
+
+
+def _prompt_attention(q, k, v, scale, key_padding_mask):
+    """softmax(q k^T * scale + mask) v through SDPA, bottom-right causal, rows with no key give 0."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and T == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    query_pos = torch.arange(S - T, S, device=q.device)
+    visible = (torch.arange(S, device=q.device)[None, :] <= query_pos[:, None])[None, None]
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    visible = visible & key_padding_mask[:, None, None, :]                       # (B, 1, T, S)
+    has_key = visible.any(-1, keepdim=True)
+    # A row with no visible key would be 0/0 = NaN, and its NaN would reach dk and dv in the
+    # backward even if zeroed afterwards; let it see key 0 and zero its output instead.
+    visible = visible | (~has_key & (torch.arange(S, device=q.device) == 0))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    return out * has_key.to(out.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# triton backend
+
+
+def _triton_dca_attention(q, k, v, ak, av, gate, **kwargs):
+    raise NotImplementedError("the triton backend arrives with the kernels (issue 3)")

@@ -1,0 +1,71 @@
+"""The DCA attention equations of DESIGN.md section 1, written out literally.
+
+Every score matrix is materialised, nothing is fused: this is the definition the fast backends are
+tested against, not a path to train with. Pass float64 inputs to get a float64 answer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Softmaxes and statistics run in float32, or float64 when the inputs are float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def query_is_real(key_padding_mask, batch: int, T: int, S: int, device) -> torch.Tensor:
+    """(B, T) bool: query i sits at key position S - T + i and is real where that key is."""
+    if key_padding_mask is None:
+        return torch.ones(batch, T, dtype=torch.bool, device=device)
+    return key_padding_mask[:, S - T:]
+
+
+def gate_values(gate: torch.Tensor, gate_fn: str) -> torch.Tensor:
+    return torch.tanh(gate) if gate_fn == "tanh" else gate
+
+
+def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
+                  gate_fn="tanh", xg="sample"):
+    """out = softmax(q k^T * scale + mask) v + g * softmax(q ak^T * scale) av, plus the X_G statistics.
+
+    q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool.
+    Returns out (B, T, Hq, D) in q's dtype and, by `xg`: "sample" -> (sum of X_G over each sample's
+    real tokens (B, Hq, D), real-token count (B,)); "token" -> X_G (B, T, Hq, D); None -> None.
+    """
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    ct = compute_dtype(q.dtype)
+    scale = D ** -0.5 if scale is None else scale
+
+    # Grouped-query attention: query head h reads kv head h // group.
+    qf = q.to(ct)
+    kf = k.to(ct).repeat_interleave(group, dim=1)
+    vf = v.to(ct).repeat_interleave(group, dim=1)
+    akf = ak.to(ct).repeat_interleave(group, dim=0)
+    avf = av.to(ct).repeat_interleave(group, dim=0)
+
+    scores = qf @ kf.transpose(-1, -2) * scale                                   # (B, Hq, T, S)
+    query_pos = torch.arange(S - T, S, device=q.device)
+    key_pos = torch.arange(S, device=q.device)
+    visible = (key_pos[None, :] <= query_pos[:, None])[None, None]               # (1, 1, T, S)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
+
+    g = gate_values(gate.to(ct), gate_fn)
+    adapter_probs = g[None, :, None, None] * torch.softmax(qf @ akf.transpose(-1, -2) * scale, dim=-1)
+
+    out = probs @ vf + adapter_probs @ avf                                       # (B, Hq, T, D)
+    out = out.transpose(1, 2).to(q.dtype)
+
+    if xg is None:
+        return out, None
+    x_g = (adapter_probs[..., :causal_len] @ avf[:, :causal_len]).transpose(1, 2)  # (B, T, Hq, D)
+    if xg == "token":
+        return out, x_g.to(q.dtype)
+    real = query_is_real(key_padding_mask, B, T, S, q.device)
+    sums = (x_g * real[:, :, None, None].to(ct)).sum(dim=1)                      # (B, Hq, D)
+    return out, (sums, real.sum(dim=1))
