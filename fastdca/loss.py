@@ -1,0 +1,109 @@
+"""The DCA causal loss: the variance of X_G across samples, from the statistics `dca_attention` returns.
+
+variance="sample" (default): x_b = mean of X_G over sample b's real tokens; the layer loss is the
+unbiased variance over b of x_b, averaged over every (head, dim) entry. Only the per-sample sums and
+counts are needed, so the memory is O(B * Hq * D), independent of T.
+
+variance="token": per position t, the unbiased variance of X_G[:, t] over the samples that are real at
+t, averaged over the positions with at least two real samples and over every (head, dim) entry.
+
+With xg_space="hidden" the caller passes o_proj as `project`: it maps (..., Hq * D) to (..., hidden),
+and X_G is measured after it (o_proj is linear, so it commutes with the mean over tokens).
+
+Under torch.distributed with more than one rank the sufficient statistics are all-reduced with an
+autograd-aware collective (unless `distributed=False`), so the loss is the variance over the global
+batch, the same for any number of ranks.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from fastdca.reference import compute_dtype
+
+_warned_single_sample = False
+
+
+def layer_causal_loss(xg_stats, *, variance="sample", real=None, project=None, distributed=True):
+    """The causal loss of one layer, a float32 scalar.
+
+    xg_stats: for variance="sample", (sums (B, Hq, D), counts (B,)) from dca_attention(xg="sample");
+        for variance="token", X_G (B, T, Hq, D) from dca_attention(xg="token").
+    real: for variance="token", (B, T) bool, True where the query token is real; None = all real.
+    project: None (X_G before o_proj) or o_proj, a linear map (..., Hq*D) -> (..., hidden).
+    distributed: all-reduce the statistics over the ranks of the default process group, if any.
+    """
+    if variance == "sample":
+        sums, counts = xg_stats
+        return _sample_variance(sums, counts, project, distributed)
+    if variance == "token":
+        return _token_variance(xg_stats, real, project, distributed)
+    raise ValueError(f"variance must be 'sample' or 'token', got {variance!r}")
+
+
+def causal_loss(layer_losses):
+    """L_causal: the mean of the per-layer losses of the top L' adapted layers."""
+    if len(layer_losses) == 0:
+        raise ValueError("layer_losses must hold at least one layer's loss")
+    return torch.stack(list(layer_losses)).mean()
+
+
+def _sample_variance(sums, counts, project, distributed):
+    B = sums.shape[0]
+    flat = sums.to(compute_dtype(sums.dtype)).reshape(B, -1)
+    if project is not None:
+        flat = _project(flat, project)
+    # Samples with no real token have no mean and are left out.
+    weight = (counts > 0).to(flat.dtype)[:, None]                                      # (B, 1)
+    means = flat / counts.clamp(min=1).to(flat.dtype)[:, None]                         # (B, F)
+    return _weighted_variance(means, weight, distributed).mean()
+
+
+def _token_variance(x_g, real, project, distributed):
+    B, T = x_g.shape[:2]
+    flat = x_g.to(compute_dtype(x_g.dtype)).reshape(B, T, -1)
+    if project is not None:
+        flat = _project(flat, project)
+    weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=x_g.device) if real is None
+              else real.to(flat.dtype)[..., None])
+    per_position = _weighted_variance(flat, weight, distributed)                 # (T, F)
+    counted = (_all_reduce_sum(weight.sum(0), distributed) >= 2).to(flat.dtype)         # (T, 1)
+    return (per_position * counted).sum() / (counted.sum() * flat.shape[-1]).clamp(min=1)
+
+
+def _weighted_variance(x, weight, distributed):
+    """Unbiased variance over dim 0 of the rows of x with weight 1 (weights are 0 or 1); 0 where
+    fewer than two rows count. Two passes (mean, then squared deviations) to avoid cancellation."""
+    n = _all_reduce_sum(weight.sum(0), distributed)
+    if not bool((n >= 2).any()):
+        _warn_single_sample()
+    mean = _all_reduce_sum((x * weight).sum(0), distributed) / n.clamp(min=1)
+    squares = _all_reduce_sum(((x - mean).square() * weight).sum(0), distributed)
+    return torch.where(n >= 2, squares / (n - 1).clamp(min=1), torch.zeros_like(squares))
+
+
+def _project(flat, project):
+    weight_dtype = next((p.dtype for p in getattr(project, "parameters", lambda: [])()
+                         if p.is_floating_point()), flat.dtype)
+    return project(flat.to(weight_dtype)).to(compute_dtype(flat.dtype))
+
+
+def _all_reduce_sum(tensor, distributed):
+    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1):
+        return tensor
+    # The autograd-aware collective: its backward all-reduces the gradients, which DDP's average
+    # over ranks turns back into the gradient of the global loss.
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(tensor)
+
+
+def _warn_single_sample():
+    global _warned_single_sample
+    if not _warned_single_sample:
+        _warned_single_sample = True
+        warnings.warn("the DCA causal loss needs at least two samples with real tokens; with fewer the "
+                      "variance is undefined and L_causal is 0 (use a batch size of 2 or more)",
+                      stacklevel=4)
