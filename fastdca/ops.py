@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -53,7 +54,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg)
     name = resolve_backend(backend, q)
     args = (q, k, v, ak, av, gate)
-    kwargs = dict(causal_len=causal_len, scale=q.shape[-1] ** -0.5 if scale is None else float(scale),
+    kwargs = dict(causal_len=causal_len, scale=1 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                   key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
     if name == "reference":
         return reference.dca_attention(*args, **kwargs)
@@ -151,32 +152,103 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate
 
 def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
     B, Hq, T, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
+    S = k.shape[2]
     prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask)             # (B, Hq, T, D)
-
-    # Adapter keys: the Hq/Hkv query heads of a group share one kv head, so fold them into rows
-    # instead of repeating ak and av.
-    ct = compute_dtype(q.dtype)
-    group = Hq // Hkv
-    q_rows = q.reshape(B, Hkv, group * T, D)
-    adapter_scores = torch.matmul(q_rows, ak.transpose(-1, -2)).to(ct) * scale   # (B, Hkv, group*T, M)
-    g = gate_values(gate.to(ct), gate_fn).view(1, Hkv, group, 1, 1)
-    adapter_probs = (torch.softmax(adapter_scores, dim=-1).view(B, Hkv, group, T, -1) * g)
-    adapter_out = torch.matmul(adapter_probs.view(B, Hkv, group * T, -1).to(q.dtype), av)
-
-    out = (prompt_out + adapter_out.view(B, Hq, T, D)).transpose(1, 2)
+    real = query_is_real(key_padding_mask, B, T, S, q.device)
+    adapter_out, causal_stat = _AdapterAttention.apply(q, ak, av, gate, real, causal_len, scale, gate_fn, xg)
+    out = (prompt_out + adapter_out).transpose(1, 2)
     if xg is None:
         return out, None
-    causal_probs = adapter_probs[..., :causal_len]                               # (B, Hkv, group, T, H)
-    causal_values = av[:, :causal_len].to(ct)                                    # (Hkv, H, D)
     if xg == "token":
-        x_g = torch.matmul(causal_probs.reshape(B, Hkv, group * T, causal_len), causal_values)
-        return out, x_g.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
-    # sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h, :H]: only the column sums are needed.
-    real = query_is_real(key_padding_mask, B, T, S, q.device)
-    column_sums = torch.einsum("bkgtj,bt->bkgj", causal_probs, real.to(ct))      # (B, Hkv, group, H)
-    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hq, D)
+        return out, causal_stat
+    # sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h, :H]: the column sums suffice.
+    Hkv = k.shape[1]
+    causal_values = av[:, :causal_len].to(causal_stat.dtype)                     # (Hkv, H, D)
+    sums = torch.einsum("bkgj,kjd->bkgd", causal_stat, causal_values).reshape(B, Hq, D)
     return out, (sums, real.sum(dim=1))
+
+
+class _AdapterAttention(torch.autograd.Function):
+    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic.
+
+    Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), real (B, T) bool. Outputs A av
+    (B, Hq, T, D) in q's dtype and, by xg: "sample" -> the column sums over real tokens of A[..., :H],
+    (B, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H], (B, T, Hq, D) in q's
+    dtype; None -> None. Scores and softmax run in float32 (float64 for float64 inputs). Only q, ak,
+    av, gate and the row log-sum-exp are saved; the probabilities are recomputed in the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, ak, av, gate, real, causal_len, scale, gate_fn, xg):
+        B, Hq, T, D = q.shape
+        Hkv, M = ak.shape[:2]
+        probs, lse = _adapter_probs(q, ak, scale)                                # (B, Hkv, G*T, M)
+        gates = _grouped_gates(gate, gate_fn, Hkv, T, probs.dtype)
+        weights = probs * gates
+        avf = av.to(probs.dtype)
+        adapter_out = torch.matmul(weights, avf).view(B, Hq, T, D).to(q.dtype)
+        ctx.save_for_backward(q, ak, av, gate, real, lse)
+        ctx.args = (causal_len, scale, gate_fn, xg)
+        causal = weights[..., :causal_len]
+        if xg == "sample":
+            stat = (causal.view(B, Hkv, Hq // Hkv, T, causal_len) * real[:, None, None, :, None]).sum(3)
+        elif xg == "token":
+            stat = torch.matmul(causal, avf[:, :causal_len]).view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
+        else:
+            stat = None
+        return adapter_out, stat
+
+    @staticmethod
+    def backward(ctx, d_out, d_stat):
+        q, ak, av, gate, real, lse = ctx.saved_tensors
+        causal_len, scale, gate_fn, xg = ctx.args
+        B, Hq, T, D = q.shape
+        Hkv, M = ak.shape[:2]
+        probs, _ = _adapter_probs(q, ak, scale, lse)
+        ct = probs.dtype
+        gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
+        weights = probs * gates
+        avf = av.to(ct)
+        d_out = d_out.reshape(B, Hkv, -1, D).to(ct)
+        d_weights = torch.matmul(d_out, avf.transpose(-1, -2))                  # (B, Hkv, G*T, M)
+        d_av = torch.matmul(weights.transpose(-1, -2), d_out).sum(0)            # (Hkv, M, D)
+        if xg == "sample" and d_stat is not None:
+            d_causal = d_stat.to(ct)[:, :, :, None, :] * real[:, None, None, :, None].to(ct)
+            d_weights[..., :causal_len] += d_causal.reshape(B, Hkv, Hq // Hkv * T, causal_len)
+        elif xg == "token" and d_stat is not None:
+            d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
+            d_weights[..., :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2))
+            d_av[:, :causal_len] += torch.matmul(weights[..., :causal_len].transpose(-1, -2), d_xg).sum(0)
+        d_g = (d_weights * probs).sum(-1).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
+        gate_c = gate.to(ct)
+        d_gate = d_g * (1 - torch.tanh(gate_c).square()) if gate_fn == "tanh" else d_g
+        d_probs = d_weights * gates
+        d_scores = probs * (d_probs - (d_probs * probs).sum(-1, keepdim=True)) * scale
+        q_rows = q.reshape(B, Hkv, -1, D).to(ct)
+        d_q = torch.matmul(d_scores, ak.to(ct)).view(B, Hq, T, D)
+        d_ak = torch.matmul(d_scores.transpose(-1, -2), q_rows).sum(0)
+        return (d_q.to(q.dtype), d_ak.to(ak.dtype), d_av.to(av.dtype), d_gate.to(gate.dtype),
+                None, None, None, None, None)
+
+
+def _adapter_probs(q, ak, scale, lse=None):
+    """softmax(q ak^T * scale) in the compute dtype, (B, Hkv, G*T, M), and its row log-sum-exp.
+
+    The query heads of a group share one kv head, so they are folded into rows instead of
+    repeating ak."""
+    B, Hq, T, D = q.shape
+    Hkv = ak.shape[0]
+    ct = compute_dtype(q.dtype)
+    scores = torch.matmul(q.reshape(B, Hkv, -1, D).to(ct), ak.to(ct).transpose(-1, -2)) * scale
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return torch.exp(scores - lse), lse
+
+
+def _grouped_gates(gate, gate_fn, Hkv, T, dtype):
+    """g per row of the folded (B, Hkv, G*T, M) layout: (1, Hkv, G*T, 1)."""
+    g = gate_values(gate.to(dtype), gate_fn).view(Hkv, -1, 1)
+    return g.expand(Hkv, g.shape[1], T).reshape(1, Hkv, -1, 1)
 
 
 def _prompt_attention(q, k, v, scale, key_padding_mask):

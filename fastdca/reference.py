@@ -6,6 +6,8 @@ tested against, not a path to train with. Pass float64 inputs to get a float64 a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -37,7 +39,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     ct = compute_dtype(q.dtype)
-    scale = D ** -0.5 if scale is None else scale
+    scale = 1 / math.sqrt(D) if scale is None else scale
 
     # Grouped-query attention: query head h reads kv head h // group.
     qf = q.to(ct)

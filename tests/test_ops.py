@@ -1,0 +1,227 @@
+"""dca_attention's torch backend against the literal equations of fastdca.reference in float64."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdca import reference
+from fastdca.ops import dca_attention
+
+# Errors are relative to the largest entry of the float64 reference. Outputs: about two units of the
+# dtype's rounding (fp16 u = 2^-11, bf16 u = 2^-8). Gradients: about four units, because a
+# FlashAttention-style backward forms delta = rowsum(dout * out) from the rounded output and the
+# difference dp - delta cancels; 10 fresh draws of this matrix on the torch backend gave at worst
+# fp16 1.3e-3 (dk) and bf16 8.9e-3 (dk). fp32 is well inside 1e-5 (worst 1.9e-6).
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+# (B, Hq, Hkv, T, S, D, M, H, padding)
+SHAPES = [
+    pytest.param(2, 4, 4, 20, 20, 64, 10, 2, None, id="mha"),
+    pytest.param(2, 4, 2, 33, 33, 80, 10, 1, None, id="gqa-d80-T33"),
+    pytest.param(2, 6, 2, 17, 17, 128, 1, 1, "right", id="gqa-d128-M1-H=M-right"),
+    pytest.param(3, 4, 1, 1, 37, 64, 10, 0, "left", id="decode-T1-S37-H0-left"),
+    pytest.param(2, 4, 2, 5, 23, 64, 10, 10, "left", id="cache-T5-S23-H=M-left"),
+    pytest.param(2, 2, 2, 19, 19, 64, 10, 2, "right", id="right-padding"),
+]
+
+
+def make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, generator=None):
+    """Fresh random inputs in `dtype`; the gate is non-zero so the adapter term counts."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    inputs = dict(q=randn(B, Hq, T, D), k=randn(B, Hkv, S, D), v=randn(B, Hkv, S, D),
+                  ak=randn(Hkv, M, D), av=randn(Hkv, M, D), gate=randn(Hq))
+    mask = None
+    if padding is not None:
+        mask = torch.ones(B, S, dtype=torch.bool)
+        lengths = torch.randint(1, S, (B,), generator=generator)
+        lengths[0] = S // 2  # with T < S this leaves some queries of sample 0 without a real key
+        for b, n in enumerate(lengths.tolist()):
+            if padding == "left":
+                mask[b, : S - n] = False
+            else:
+                mask[b, n:] = False
+    return inputs, mask
+
+
+def run(backend, inputs, mask, causal_len, xg, grads_out, dtype=None):
+    """Forward and backward of `backend`; returns out, xg tensor and the six input gradients."""
+    leaves = {name: t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for name, t in inputs.items()}
+    out, stats = dca_attention(**leaves, causal_len=causal_len, key_padding_mask=mask, xg=xg, backend=backend)
+    xg_tensor = stats[0] if xg == "sample" else stats
+    loss = (out.to(torch.float64) * grads_out[0]).sum()
+    if xg is not None:
+        loss = loss + (xg_tensor.to(torch.float64) * grads_out[1]).sum()
+    loss.backward()
+    results = {"out": out, "xg": xg_tensor}
+    results.update({f"d{name}": leaf.grad for name, leaf in leaves.items()})
+    return results, stats
+
+
+def relative_error(actual, expected):
+    expected = expected.to(torch.float64)
+    return ((actual.to(torch.float64) - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("xg", ["sample", "token", None])
+@pytest.mark.parametrize("B,Hq,Hkv,T,S,D,M,H,padding", SHAPES)
+def test_torch_backend_matches_reference(B, Hq, Hkv, T, S, D, M, H, padding, xg, dtype):
+    inputs, mask = make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype)
+    # Upstream gradients representable in `dtype`, so that they reach the backend unrounded.
+    grads_out = (torch.randn(B, T, Hq, D).to(dtype).to(torch.float64),
+                 torch.randn((B, Hq, D) if xg == "sample" else (B, T, Hq, D)).to(dtype).to(torch.float64))
+    actual, stats = run("torch", inputs, mask, H, xg, grads_out)
+    expected, ref_stats = run("reference", inputs, mask, H, xg, grads_out, dtype=torch.float64)
+
+    assert actual["out"].shape == (B, T, Hq, D) and actual["out"].dtype == dtype
+    for name, value in expected.items():
+        if value is None:
+            assert actual[name] is None, name
+            continue
+        assert actual[name].shape == value.shape, name
+        assert torch.isfinite(actual[name]).all(), name
+        if name == "xg" and H == 0:
+            assert actual[name].abs().max() == 0, "X_G over zero adapter tokens must be 0"
+            continue
+        tolerance = (GRAD_TOLERANCE if name.startswith("d") else TOLERANCE)[dtype]
+        err = relative_error(actual[name], value)
+        assert err <= tolerance, f"{name}: relative error {err:.2e} > {tolerance:.0e}"
+    if xg == "sample":
+        assert stats[0].dtype == torch.float32
+        assert torch.equal(stats[1], ref_stats[1])
+        real = torch.ones(B, T, dtype=torch.bool) if mask is None else mask[:, S - T:]
+        assert torch.equal(stats[1], real.sum(1))
+
+
+def test_reference_padding_row_without_keys_is_zero_not_nan():
+    inputs, _ = make_inputs(1, 2, 2, 4, 4, 16, 3, None, torch.float64)
+    mask = torch.tensor([[False, False, True, True]])
+    inputs["gate"] = torch.zeros(2, dtype=torch.float64)
+    for backend in ("reference", "torch"):
+        out, _ = dca_attention(**inputs, causal_len=1, key_padding_mask=mask, backend=backend)
+        assert torch.isfinite(out).all()
+        assert out[0, :2].abs().max() == 0, backend
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_zero_gate_is_exactly_causal_attention(backend):
+    inputs, _ = make_inputs(2, 4, 2, 13, 13, 32, 10, None, torch.float64)
+    inputs["gate"] = torch.zeros(4, dtype=torch.float64)
+    out, _ = dca_attention(**inputs, causal_len=2, backend=backend)
+    plain = F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True, enable_gqa=True)
+    if backend == "torch":
+        assert torch.equal(out, plain.transpose(1, 2))
+    else:
+        torch.testing.assert_close(out, plain.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+def test_identity_gate_and_custom_scale():
+    inputs, mask = make_inputs(2, 2, 2, 9, 9, 16, 4, "left", torch.float64)
+    kwargs = dict(causal_len=2, key_padding_mask=mask, gate_fn="identity", scale=0.3)
+    out, stats = dca_attention(**inputs, **kwargs, backend="torch")
+    ref_out, ref_stats = dca_attention(**inputs, **kwargs, backend="reference")
+    torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats[0], ref_stats[0], rtol=1e-12, atol=1e-12)
+    # identity gate means g = gate: doubling the gate doubles the adapter term
+    inputs2 = dict(inputs, gate=2 * inputs["gate"])
+    out2, _ = dca_attention(**inputs2, **kwargs, backend="reference")
+    inputs0 = dict(inputs, gate=torch.zeros_like(inputs["gate"]))
+    out0, _ = dca_attention(**inputs0, **kwargs, backend="reference")
+    torch.testing.assert_close(out2 - out0, 2 * (out - out0), rtol=1e-10, atol=1e-10)
+
+
+def test_reference_sample_stats_are_sums_of_token_xg():
+    inputs, mask = make_inputs(3, 4, 2, 11, 11, 16, 5, "right", torch.float64)
+    _, (sums, counts) = dca_attention(**inputs, causal_len=3, key_padding_mask=mask, backend="reference")
+    _, x_g = dca_attention(**inputs, causal_len=3, key_padding_mask=mask, xg="token", backend="reference")
+    torch.testing.assert_close(sums, (x_g * mask[:, :, None, None]).sum(1), rtol=1e-12, atol=1e-12)
+    assert counts.tolist() == mask.sum(1).tolist()
+
+
+def test_reference_matches_hand_computed_single_query():
+    # One query, one key, one adapter token: the prompt softmax is 1 and the adapter softmax is 1,
+    # so out = v + tanh(gate) * av.
+    q = torch.ones(1, 1, 1, 2, dtype=torch.float64)
+    k = torch.zeros(1, 1, 1, 2, dtype=torch.float64)
+    v = torch.tensor([[[[1.0, 2.0]]]], dtype=torch.float64)
+    ak = torch.zeros(1, 1, 2, dtype=torch.float64)
+    av = torch.tensor([[[10.0, 20.0]]], dtype=torch.float64)
+    gate = torch.tensor([0.5], dtype=torch.float64)
+    out, (sums, counts) = reference.dca_attention(q, k, v, ak, av, gate, causal_len=1)
+    g = math.tanh(0.5)
+    torch.testing.assert_close(out[0, 0, 0], torch.tensor([1 + 10 * g, 2 + 20 * g], dtype=torch.float64))
+    torch.testing.assert_close(sums[0, 0], torch.tensor([10 * g, 20 * g], dtype=torch.float64))
+    assert counts.tolist() == [1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Argument errors
+
+
+def good_inputs():
+    inputs, mask = make_inputs(2, 4, 2, 5, 7, 16, 3, "left", torch.float32)
+    return inputs, mask
+
+
+@pytest.mark.parametrize("name,value,match", [
+    ("q", torch.randn(2, 4, 5), r"q must have shape \(B, Hq, T, D\)"),
+    ("k", torch.randn(2, 2, 7, 8), r"k must have shape \(2, 2, 7, 16\)"),
+    ("v", torch.randn(2, 2, 6, 16), r"v must have shape \(2, 2, 7, 16\)"),
+    ("k", torch.randn(2, 3, 7, 16), r"k must have Hkv heads dividing Hq=4"),
+    ("k", torch.randn(2, 2, 4, 16), r"k must have S >= T=5"),
+    ("ak", torch.randn(2, 3, 8), r"ak must have shape \(2, 3, 16\)|ak must have shape"),
+    ("av", torch.randn(2, 4, 16), r"av must have shape \(2, 3, 16\)"),
+    ("gate", torch.randn(2), r"gate must have shape \(4,\)"),
+    ("q", torch.randn(2, 4, 5, 300), r"head dim D must be at most 256"),
+    ("v", torch.randn(2, 2, 7, 16, dtype=torch.float64), r"v must have the dtype of q"),
+    ("q", torch.randint(0, 3, (2, 4, 5, 16)), r"q must have dtype in"),
+    ("gate", [0.0] * 4, r"gate must be a torch.Tensor"),
+])
+def test_bad_tensor_arguments(name, value, match):
+    inputs, mask = good_inputs()
+    inputs[name] = value
+    with pytest.raises(ValueError, match=match):
+        dca_attention(**inputs, causal_len=1, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(causal_len=4), r"causal_len must be an integer in \[0, M=3\]"),
+    (dict(causal_len=-1), r"causal_len must be an integer"),
+    (dict(causal_len=1.0), r"causal_len must be an integer"),
+    (dict(key_padding_mask=torch.ones(2, 7)), r"key_padding_mask must be a bool tensor"),
+    (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), r"key_padding_mask must have shape \(2, 7\)"),
+    (dict(key_padding_mask=torch.ones(1, 7, dtype=torch.bool)), r"key_padding_mask must have shape \(2, 7\)"),
+    (dict(scale=-1.0), r"scale must be a positive number"),
+    (dict(gate_fn="sigmoid"), r"gate_fn must be one of \('tanh', 'identity'\)"),
+    (dict(xg="mean"), r"xg must be one of"),
+    (dict(backend="cuda"), r"backend must be one of"),
+])
+def test_bad_keyword_arguments(kwargs, match):
+    inputs, mask = good_inputs()
+    call = dict(causal_len=1, key_padding_mask=mask)
+    call.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        dca_attention(**inputs, **call)
+
+
+def test_backend_environment_override(monkeypatch):
+    inputs, mask = good_inputs()
+    monkeypatch.setenv("FASTDCA_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTDCA_BACKEND must be one of"):
+        dca_attention(**inputs, causal_len=1, key_padding_mask=mask)
+    monkeypatch.setenv("FASTDCA_BACKEND", "reference")
+    out, _ = dca_attention(**inputs, causal_len=1, key_padding_mask=mask)
+    ref, _ = reference.dca_attention(**inputs, causal_len=1, key_padding_mask=mask)
+    assert torch.equal(out, ref)
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs, mask = good_inputs()
+    with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+        dca_attention(**inputs, causal_len=1, key_padding_mask=mask, backend="triton")
