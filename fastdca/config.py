@@ -10,6 +10,7 @@ from typing import Optional
 GATE_FNS = ("tanh", "identity")
 VARIANCES = ("sample", "token")
 XG_SPACES = ("head", "hidden")
+VARIANCE_SCOPES = ("global", "rank")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,9 @@ class DCAConfig:
     gate_fn: "tanh" (g = tanh(gate)) or "identity" (g = gate).
     variance: "sample" (variance of per-sample means) or "token" (per-position variance).
     xg_space: "head" (X_G before o_proj) or "hidden" (after o_proj).
+    variance_scope: under data parallelism, "global" takes the variance over the global batch (the
+        statistics are all-reduced, so the method does not change with the number of ranks); "rank"
+        keeps each rank's own variance.
     """
 
     adapter_layers: int = 20
@@ -34,6 +38,7 @@ class DCAConfig:
     gate_fn: str = "tanh"
     variance: str = "sample"
     xg_space: str = "head"
+    variance_scope: str = "global"
 
     def __post_init__(self):
         for name in ("adapter_layers", "adapter_len"):
@@ -55,7 +60,8 @@ class DCAConfig:
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha >= 0:
             raise ValueError(f"DCAConfig.alpha must be a number >= 0, got {self.alpha!r}")
         object.__setattr__(self, "alpha", float(self.alpha))
-        for name, allowed in (("gate_fn", GATE_FNS), ("variance", VARIANCES), ("xg_space", XG_SPACES)):
+        for name, allowed in (("gate_fn", GATE_FNS), ("variance", VARIANCES), ("xg_space", XG_SPACES),
+                              ("variance_scope", VARIANCE_SCOPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"DCAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
 

@@ -14,7 +14,8 @@ def test_defaults_are_the_papers():
 
 def test_round_trips_through_dict_and_json():
     config = DCAConfig(adapter_layers=8, adapter_len=4, causal_len=4, causal_layers=3, alpha=0.5,
-                       gate_fn="identity", variance="token", xg_space="hidden")
+                       gate_fn="identity", variance="token", xg_space="hidden",
+                       variance_scope="rank")
     assert DCAConfig.from_dict(config.to_dict()) == config
     assert DCAConfig.from_json(config.to_json()) == config
     assert json.loads(config.to_json())["causal_layers"] == 3
@@ -35,6 +36,7 @@ def test_round_trips_through_dict_and_json():
     (dict(gate_fn="sigmoid"), r"gate_fn must be one of \('tanh', 'identity'\)"),
     (dict(variance="batch"), r"variance must be one of \('sample', 'token'\)"),
     (dict(xg_space="output"), r"xg_space must be one of \('head', 'hidden'\)"),
+    (dict(variance_scope="node"), r"variance_scope must be one of \('global', 'rank'\)"),
 ])
 def test_invalid_values_name_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):

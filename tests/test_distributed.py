@@ -1,0 +1,81 @@
+"""Two gloo processes, each with half of a batch, against one process with the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastdca.loss import layer_causal_loss
+from fastdca.ops import dca_attention
+
+WORLD = 2
+B, Hq, Hkv, T, D, M, H = 6, 4, 2, 7, 16, 5, 2
+
+
+def full_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    inputs = dict(q=torch.randn(B, Hq, T, D, generator=g), k=torch.randn(B, Hkv, T, D, generator=g),
+                  v=torch.randn(B, Hkv, T, D, generator=g), ak=torch.randn(Hkv, M, D, generator=g),
+                  av=torch.randn(Hkv, M, D, generator=g), gate=torch.randn(Hq, generator=g))
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, :3] = False
+    mask[4, :5] = False
+    return inputs, mask
+
+
+def loss_and_adapter_grads(inputs, mask, variance, distributed):
+    """The causal loss and the gradients of the shared adapter tensors (ak, av, gate)."""
+    leaves = {n: t.clone().requires_grad_(n in ("q", "ak", "av", "gate")) for n, t in inputs.items()}
+    _, stats = dca_attention(**leaves, causal_len=H, key_padding_mask=mask, xg=variance, backend="torch")
+    loss = layer_causal_loss(stats, variance=variance, real=mask, distributed=distributed)
+    loss.backward()
+    return loss.detach(), [leaves[n].grad for n in ("ak", "av", "gate")]
+
+
+def worker(rank, port, variance, scope, seed, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        inputs, mask = full_batch(seed)
+        shard = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        local = {n: (t[shard] if t.shape[0] == B else t) for n, t in inputs.items()}
+        loss, grads = loss_and_adapter_grads(local, mask[shard], variance, distributed=scope == "global")
+        for grad in grads:  # what DistributedDataParallel does to parameter gradients
+            dist.all_reduce(grad)
+            grad /= WORLD
+        results[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two_ranks(variance, scope, seed):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(worker, args=(port, variance, scope, seed, results), nprocs=WORLD, join=True)
+    return [results[r] for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("variance", ["sample", "token"])
+def test_global_variance_over_two_ranks_equals_one_process(variance):
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    inputs, mask = full_batch(seed)
+    expected_loss, expected_grads = loss_and_adapter_grads(inputs, mask, variance, distributed=False)
+    for loss, grads in run_two_ranks(variance, "global", seed):
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+        for name, g, e in zip(("ak", "av", "gate"), grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_rank_scope_keeps_each_ranks_own_variance():
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    inputs, mask = full_batch(seed)
+    for rank, (loss, _) in enumerate(run_two_ranks("sample", "rank", seed)):
+        shard = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        local = {n: (t[shard] if t.shape[0] == B else t) for n, t in inputs.items()}
+        expected, _ = loss_and_adapter_grads(local, mask[shard], "sample", distributed=False)
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
