@@ -274,5 +274,56 @@ def _prompt_attention(q, k, v, scale, key_padding_mask):
 # triton backend
 
 
-def _triton_dca_attention(q, k, v, ak, av, gate, **kwargs):
-    raise NotImplementedError("the triton backend arrives with the kernels (issue 3)")
+def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
+    if q.dtype == torch.float64:
+        raise ValueError("q must have dtype float32, float16 or bfloat16 for the triton backend "
+                         "(float64 is not a kernel dtype: use backend='torch' or 'reference'), got torch.float64")
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, causal_len, scale,
+                                          gate_fn, xg)
+    if xg is None:
+        return out, None
+    if xg == "token":
+        return out, extra
+    # sum_t X_G[b, t, h] = colsum[b, h] @ av[h // group, :H]: a tiny product, left to autograd
+    group = Hq // Hkv
+    column_sums = extra.view(B, Hkv, group, causal_len)
+    causal_values = av[:, :causal_len].to(torch.float32)
+    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hq, D)
+    real = query_is_real(key_padding_mask, B, T, S, q.device)
+    return out, (sums, real.sum(dim=1))
+
+
+class _TritonDCAFunction(torch.autograd.Function):
+    """Autograd around the fused kernels: out and, by xg, the column sums of A[..., :H] over real tokens
+    (B, Hq, H) float32 ("sample") or X_G (B, T, Hq, D) ("token"); an empty tensor for xg=None.
+
+    Saved for backward: q, k, v, ak, av, gate, out and the row log-sum-exp (B, Hq, T) float32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, causal_len, scale, gate_fn, xg):
+        from fastdca.kernels.dca_attention import dca_forward
+
+        out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
+                                      key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
+        if extra is None:
+            extra = out.new_empty(0)
+            ctx.mark_non_differentiable(extra)
+        ctx.save_for_backward(q, k, v, ak, av, gate, out, lse)
+        ctx.key_padding_mask = key_padding_mask
+        ctx.args = dict(causal_len=causal_len, scale=scale, gate_fn=gate_fn, xg=xg)
+        ctx.set_materialize_grads(False)
+        return out, extra
+
+    @staticmethod
+    def backward(ctx, dout, dextra):
+        from fastdca.kernels.dca_attention import dca_backward
+
+        q, k, v, ak, av, gate, out, lse = ctx.saved_tensors
+        if ctx.args["xg"] is None:
+            dextra = None
+        grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
+                             key_padding_mask=ctx.key_padding_mask, **ctx.args)
+        return (*grads, None, None, None, None, None)
