@@ -50,8 +50,8 @@ class DateUnderstanding(Task):
 
 
 class Math401(Task):
-    """Math401 arithmetic ("5+9=" -> "14"). No official split: a seeded ``test_size`` of the 401 items is
-    the test set. Answers are compared as numbers within 1e-3 (the gold answers have 4 decimals)."""
+    """Math401 arithmetic ("5+9=" -> "14"). No official split: a seeded ``test_size`` of the 393 distinct
+    queries (401 items, 8 repeated) is the test set. Answers are compared as numbers within 1e-3 (the gold answers have 4 decimals)."""
 
     name = "math401"
     description = "Math401 arithmetic expressions"
@@ -64,12 +64,15 @@ class Math401(Task):
         self.test_size, self.seed = test_size, seed
 
     def _all(self):
-        out = []
+        out, seen = [], set()
         for i, line in enumerate(data_path("math401", "math401.jsonl").read_text().splitlines()):
             if not line.strip():
                 continue
             rec = json.loads(line)
             q, r = rec["query"].strip(), str(rec["response"]).strip()
+            if q in seen:  # 8 queries occur twice in the file; keep one so none is in both splits
+                continue
+            seen.add(q)
             out.append(Example(id=f"math401-{i}", prompt=format_prompt(f"Calculate: {q}"), target=r, answer=r,
                                answer_type="number", meta={"query": q}))
         return out
