@@ -8,6 +8,7 @@ import json
 import random
 import re
 
+from fastdca.tasks.answers import parse_number
 from fastdca.tasks.base import Example, Task, data_path, format_prompt, seeded_split
 
 __all__ = ["DateUnderstanding", "Math401", "WordProblems", "WORD_PROBLEM_FILES"]
@@ -152,8 +153,12 @@ class WordProblems(Task):
         target = rec["output"].strip()
         if target.startswith("A:"):
             target = target[2:].strip()
+        answer = str(rec["answer"]).strip()
+        if not target:  # a few records have an empty output: train on the bare answer
+            v = parse_number(answer)
+            target = f"The answer is {int(v) if v is not None and v.is_integer() else answer}."
         return Example(id=id, prompt=format_prompt(rec["instruction"], rec.get("input", "")), target=target,
-                       answer=str(rec["answer"]).strip(), answer_type="number")
+                       answer=answer, answer_type="number")
 
     def _build(self, split):
         tests, train, own = _word_problem_splits()
