@@ -1,7 +1,6 @@
 """The task layer: generators, splits, prompts, answer extraction, data files, the registry."""
 
 import json
-import os
 
 import pytest
 
@@ -248,10 +247,3 @@ def test_example_is_plain_data():
     e = Example(id="x", prompt="p", target="t", answer="a")
     assert e.answer_type == "text" and e.choices == ()
 
-
-@pytest.mark.skipif(not os.environ.get("FASTDCA_TEST_SMOLLM2"), reason="set FASTDCA_TEST_SMOLLM2=1 (loads the real model)")
-def test_smollm2_loads():  # pragma: no cover - opt-in
-    from fastdca.models import load_smollm2
-    model, tok = load_smollm2()
-    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
-    assert tok.pad_token is not None and tok.model_max_length == 8192
