@@ -5,3 +5,6 @@ from fastdca.ops import dca_attention
 
 __all__ = ["DCAConfig", "dca_attention"]
 __version__ = "0.1.0"
+from fastdca.patch import describe, load_adapter, patch, save_adapter, unpatch  # noqa: E402
+
+__all__ += ["patch", "unpatch", "save_adapter", "load_adapter", "describe"]

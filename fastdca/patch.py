@@ -1,0 +1,559 @@
+"""Drop-in DCA for Hugging Face LLaMA-family causal LMs (DESIGN.md section 3).
+
+This is the only fastdca module that knows about transformers. It imports transformers lazily, so that
+`import fastdca` stays light.
+
+How the pieces are hooked, without copying any modeling code:
+
+- Attention: transformers' attention modules call `ALL_ATTENTION_FUNCTIONS.get_interface(
+  config._attn_implementation, eager_attention_forward)` with q after RoPE and k, v after the cache
+  update. `patch` registers "fastdca_sdpa" and "fastdca_eager" in the attention-function registry
+  (`AttentionInterface`) and in the mask registry (`AttentionMaskInterface`, pointing at the base
+  implementation's own mask builder, so layers without an adapter get exactly the mask they always
+  got), and switches the model to "fastdca_<base>". The registered function runs
+  `fastdca.ops.dca_attention` for attention modules that carry a `dca` submodule and hands every
+  other call to the base implementation unchanged.
+- Key padding: the op wants a (B, S) bool mask of real keys. It is read off the 4-D mask that
+  transformers built for this very call: its last query row sits at the last key position, so under
+  the causal mask it sees every real key and no padding key (bool masks: True = visible; additive
+  float masks: 0 = visible). A mask of None means no padding. This stays aligned with the KV cache
+  (S = past + T) without tracking the 2-D mask ourselves.
+- Causal loss: a forward pre-hook on the top-level model decides, per forward, whether X_G
+  statistics are collected (alpha > 0 and labels given or the model in training mode) and starts
+  recording; the attention function stores the statistics of the top L' adapted layers; a forward
+  hook turns them into L_causal with `fastdca.loss`, adds alpha * L_causal to the loss when labels
+  were given and sets `output.causal_loss`. Nothing replaces the model's forward, so Trainer's
+  signature inspection, accelerate and generate see the original model. Under gradient
+  checkpointing the recomputation in the backward computes the same tensors but records nothing.
+- Generation: with gradients off, each adapter's keys and values are cached keyed on the prompt
+  parameter's version counter (and the k/v projection weights' versions and the dtype), so one
+  generate call computes them once; they are never written to the KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastdca.config import DCAConfig
+from fastdca.loss import causal_loss as _causal_loss
+from fastdca.loss import layer_causal_loss
+from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
+# transformers releases whose attention-function and mask registries this module is written against
+# (tested on 5.23).
+TRANSFORMERS_MIN = "5.0.0"
+TRANSFORMERS_MAX_EXCLUSIVE = "6.0.0"
+ADAPTER_FILE = "adapter.safetensors"
+CONFIG_FILE = "dca_config.json"
+FORMAT_VERSION = 1
+_STATE_ATTR = "_fastdca_state"
+_IMPL_PREFIX = "fastdca_"
+
+
+class DCAAdapter(nn.Module):
+    """The adapter of one attention module: `prompt` (M, hidden) and `gate` (num_attention_heads,)."""
+
+    def __init__(self, adapter_len: int, hidden_size: int, num_heads: int, layer_idx: int, device=None):
+        super().__init__()
+        self.prompt = nn.Parameter(torch.randn(adapter_len, hidden_size, dtype=torch.float32, device=device))
+        self.gate = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device))
+        self.layer_idx = layer_idx
+        self._kv_cache = None
+        self.kv_computations = 0  # how many times the adapter keys/values were computed (not cache hits)
+
+    def extra_repr(self):
+        return f"layer={self.layer_idx}, adapter_len={self.prompt.shape[0]}, hidden={self.prompt.shape[1]}"
+
+    def adapter_kv(self, attn: nn.Module, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
+        """ak, av (Hkv, M, D) in `dtype`: the prompt through the layer's own k_proj and v_proj."""
+        grad = torch.is_grad_enabled() and self.prompt.requires_grad
+        key = None
+        if not grad:
+            key = (self.prompt._version, self.prompt.data_ptr(), dtype, self.prompt.device,
+                   _version(attn.k_proj), _version(attn.v_proj))
+            if self._kv_cache is not None and self._kv_cache[0] == key:
+                return self._kv_cache[1]
+        M = self.prompt.shape[0]
+        self.kv_computations += 1
+        x = self.prompt.to(dtype)[None]                                          # (1, M, hidden)
+        ak = attn.k_proj(x).to(dtype).view(M, num_kv_heads, head_dim).transpose(0, 1)
+        av = attn.v_proj(x).to(dtype).view(M, num_kv_heads, head_dim).transpose(0, 1)
+        if not grad:
+            self._kv_cache = (key, (ak, av))
+        else:
+            self._kv_cache = None
+        return ak, av
+
+
+def _version(linear: nn.Module) -> int:
+    weight = getattr(linear, "weight", None)
+    return -1 if weight is None else weight._version
+
+
+class _State:
+    """Per-model bookkeeping, kept on the model as a plain attribute (not a module, not saved)."""
+
+    def __init__(self, config: DCAConfig, base_impl: str, layer_ids, causal_ids, requires_grad, backend):
+        self.config = config
+        self.base_impl = base_impl
+        self.layer_ids = list(layer_ids)            # adapted layers, ascending
+        self.causal_ids = frozenset(causal_ids)     # the top L' adapted layers
+        self.requires_grad = requires_grad          # name -> original requires_grad of base params
+        self.backend = backend
+        self.xg_mode = None                         # "sample" / "token" / None, decided per forward
+        self.recording = False
+        self.stats = {}
+        self.handles = []
+        self.attn_modules = {}                      # layer_idx -> attention module
+        self.model_info = {}
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Optional[str] = None) -> nn.Module:
+    """Add DCA adapters to the top `config.adapter_layers` decoder layers of `model`, in place.
+
+    Every base parameter is frozen; each adapted attention module gets a `dca` submodule with float32
+    `prompt` (M, hidden) ~ N(0, 1) and `gate` (num_attention_heads,) = 0, so the patched model's
+    logits equal the unpatched model's until training moves the gates. A forward with labels returns
+    CE + alpha * L_causal and sets `causal_loss` on the output. `backend` ("torch", "triton",
+    "reference", "auto") is passed to `fastdca.ops.dca_attention`; None = FASTDCA_BACKEND or auto.
+    Returns the model.
+    """
+    config = DCAConfig() if config is None else config
+    if not isinstance(config, DCAConfig):
+        raise TypeError(f"config must be a fastdca.DCAConfig, got {type(config).__name__}")
+    _check_transformers_version()
+    if getattr(model, _STATE_ATTR, None) is not None:
+        raise RuntimeError("this model is already patched with fastdca; call fastdca.unpatch(model) before "
+                           "patching it again")
+    hf_config = getattr(model, "config", None)
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"fastdca.patch does not support model type {model_type!r}; supported model types: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' "
+                         "AttentionInterface, which fastdca.patch hooks into")
+    layers = _decoder_layers(model)
+    n_layers = len(layers)
+    if config.adapter_layers > n_layers:
+        raise ValueError(f"DCAConfig.adapter_layers={config.adapter_layers} is larger than the model's "
+                         f"{n_layers} decoder layers")
+    if config.adapter_len > MAX_ADAPTER_LEN:
+        raise ValueError(f"DCAConfig.adapter_len={config.adapter_len} exceeds the op's maximum of "
+                         f"{MAX_ADAPTER_LEN} adapter tokens")
+    base_impl = hf_config._attn_implementation
+    if base_impl not in SUPPORTED_BASE_ATTENTION:
+        raise ValueError(f"fastdca.patch supports the base attention implementations "
+                         f"{SUPPORTED_BASE_ATTENTION}, but the model uses {base_impl!r}; load it with "
+                         "attn_implementation='sdpa' or 'eager'")
+
+    hidden = hf_config.hidden_size
+    num_heads = hf_config.num_attention_heads
+    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim={head_dim} exceeds the op's maximum of {MAX_HEAD_DIM}")
+
+    layer_ids = list(range(n_layers - config.adapter_layers, n_layers))
+    causal_ids = layer_ids[len(layer_ids) - config.causal_layers:]
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    state = _State(config, base_impl, layer_ids, causal_ids, requires_grad, backend)
+    state.model_info = dict(model_type=model_type, hidden_size=hidden, num_attention_heads=num_heads,
+                            num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=n_layers)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for i in layer_ids:
+        attn = layers[i].self_attn
+        if hasattr(attn, "dca"):
+            raise RuntimeError(f"layer {i}'s attention already has a `dca` submodule")
+        device = attn.q_proj.weight.device
+        attn.dca = DCAAdapter(config.adapter_len, hidden, num_heads, i, device=device)
+        attn.dca._state = state
+        attn.dca._shape = (num_kv_heads, head_dim)
+        state.attn_modules[i] = attn
+
+    name = _register(base_impl)
+    _set_attn_implementation(model, name)
+    state.handles.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    state.handles.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
+    state.forward_signature = inspect.signature(type(model).forward)
+    # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out.
+    state.had_ignore_keys = "keys_to_ignore_at_inference" in vars(hf_config)
+    ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or [])
+    hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: remove the adapters and hooks, restore the attention implementation and the
+    parameters' requires_grad flags. Returns the model."""
+    state = _state(model)
+    for handle in state.handles:
+        handle.remove()
+    for attn in state.attn_modules.values():
+        if hasattr(attn, "dca"):
+            del attn.dca
+    _set_attn_implementation(model, state.base_impl)
+    hf_config = model.config
+    if state.had_ignore_keys:
+        hf_config.keys_to_ignore_at_inference = [k for k in hf_config.keys_to_ignore_at_inference
+                                                 if k != "causal_loss"]
+    elif "keys_to_ignore_at_inference" in vars(hf_config):
+        del hf_config.keys_to_ignore_at_inference
+    for name, p in model.named_parameters():
+        if name in state.requires_grad:
+            p.requires_grad_(state.requires_grad[name])
+    delattr(model, _STATE_ATTR)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def get_config(model: nn.Module) -> DCAConfig:
+    return _state(model).config
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """The adapter parameters, keyed by their names in `model` (e.g. model.layers.3.self_attn.dca.prompt)."""
+    _state(model)
+    return {name: p for name, p in model.named_parameters() if _is_dca_name(name)}
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """Write `adapter.safetensors` and `dca_config.json` into `directory`, each atomically."""
+    from safetensors.torch import save_file
+
+    state = _state(model)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
+               for name, p in adapter_state_dict(model).items()}
+    meta = {"format_version": FORMAT_VERSION, "dca_config": state.config.to_dict(), "model": state.model_info,
+            "layers": state.layer_ids}
+    _atomic_write(directory, ADAPTER_FILE, lambda path: save_file(
+        tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)}))
+    _atomic_write(directory, CONFIG_FILE, lambda path: _write_text(path, json.dumps(meta, indent=2, sort_keys=True)))
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load an adapter written by `save_adapter` into `model`.
+
+    An unpatched model is patched first with the saved DCAConfig. A patched model must have the same
+    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes;
+    anything else raises ValueError naming the mismatch. Returns the model.
+    """
+    from safetensors.torch import load_file
+
+    cfg_path = os.path.join(directory, CONFIG_FILE)
+    weights_path = os.path.join(directory, ADAPTER_FILE)
+    for path in (cfg_path, weights_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no fastdca adapter at {directory!r}: {os.path.basename(path)} is missing")
+    with open(cfg_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: unsupported adapter format version {meta.get('format_version')!r} "
+                         f"(this fastdca reads version {FORMAT_VERSION})")
+    saved_config = DCAConfig.from_dict(meta["dca_config"])
+    if not is_patched(model):
+        patch(model, saved_config)
+    state = _state(model)
+    if state.config != saved_config:
+        ours, theirs = state.config.to_dict(), saved_config.to_dict()
+        diffs = ", ".join(f"{k}: model {ours[k]!r} vs adapter {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
+        raise ValueError(f"the adapter in {directory!r} was trained with a different DCAConfig ({diffs}); patch "
+                         "the model with the adapter's config (DCAConfig.from_dict(json.load(open("
+                         f"'{cfg_path}'))['dca_config'])) or load it into an unpatched model")
+    saved_model = meta.get("model", {})
+    diffs = [f"{k}: model {state.model_info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items()
+             if state.model_info.get(k) != v]
+    if diffs:
+        raise ValueError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
+    tensors = load_file(weights_path)
+    params = adapter_state_dict(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise ValueError(f"the adapter in {directory!r} does not match the model's adapter parameters: "
+                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                         f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise ValueError(f"the adapter in {directory!r} does not match the model: {name} has shape "
+                             f"{tuple(tensors[name].shape)} in the adapter, {tuple(p.shape)} in the model")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    return model
+
+
+def describe(model: nn.Module) -> str:
+    """A short summary: the patched layers, the DCA config, the trainable parameters and their share."""
+    state = _state(model)
+    cfg = state.config
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dca = sum(p.numel() for p in adapter_state_dict(model).values())
+    info = state.model_info
+    first, last = state.layer_ids[0], state.layer_ids[-1]
+    causal = sorted(state.causal_ids)
+    lines = [
+        f"fastdca DCA on {info['model_type']} ({info['num_hidden_layers']} layers, hidden {info['hidden_size']}, "
+        f"{info['num_attention_heads']} heads, {info['num_key_value_heads']} kv heads), "
+        f"attention '{state.base_impl}' for the other layers",
+        f"  adapted layers: {len(state.layer_ids)} ({first}-{last}), adapter_len M={cfg.adapter_len}, "
+        f"causal_len H={cfg.causal_len}, causal layers L'={cfg.causal_layers} ({causal[0]}-{causal[-1]}), "
+        f"alpha={cfg.alpha}, variance={cfg.variance}, xg_space={cfg.xg_space}, gate_fn={cfg.gate_fn}",
+        f"  trainable parameters: {trainable:,} of {total:,} ({100.0 * trainable / max(total, 1):.4f}%); "
+        f"DCA parameters: {dca:,} = {len(state.layer_ids)} x ({cfg.adapter_len} x {info['hidden_size']} prompt "
+        f"+ {info['num_attention_heads']} gate)",
+    ]
+    return "\n".join(lines)
+
+
+def trainable_parameter_count(num_layers_adapted: int, adapter_len: int, hidden_size: int, num_heads: int) -> int:
+    """DCA parameters for L adapted layers: L * (M * hidden + num_attention_heads)."""
+    return num_layers_adapted * (adapter_len * hidden_size + num_heads)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry integration
+
+
+def _check_transformers_version():
+    import transformers
+    from packaging.version import Version
+
+    v = Version(transformers.__version__)
+    if not Version(TRANSFORMERS_MIN) <= v < Version(TRANSFORMERS_MAX_EXCLUSIVE):
+        raise RuntimeError(f"fastdca.patch supports transformers >={TRANSFORMERS_MIN},<{TRANSFORMERS_MAX_EXCLUSIVE}; "
+                           f"found {transformers.__version__}")
+
+
+def _register(base_impl: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = _IMPL_PREFIX + base_impl
+    AttentionInterface.register(name, _make_attention_function(base_impl))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_impl])
+    return name
+
+
+def _set_attn_implementation(model, name):
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"could not set the attention implementation of {type(model).__name__} to {name!r}")
+
+
+def _base_function(base_impl: str, module: nn.Module):
+    if base_impl == "eager":
+        # Each modeling file has its own eager_attention_forward (the default LlamaAttention passes).
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base_impl]
+
+
+def _make_attention_function(base_impl: str):
+    def fastdca_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        adapter = getattr(module, "dca", None)
+        if not isinstance(adapter, DCAAdapter):
+            return _base_function(base_impl, module)(module, query, key, value, attention_mask,
+                                                     dropout=dropout, scaling=scaling, **kwargs)
+        return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kwargs)
+
+    fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"
+    return fastdca_attention_forward
+
+
+def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kwargs):
+    state = adapter._state
+    cfg = state.config
+    B, Hq, T, D = query.shape
+    S = key.shape[2]
+    window = kwargs.get("sliding_window")
+    if window is not None and S > window:
+        raise NotImplementedError(f"fastdca adapted layers do not implement sliding-window attention; layer "
+                                  f"{adapter.layer_idx} got {S} keys with a window of {window}")
+    dtype = query.dtype
+    key = key.to(dtype)
+    value = value.to(dtype)
+    num_kv_heads, head_dim = adapter._shape
+    ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
+    key_padding = _key_padding_mask(attention_mask, B, T, S)
+    xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
+    out, stats = dca_attention(query, key, value, ak, av, adapter.gate.to(dtype), causal_len=cfg.causal_len,
+                               scale=scaling, key_padding_mask=key_padding, gate_fn=cfg.gate_fn, xg=xg,
+                               backend=state.backend)
+    if stats is not None and state.recording:
+        real = None if key_padding is None else key_padding[:, S - T:]
+        state.stats[adapter.layer_idx] = (stats, real, module.o_proj if cfg.xg_space == "hidden" else None, dtype)
+    return out, None
+
+
+def _key_padding_mask(attention_mask, B, T, S):
+    """(B, S) bool, True = real key, from the mask transformers passes to attention functions; None = no padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        row = attention_mask
+    elif attention_mask.dim() == 4:
+        # The last query row sits at the last key position: causally it sees every real key.
+        row = attention_mask[:, 0, -1, :]
+    else:
+        raise ValueError(f"fastdca cannot read key padding from an attention mask of shape "
+                         f"{tuple(attention_mask.shape)}")
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
+    if row.shape[-1] != S:
+        raise ValueError(f"the attention mask covers {row.shape[-1]} keys but the layer has {S} (static or "
+                         "sliding caches are not supported by fastdca adapted layers; use the default DynamicCache)")
+    if row.shape[0] != B:
+        row = row.expand(B, S)
+    if bool(row.all()):
+        return None
+    return row.contiguous()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss hooks on the top-level model
+
+
+def _pre_hook(model, args, kwargs):
+    state = getattr(model, _STATE_ATTR)
+    cfg = state.config
+    try:
+        bound = state.forward_signature.bind_partial(model, *args, **kwargs).arguments
+    except TypeError:
+        bound = kwargs
+    labels = bound.get("labels")
+    past = bound.get("past_key_values")
+    if past is not None and "Static" in type(past).__name__:
+        raise NotImplementedError(f"fastdca adapted layers need a DynamicCache; got {type(past).__name__}")
+    collect = cfg.alpha > 0 and (labels is not None or model.training)
+    state.xg_mode = cfg.variance if collect else None
+    state.stats = {}
+    state.recording = collect
+    state.labels = labels
+    state.num_items = bound.get("num_items_in_batch", kwargs.get("num_items_in_batch"))
+    state.shift_labels = kwargs.get("shift_labels")
+
+
+def _post_hook(model, args, kwargs, output):
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return None
+    stats, state.stats = state.stats, {}
+    collected, state.recording = state.recording, False
+    labels, state.labels = state.labels, None
+    if output is None or not collected or not stats:
+        return None
+    cfg = state.config
+    losses = []
+    for idx in sorted(stats):
+        xg_stats, real, o_proj, dtype = stats[idx]
+        project = None if o_proj is None else _projector(o_proj, dtype)
+        losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project))
+    lc = _causal_loss(losses)
+    if isinstance(output, tuple):
+        if labels is not None and len(output) > 0 and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
+            return (output[0] + cfg.alpha * _share(state, labels) * lc.to(output[0].dtype),) + output[1:]
+        return None
+    if labels is not None and getattr(output, "loss", None) is not None:
+        output.loss = output.loss + cfg.alpha * _share(state, labels) * lc.to(output.loss.dtype)
+    output["causal_loss"] = lc
+    return output
+
+
+def _share(state, labels):
+    """With Trainer's token-count normalisation (num_items_in_batch), the CE of a micro-batch is a sum over
+    its tokens divided by the tokens of the whole accumulated batch; weighting L_causal by the micro-batch's
+    share of those tokens makes the accumulated causal term the token-weighted mean, not the sum."""
+    if state.num_items is None:
+        return 1.0
+    shifted = state.shift_labels if state.shift_labels is not None else labels[..., 1:]
+    count = shifted.ne(-100).sum()
+    total = state.num_items
+    total = total.to(count.device) if isinstance(total, torch.Tensor) else torch.tensor(total, device=count.device)
+    return (count.float() / total.float().clamp(min=1)).squeeze()
+
+
+def _projector(o_proj, dtype):
+    def project(x):
+        return o_proj(x.to(dtype)).float()
+
+    return project
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _state(model) -> _State:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not patched with fastdca; call fastdca.patch(model, config) first")
+    return state
+
+
+def _decoder_layers(model):
+    for candidate in (getattr(model, "model", None), model):
+        layers = getattr(candidate, "layers", None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} (expected `.model.layers`)")
+
+
+def _is_dca_name(name: str) -> bool:
+    return ".dca." in name or name.startswith("dca.")
+
+
+def _numel(p) -> int:
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        return int(math.prod(shape))
+    return p.numel()
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_write(directory, filename, write):
+    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, os.path.join(directory, filename))
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+__all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "describe", "is_patched", "get_config",
+           "adapter_state_dict", "DCAAdapter", "SUPPORTED_MODEL_TYPES"]
