@@ -32,6 +32,7 @@ How the pieces are hooked, without copying any modeling code:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
@@ -188,13 +189,18 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
         attn.dca._shape = (num_kv_heads, head_dim)
         state.attn_modules[i] = attn
 
+    # A private copy of the HF config for the patched model: configs are often shared between model
+    # instances (from_config keeps the object it is given), and switching the attention implementation
+    # must not reroute another model. unpatch puts the original object back.
+    state.orig_config = hf_config
+    hf_config = copy.deepcopy(hf_config)
+    _swap_config(model, state.orig_config, hf_config)
     name = _register(base_impl)
     _set_attn_implementation(model, name)
     state.handles.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     state.forward_signature = inspect.signature(type(model).forward)
     # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out.
-    state.had_ignore_keys = "keys_to_ignore_at_inference" in vars(hf_config)
     ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or [])
     hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
     setattr(model, _STATE_ATTR, state)
@@ -210,13 +216,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for attn in state.attn_modules.values():
         if hasattr(attn, "dca"):
             del attn.dca
-    _set_attn_implementation(model, state.base_impl)
-    hf_config = model.config
-    if state.had_ignore_keys:
-        hf_config.keys_to_ignore_at_inference = [k for k in hf_config.keys_to_ignore_at_inference
-                                                 if k != "causal_loss"]
-    elif "keys_to_ignore_at_inference" in vars(hf_config):
-        del hf_config.keys_to_ignore_at_inference
+    _swap_config(model, model.config, state.orig_config)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
@@ -516,6 +516,12 @@ def _state(model) -> _State:
     if state is None:
         raise ValueError("this model is not patched with fastdca; call fastdca.patch(model, config) first")
     return state
+
+
+def _swap_config(model, old, new):
+    for module in model.modules():
+        if getattr(module, "config", None) is old:
+            module.config = new
 
 
 def _decoder_layers(model):

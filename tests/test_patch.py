@@ -512,3 +512,57 @@ def test_errors(monkeypatch):
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.40.0")
     with pytest.raises(RuntimeError, match="supports transformers >=5.0.0,<6.0.0; found 4.40.0"):
         fastdca.patch(tiny_model("llama"), CFG)
+
+
+def test_shared_config_is_not_rerouted():
+    config = tiny_config("llama")
+    torch.manual_seed(0)
+    patched = transformers.AutoModelForCausalLM.from_config(config)
+    other = transformers.AutoModelForCausalLM.from_config(config)
+    assert patched.config is other.config
+    fastdca.patch(patched, CFG)
+    assert other.config._attn_implementation == "sdpa"
+    assert patched.config._attn_implementation == "fastdca_sdpa"
+    assert patched.model.layers[0].self_attn.config is patched.config
+    fastdca.unpatch(patched)
+    assert patched.config is other.config
+
+
+def test_num_items_in_batch_weights_the_causal_term():
+    """Trainer's gradient accumulation divides the summed CE by the tokens of the whole accumulated
+    batch (num_items_in_batch); the causal term is weighted by this micro-batch's share of them."""
+    model = tiny_model("llama")
+    fastdca.patch(model, CFG)
+    randomize_gates(model)
+    model.train()
+    ids, mask, labels = padded_batch()
+    count = int(labels[:, 1:].ne(-100).sum())
+    plain = model(ids, attention_mask=mask, labels=labels)
+    out = model(ids, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(2 * count))
+    ce = plain.loss - plain.causal_loss
+    torch.testing.assert_close(out.loss, ce / 2 + 0.5 * out.causal_loss)
+
+
+def test_trainer_needs_no_change(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama")
+    fastdca.patch(model, CFG)
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(1, VOCAB, (8,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long), "labels": ids.clone()}
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                             max_steps=2, learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), eval_dataset=Data())
+    trainer.train()
+    gates = [model.model.layers[i].self_attn.dca.gate for i in (1, 2)]
+    assert all(bool((g != 0).all()) for g in gates)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == metrics["eval_loss"]
