@@ -1,0 +1,171 @@
+"""The `fastdca` command: train, eval and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        parser.exit(2, f"fastdca {args.command}: error: {error}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastdca.config import DCAConfig
+
+    defaults = DCAConfig()
+    parser = argparse.ArgumentParser(prog="fastdca", description="DCA fine-tuning of LLaMA-family models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="fine-tune a model with DCA on a task")
+    _model_arguments(train)
+    _task_arguments(train)
+    train.add_argument("--output", required=True, help="output directory (adapter, checkpoints, loss history)")
+    dca = train.add_argument_group("DCA hyper-parameters (defaults: the paper's)")
+    dca.add_argument("--adapter-layers", type=int, default=defaults.adapter_layers, help="L")
+    dca.add_argument("--adapter-len", type=int, default=defaults.adapter_len, help="M")
+    dca.add_argument("--causal-len", type=int, default=defaults.causal_len, help="H")
+    dca.add_argument("--causal-layers", type=int, default=None, help="L' (default: the task's, else L)")
+    dca.add_argument("--alpha", type=float, default=defaults.alpha)
+    dca.add_argument("--gate-fn", choices=("tanh", "identity"), default=defaults.gate_fn)
+    dca.add_argument("--variance", choices=("sample", "token"), default=defaults.variance)
+    dca.add_argument("--xg-space", choices=("head", "hidden"), default=defaults.xg_space)
+    dca.add_argument("--variance-scope", choices=("global", "rank"), default=defaults.variance_scope)
+    opt = train.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=float, default=5.0)
+    opt.add_argument("--max-steps", type=int, default=-1, help="if > 0, overrides --epochs")
+    opt.add_argument("--batch-size", type=int, default=4)
+    opt.add_argument("--grad-accum", type=int, default=1)
+    opt.add_argument("--lr", type=float, default=1e-3)
+    opt.add_argument("--max-length", type=int, default=256)
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--save-steps", type=int, default=500)
+    opt.add_argument("--logging-steps", type=int, default=10)
+    opt.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    opt.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    train.set_defaults(run=run_train)
+
+    evaluate = commands.add_parser("eval", help="accuracy of a model (and adapter) on a task")
+    _model_arguments(evaluate)
+    _task_arguments(evaluate)
+    evaluate.add_argument("--adapter", default=None, help="adapter directory written by `fastdca train`")
+    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl "
+                          "in the adapter directory, else in the current directory)")
+    evaluate.set_defaults(run=run_eval)
+
+    demo = commands.add_parser("demo", help="SmolLM2-135M on Letter Concatenation, before and after DCA")
+    demo.add_argument("--model", default="smollm2", help="model directory (default: the embedded SmolLM2-135M)")
+    demo.add_argument("--steps", type=int, default=150)
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=1e-2)
+    demo.add_argument("--n-test", type=int, default=100, help="held-out names evaluated")
+    demo.add_argument("--output", default="fastdca-demo", help="output directory")
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def _model_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="Hugging Face model directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    quant = parser.add_mutually_exclusive_group()
+    quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4")
+    quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8")
+
+
+def _task_arguments(parser):
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a task name (see `fastdca.tasks.task_names()`)")
+    source.add_argument("--data", help="a data file in the LLM-Adapters JSON/JSONL format")
+
+
+def resolve_task(args):
+    from fastdca.tasks import get_task
+
+    return get_task(Path(args.data)) if args.data else get_task(args.task)
+
+
+def load(args):
+    import torch
+
+    from fastdca.models import load_model, load_smollm2
+
+    dtype = getattr(torch, args.dtype)
+    if args.model == "smollm2":
+        if args.load_in_4bit or args.load_in_8bit:
+            raise ValueError("--load-in-4bit/--load-in-8bit need a model directory, not the embedded smollm2")
+        return load_smollm2(dtype=dtype)
+    return load_model(args.model, dtype=dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+
+
+def run_train(args) -> int:
+    from fastdca.config import DCAConfig
+    from fastdca.patch import describe, patch
+    from fastdca.train import TrainSettings, train
+
+    task = resolve_task(args)
+    examples = task.examples("train")
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    causal_layers = args.causal_layers
+    if causal_layers is None:
+        causal_layers = min(task.causal_layers or args.adapter_layers, args.adapter_layers)
+    config = DCAConfig(adapter_layers=args.adapter_layers, adapter_len=args.adapter_len,
+                       causal_len=args.causal_len, causal_layers=causal_layers, alpha=args.alpha,
+                       gate_fn=args.gate_fn, variance=args.variance, xg_space=args.xg_space,
+                       variance_scope=args.variance_scope)
+    settings = TrainSettings(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                             grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
+                             seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
+                             bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16")
+    model, tokenizer = load(args)
+    patch(model, config)
+    print(describe(model))
+    history = train(model, tokenizer, examples, args.output, config=config, settings=settings,
+                    resume=not args.no_resume)
+    last = history[-1] if history else {}
+    print(f"adapter saved in {args.output}; last logged ce={last.get('ce')} causal_loss={last.get('causal_loss')}")
+    return 0
+
+
+def run_eval(args) -> int:
+    from fastdca.eval import evaluate
+    from fastdca.patch import load_adapter
+
+    task = resolve_task(args)
+    examples = task.examples(args.split)
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    model, tokenizer = load(args)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)  # patches the model with the adapter's own config
+    output = args.output or str(Path(args.adapter or ".") / "predictions.jsonl")
+    result = evaluate(model, tokenizer, task, examples, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, predictions_path=output)
+    print(json.dumps({"task": task.name, "split": args.split, **result, "predictions": output}))
+    return 0
+
+
+def run_demo(args) -> int:
+    from fastdca.demo import demo
+
+    demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+         n_test=args.n_test, output_dir=args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

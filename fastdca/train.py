@@ -1,0 +1,240 @@
+"""DCA fine-tuning on a task, built on transformers' Trainer.
+
+Trainer brings gradient accumulation, mixed precision, checkpoints, resume and multi-GPU launch
+(torchrun / accelerate launch); fastdca adds the data pipeline, the adapter-only checkpoints
+(adapter.safetensors + dca_config.json, never the frozen base weights) and a progress bar that shows
+the cross-entropy and the causal loss separately.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from fastdca.config import DCAConfig
+from fastdca.patch import load_adapter, save_adapter
+from fastdca.tasks import Example
+
+IGNORE_INDEX = -100
+HISTORY_FILE = "loss_history.json"
+
+
+@dataclass
+class TrainSettings:
+    """The optimisation settings of `fastdca train`; the defaults are the paper's."""
+
+    epochs: float = 5.0
+    max_steps: int = -1            # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.02
+    warmup: float = 0.0            # warmup steps, or a fraction of the total when < 1
+    lr_scheduler: str = "linear"
+    max_length: int = 256
+    seed: int = 0
+    save_steps: int = 500
+    save_total_limit: Optional[int] = 2
+    logging_steps: int = 10
+    bf16: bool = False
+    fp16: bool = False
+    dataloader_workers: int = 0
+    extra: dict = field(default_factory=dict)  # further TrainingArguments fields
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.epochs > 0:
+            raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+
+
+def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
+    """prompt + target + EOS as input_ids, with the prompt tokens masked out of the labels.
+
+    Raises ValueError, before any training, when a prompt leaves no room for its answer within
+    max_length. Targets longer than the room left are truncated (the prompt is never cut).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; fastdca needs one to end the training targets")
+    rows, longest = [], (0, None)
+    for ex in examples:
+        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
+        target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(prompt_ids) > longest[0]:
+            longest = (len(prompt_ids), ex.id)
+        room = max_length - len(prompt_ids)
+        if room < 1:
+            continue
+        target_ids = target_ids[:room]
+        rows.append({"input_ids": prompt_ids + target_ids,
+                     "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids})
+    if longest[0] >= max_length:
+        raise ValueError(f"max_length={max_length} is too short for the prompts: example {longest[1]!r} has a "
+                         f"{longest[0]}-token prompt; use --max-length {longest[0] + 32} or more")
+    return rows
+
+
+class PadCollator:
+    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        batch = {"input_ids": [], "labels": [], "attention_mask": []}
+        for r in rows:
+            pad = width - len(r["input_ids"])
+            batch["input_ids"].append(r["input_ids"] + [self.pad_token_id] * pad)
+            batch["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
+            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
+        return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+class DCATrainer(Trainer):
+    """Trainer that checkpoints only the adapter and logs CE and the causal loss separately."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        causal = outputs.get("causal_loss") if hasattr(outputs, "get") else None
+        causal_value = 0.0 if causal is None else float(causal.detach())
+        alpha = self.dca_config.alpha
+        # Trainer's loss for one micro-batch is CE + alpha * L_causal (each already normalised
+        # over the accumulated batch); log the two parts as per-step means.
+        self._loss_sums["ce"] += float(loss.detach()) - alpha * causal_value * (
+            self._causal_share(inputs, num_items_in_batch))
+        self._loss_sums["causal"] += causal_value
+        self._loss_sums["n"] += 1
+        return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _causal_share(inputs, num_items_in_batch):
+        if num_items_in_batch is None or "labels" not in inputs:
+            return 1.0
+        count = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
+        return float(count) / max(float(num_items_in_batch), 1.0)
+
+    def log(self, logs, *args, **kwargs):
+        n = self._loss_sums["n"]
+        if n and "loss" in logs:
+            steps = n / max(self.args.gradient_accumulation_steps, 1)
+            logs["ce"] = round(self._loss_sums["ce"] / steps, 6)
+            logs["causal_loss"] = round(self._loss_sums["causal"] / n, 8)
+            self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model),
+                     resume_from_checkpoint)
+
+
+class LossProgressBar(TrainerCallback):
+    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "ce" in logs:
+            self.bar.set_postfix(ce=f"{logs['ce']:.4f}", causal=f"{logs['causal_loss']:.2e}",
+                                 lr=f"{logs.get('learning_rate', 0):.1e}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAConfig,
+          settings: TrainSettings = TrainSettings(), resume: bool = True, progress: bool = True,
+          callbacks=()):
+    """Fine-tune a patched model on `examples`; the adapter is saved in `output_dir` at the end and in
+    its checkpoint-N folders. With resume=True an interrupted run continues from its last checkpoint.
+
+    `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce", "causal_loss", "loss", "learning_rate"}.
+    """
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = tokenize_examples(examples, tokenizer, settings.max_length)
+    if not rows:
+        raise ValueError("no training example fits in max_length")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    on_cuda = next(model.parameters()).is_cuda
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup,
+        lr_scheduler_type=settings.lr_scheduler,
+        logging_steps=settings.logging_steps,
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        seed=settings.seed,
+        bf16=settings.bf16 and on_cuda,
+        fp16=settings.fp16 and on_cuda,
+        use_cpu=not on_cuda,
+        report_to="none",
+        remove_unused_columns=False,
+        dataloader_num_workers=settings.dataloader_workers,
+        disable_tqdm=True,
+        **settings.extra,
+    )
+    trainer = DCATrainer(model=model, args=args, train_dataset=rows,
+                         data_collator=PadCollator(tokenizer.pad_token_id))
+    trainer.dca_config = config
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(LossProgressBar())
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
+    trainer.train(resume_from_checkpoint=checkpoint)
+    save_adapter(model, output_dir)
+    history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], loss=h["loss"],
+                    learning_rate=h.get("learning_rate"))
+               for h in trainer.state.log_history if "ce" in h]
+    _write_json(output_dir / HISTORY_FILE, history)
+    return history
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)

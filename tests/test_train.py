@@ -1,0 +1,166 @@
+"""train -> save -> eval on a tiny random model, the CLI's errors, and a smoke run of the demo."""
+
+import json
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+
+from fastdca import DCAConfig
+from fastdca.cli import main
+from fastdca.eval import evaluate
+from fastdca.patch import load_adapter, patch
+from fastdca.tasks import LetterConcatenation
+from fastdca.train import TrainSettings, tokenize_examples, train
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A 3-layer random LLaMA with a 300-token byte-level BPE trained on the task's own text."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    task = LetterConcatenation(n_train=200, n_test=10)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([e.prompt + e.target for e in task.examples("train")],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", model_max_length=512)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def load_tiny(path):
+    return LlamaForCausalLM.from_pretrained(path), PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def test_labels_mask_the_prompt_and_end_with_eos(tiny_model_dir):
+    _, tokenizer = load_tiny(tiny_model_dir)
+    example = LetterConcatenation(n_train=4).examples("train")[0]
+    row, = tokenize_examples([example], tokenizer, max_length=256)
+    prompt_len = len(tokenizer(example.prompt)["input_ids"])
+    assert row["labels"][:prompt_len] == [-100] * prompt_len
+    assert row["labels"][prompt_len:] == row["input_ids"][prompt_len:]
+    assert row["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["input_ids"][prompt_len:-1]) == example.target
+
+
+def test_max_length_too_short_is_refused_before_training(tiny_model_dir):
+    _, tokenizer = load_tiny(tiny_model_dir)
+    examples = LetterConcatenation(n_train=4).examples("train")
+    with pytest.raises(ValueError, match="max_length=10 is too short for the prompts"):
+        tokenize_examples(examples, tokenizer, max_length=10)
+
+
+def test_train_save_eval_round_trip(tiny_model_dir, tmp_path):
+    task = LetterConcatenation(n_train=64, n_test=6, train_variants=("second_last",))
+    model, tokenizer = load_tiny(tiny_model_dir)
+    config = DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2)
+    patch(model, config)
+    settings = TrainSettings(max_steps=6, batch_size=4, learning_rate=5e-2, logging_steps=2, save_steps=3)
+    history = train(model, tokenizer, task.examples("train"), tmp_path / "run", config=config,
+                    settings=settings, progress=False)
+    assert [h["step"] for h in history] == [2, 4, 6]
+    assert all(h["causal_loss"] >= 0 and h["ce"] > 0 for h in history)
+    assert (tmp_path / "run" / "adapter.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-6" / "adapter.safetensors").is_file()
+    gates = [m.dca.gate for m in model.modules() if hasattr(m, "dca")]
+    assert any(g.abs().max() > 0 for g in gates), "training must move the gates off zero"
+
+    result = evaluate(model, tokenizer, task, task.examples("test"), batch_size=4,
+                      predictions_path=tmp_path / "pred.jsonl", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and result["total"] == 6 and result["correct"] == sum(r["correct"] for r in rows)
+
+    fresh, _ = load_tiny(tiny_model_dir)
+    patch(fresh, config)
+    load_adapter(fresh, tmp_path / "run")
+    again = evaluate(fresh, tokenizer, task, task.examples("test"), batch_size=4, progress=False,
+                     predictions_path=tmp_path / "pred2.jsonl")
+    assert again == result
+    assert (tmp_path / "pred2.jsonl").read_text() == (tmp_path / "pred.jsonl").read_text()
+
+
+class InterruptAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    task = LetterConcatenation(n_train=64, n_test=4)
+    config = DCAConfig(adapter_layers=2, adapter_len=4, causal_len=1)
+    settings = TrainSettings(max_steps=4, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=2)
+
+    def run(output, **kwargs):
+        model, tokenizer = load_tiny(tiny_model_dir)
+        torch.manual_seed(0)  # the same initial prompts in every run
+        patch(model, config)
+        return train(model, tokenizer, task.examples("train"), output, config=config, settings=settings,
+                     progress=False, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", callbacks=[InterruptAfter(3)])
+    resumed = run(tmp_path / "run")
+    straight = run(tmp_path / "straight")
+    assert [h["step"] for h in resumed] == [1, 2, 3, 4], "the resumed run keeps the finished steps"
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5), (a, b)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--model", "/nonexistent/model", "--task", "letter_concat", "--output", "out"], "/nonexistent/model"),
+    (["train", "--model", "smollm2", "--task", "nosuchtask", "--output", "out"], "unknown task 'nosuchtask'"),
+    (["eval", "--model", "smollm2", "--task", "nosuchtask"], "known tasks: letter_concat"),
+])
+def test_cli_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_malformed_data_file_names_the_line(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"instruction": "1+1?", "output": "2", "answer": "2"}\n{"instruction": \n')
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "smollm2", "--data", str(data), "--output", str(tmp_path / "o")])
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_cli_max_length_too_short(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--model", str(tiny_model_dir), "--task", "letter_concat", "--output",
+              str(tmp_path / "o"), "--max-length", "8", "--adapter-layers", "2"])
+    assert "too short for the prompts" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "adapter.safetensors").exists()
+
+
+def test_cli_train_then_eval(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--task", "letter_concat", "--output", str(out),
+                 "--adapter-layers", "2", "--adapter-len", "4", "--max-steps", "2", "--batch-size", "2",
+                 "--limit", "8", "--logging-steps", "1"]) == 0
+    assert (out / "adapter.safetensors").is_file()
+    assert main(["eval", "--model", str(tiny_model_dir), "--adapter", str(out), "--task", "letter_concat",
+                 "--limit", "3", "--batch-size", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["total"] == 3 and (out / "predictions.jsonl").is_file()
+
+
+def test_demo_smoke_run(tiny_model_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--n-test", "4",
+                 "--output", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out
+    assert "base model" in printed and "after DCA (2 steps)" in printed
+    assert (tmp_path / "demo" / "losses.png").stat().st_size > 1000
