@@ -115,6 +115,7 @@ class _State:
         self.xg_mode = None                         # "sample" / "token" / None, decided per forward
         self.recording = False
         self.stats = {}
+        self.padding_cache = None
         self.handles = []
         self.attn_modules = {}                      # layer_idx -> attention module
         self.model_info = {}
@@ -402,7 +403,13 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kw
     value = value.to(dtype)
     num_kv_heads, head_dim = adapter._shape
     ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
-    key_padding = _key_padding_mask(attention_mask, B, T, S)
+    # Every layer of one forward gets the same mask object: derive the padding once per forward.
+    cached = state.padding_cache
+    if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
+        key_padding = cached[2]
+    else:
+        key_padding = _key_padding_mask(attention_mask, B, T, S)
+        state.padding_cache = (attention_mask, (B, T, S), key_padding)
     xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
     out, stats = dca_attention(query, key, value, ak, av, adapter.gate.to(dtype), causal_len=cfg.causal_len,
                                scale=scaling, key_padding_mask=key_padding, gate_fn=cfg.gate_fn, xg=xg,
@@ -466,6 +473,8 @@ def _post_hook(model, args, kwargs, output):
     if state is None:
         return None
     stats, state.stats = state.stats, {}
+    if not torch.is_grad_enabled() or not model.training:
+        state.padding_cache = None
     collected, state.recording = state.recording, False
     labels, state.labels = state.labels, None
     if output is None or not collected or not stats:
