@@ -566,3 +566,28 @@ def test_trainer_needs_no_change(tmp_path):
     assert all(bool((g != 0).all()) for g in gates)
     metrics = trainer.evaluate()
     assert metrics["eval_loss"] == metrics["eval_loss"]
+
+
+def test_matches_peft_adaption_prompt():
+    """An independent implementation of LLaMA-Adapter: PEFT's AdaptionPrompt (one scalar gate per layer,
+    used as is) equals DCA with gate_fn="identity" and that gate on every head."""
+    peft = pytest.importorskip("peft")
+    base = tiny_model("llama")
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.AdaptionPromptConfig(adapter_len=5, adapter_layers=2,
+                                                                                  task_type="CAUSAL_LM"))
+    ours = fastdca.patch(copy.deepcopy(base), DCAConfig(adapter_layers=2, adapter_len=5, gate_fn="identity"))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for i in (1, 2):
+            attn = theirs.base_model.model.model.layers[i].self_attn
+            attn.adaption_gate.copy_(torch.randn(attn.adaption_gate.shape, generator=g))
+            dca = ours.model.layers[i].self_attn.dca
+            dca.prompt.copy_(attn.adaption_prompt.reshape(dca.prompt.shape))
+            dca.gate.copy_(attn.adaption_gate.expand(dca.gate.shape))
+    ids = torch.randint(1, VOCAB, (2, 7), generator=g)
+    with torch.no_grad():
+        expected = theirs(input_ids=ids).logits
+        got = ours(ids).logits
+        plain = base(ids).logits
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
