@@ -116,6 +116,7 @@ class _State:
         self.recording = False
         self.stats = {}
         self.padding_cache = None
+        self.grad_enabled = False
         self.handles = []
         self.attn_modules = {}                      # layer_idx -> attention module
         self.model_info = {}
@@ -415,6 +416,12 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kw
                                scale=scaling, key_padding_mask=key_padding, gate_fn=cfg.gate_fn, xg=xg,
                                backend=state.backend)
     if stats is not None and state.recording:
+        if state.grad_enabled and not torch.is_grad_enabled():
+            # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
+            # gets a graph: the causal loss would silently lose its gradient.
+            raise RuntimeError("the DCA causal loss needs non-reentrant gradient checkpointing: call "
+                               "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                               "False}) (the default), or set DCAConfig(alpha=0)")
         real = None if key_padding is None else key_padding[:, S - T:]
         state.stats[adapter.layer_idx] = (stats, real, module.o_proj if cfg.xg_space == "hidden" else None, dtype)
     return out, None
@@ -463,6 +470,7 @@ def _pre_hook(model, args, kwargs):
     state.xg_mode = cfg.variance if collect else None
     state.stats = {}
     state.recording = collect
+    state.grad_enabled = torch.is_grad_enabled()
     state.labels = labels
     state.num_items = bound.get("num_items_in_batch", kwargs.get("num_items_in_batch"))
     state.shift_labels = kwargs.get("shift_labels")
