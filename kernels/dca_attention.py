@@ -464,24 +464,35 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-def forward_config(D: int, T: int) -> dict:
-    """Block sizes, warps and stages of the forward (also used by the adapter-backward and dq kernels).
+# Block sizes, warps and stages per kernel and padded head dim. Chosen so that every kernel compiles
+# with 0 spill bytes on sm_80 and sm_90 (python -m fastdca.kernels.report checks this); sm_80's mma
+# layout needs more registers than sm_90's, which is why D=128 runs 8 warps.
+#   padded D:        64              128             256
+_FWD = {64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 32, 8)}     # (BLOCK_M, BLOCK_N, warps)
+_DKDV = {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)}
+_DQ = {64: (64, 32, 4), 128: (64, 64, 8), 256: (32, 32, 8)}
+_DECODE_ROWS = 16   # T <= 16 (decoding): 16-row query blocks, tl.dot's minimum, 4 warps
 
-    Decoding (T <= 16) gets 16-row query blocks, tl.dot's minimum, instead of wasting 63 of 64 rows.
-    """
+
+def _config(table, D: int, T: int) -> dict:
     block_d = head_block(D)
-    block_m = 16 if T <= 16 else 64
-    block_n = 64 if block_d <= 128 else 32
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 128 else 8, num_stages=2)
+    block_m, block_n, warps = table[max(64, block_d)]
+    if T <= _DECODE_ROWS:
+        block_m, warps = _DECODE_ROWS, 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+
+
+def forward_config(D: int, T: int) -> dict:
+    """Forward kernel; its BLOCK_M also tiles the adapter-backward kernel."""
+    return _config(_FWD, D, T)
 
 
 def dkdv_config(D: int, T: int) -> dict:
-    block_d = head_block(D)
-    block_n = 64 if block_d <= 128 else 32
-    block_m = 16 if T <= 16 else (64 if block_d <= 64 else 32)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                num_warps=4 if block_d <= 128 else 8, num_stages=2)
+    return _config(_DKDV, D, T)
+
+
+def dq_config(D: int, T: int) -> dict:
+    return _config(_DQ, D, T)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -521,7 +532,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
     or None. Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
-    input dtype for xg="token", None for xg=None. `config` overrides forward_config (tests).
+    input dtype for xg="token", None for xg=None. `config` overrides entries of forward_config (tests).
     """
     _check_dtype(q)
     B, Hq, T, D = q.shape
@@ -559,7 +570,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 gate_fn="tanh", xg="sample", config=None, dkdv_cfg=None):
+                 gate_fn="tanh", xg="sample", config=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of forward's `extra` ((B, Hq, H)
@@ -574,7 +585,8 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     H = causal_len
     group = Hq // Hkv
     cfg = dict(forward_config(D, T), **(config or {}))
-    kcfg = dict(dkdv_config(D, T), **(dkdv_cfg or {}))
+    kcfg = dict(dkdv_config(D, T), **(config or {}))
+    qcfg = dict(dq_config(D, T), **(config or {}))
     block_a = adapter_block(M)
     block_d = cfg["BLOCK_D"]
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
@@ -637,13 +649,13 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     )
 
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
-    _dca_bwd_dq_kernel[(n_mblocks, B * Hq)](
+    _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
         q, k, v, kpm, dout, lse, delta, dq_acc, dq,
         float(scale),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_mb,
         Hq, T, S, D,
         GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast,
-        **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
+        **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
     )
     return (dq, dk, dv, *adapter_grads)

@@ -160,6 +160,7 @@ def test_small_blocks_many_iterations(monkeypatch, T, S, padding):
 
     monkeypatch.setattr(kmod, "forward_config", small)
     monkeypatch.setattr(kmod, "dkdv_config", small)
+    monkeypatch.setattr(kmod, "dq_config", small)
     for xg in ("sample", "token"):
         check_against_reference((2, 4, 2, T, S, 64, 10, 2, padding), xg, torch.float32)
 
