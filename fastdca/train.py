@@ -107,8 +107,15 @@ class PadCollator:
 class DCATrainer(Trainer):
     """Trainer that checkpoints only the adapter and logs CE and the causal loss separately."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model, *args, **kwargs):
+        # Trainer refuses a quantised model unless trainable adapters sit on it, and it recognises only
+        # PEFT's; DCA's float32 adapters on the frozen 4-bit/8-bit weights are exactly that case.
+        flagged = getattr(model, "_hf_peft_config_loaded", False)
+        model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            model._hf_peft_config_loaded = flagged
         self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

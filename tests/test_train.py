@@ -158,6 +158,16 @@ def test_cli_train_then_eval(tiny_model_dir, tmp_path, capsys):
     assert result["total"] == 3 and (out / "predictions.jsonl").is_file()
 
 
+@pytest.mark.parametrize("quantisation", ["--load-in-4bit", "--load-in-8bit"])
+def test_cli_trains_a_quantised_model(tiny_model_dir, tmp_path, quantisation):
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_model_dir), "--task", "letter_concat", "--output", str(out),
+                 quantisation, "--adapter-layers", "2", "--adapter-len", "4", "--max-steps", "2",
+                 "--batch-size", "2", "--limit", "4", "--logging-steps", "1"]) == 0
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2] and all(h["ce"] > 0 for h in history)
+
+
 def test_demo_smoke_run(tiny_model_dir, tmp_path, capsys):
     assert main(["demo", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--n-test", "4",
                  "--output", str(tmp_path / "demo")]) == 0
