@@ -45,6 +45,16 @@ XG_CODES = {None: XG_NONE, "sample": XG_SAMPLE, "token": XG_TOKEN}
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in float32; IEEE keeps float32 operands exact (no TF32) on the GPU."""
+    if IEEE:
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
 def _operand(x, REF, UPCAST: tl.constexpr):
     """A tile as a tl.dot operand: float32 under UPCAST, else the dtype of the tensor REF points into."""
     if UPCAST:
@@ -69,7 +79,7 @@ def _gate(GATE, h, GATE_TANH: tl.constexpr):
 
 @triton.jit
 def _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D, qk_scale,
-                   UPCAST: tl.constexpr):
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """Pa = softmax(q ak^T * scale) over the M real adapter keys, (BLOCK_M, BLOCK_A) float32.
 
     Returns (Pa, ak) with ak the (BLOCK_A, BLOCK_D) adapter-key tile as a dot operand. Columns >= M
@@ -79,7 +89,7 @@ def _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d
     ak = tl.load(AK + kh * stride_akh + offs_a[:, None] * stride_akm + offs_d[None, :] * stride_akd,
                  mask=a_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     ak = _operand(ak, AK, UPCAST)
-    sa = tl.dot(q, tl.trans(ak)) * qk_scale
+    sa = _dot(q, tl.trans(ak), IEEE) * qk_scale
     sa = tl.where(a_ok[None, :], sa, float("-inf"))
     ea = tl.exp2(sa - tl.max(sa, 1)[:, None])
     return ea / tl.sum(ea, 1)[:, None], ak
@@ -123,7 +133,7 @@ def _dca_fwd_kernel(
     stride_mb,
     Hq, T, S, M, D, H,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Forward for one (query block, b * Hq + h) program.
@@ -166,7 +176,7 @@ def _dca_fwd_kernel(
         n_ok = offs_n < S
         kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, _operand(kt, K, UPCAST)) * qk_scale
+        s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
         vis = _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -179,7 +189,7 @@ def _dca_fwd_kernel(
         vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         vt = _operand(vt, V, UPCAST)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
         m_i = m_new
 
     has_key = l_i > 0.0
@@ -190,13 +200,13 @@ def _dca_fwd_kernel(
 
     # adapter keys after the prompt loop, so their tiles are not live during it
     pa, ak = _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D,
-                            qk_scale, UPCAST)
+                            qk_scale, UPCAST, IEEE)
     g, dg = _gate(GATE, h, GATE_TANH)
     a = pa * g
     av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
                  mask=(offs_a[:, None] < M) & d_ok[None, :], other=0.0)
     av = _operand(av, AV, UPCAST)
-    acc += tl.dot(a.to(av.dtype), av)
+    acc += _dot(a.to(av.dtype), av, IEEE)
 
     o_offs = b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
     o_mask = m_ok[:, None] & d_ok[None, :]
@@ -204,7 +214,7 @@ def _dca_fwd_kernel(
 
     if XG_MODE == 2:
         a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
-        xg = tl.dot(a_causal.to(av.dtype), av)
+        xg = _dot(a_causal.to(av.dtype), av, IEEE)
         tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
     if XG_MODE == 1:
         real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
@@ -229,7 +239,7 @@ def _dca_bwd_adapter_kernel(
     stride_mb,
     Hq, T, S, M, D, H,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
-    HAS_DXG: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_DXG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Backward preprocessing and the adapter backward for one (query block, b * Hq + h) program.
@@ -267,7 +277,7 @@ def _dca_bwd_adapter_kernel(
     o = tl.load(OUT + o_offs, mask=md_mask, other=0.0).to(tl.float32)
 
     pa, ak = _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D,
-                            qk_scale, UPCAST)
+                            qk_scale, UPCAST, IEEE)
     g, dg_dgate = _gate(GATE, h, GATE_TANH)
     a = pa * g
     av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
@@ -276,21 +286,21 @@ def _dca_bwd_adapter_kernel(
 
     # the same rounding of A as the forward, so out - A av is the prompt part up to out's rounding
     a_op = a.to(av.dtype)
-    adapter_out = tl.dot(a_op, av)
+    adapter_out = _dot(a_op, av, IEEE)
     delta = tl.sum(do.to(tl.float32) * (o - adapter_out), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
 
     av_t = tl.trans(av)
-    da = tl.dot(do, av_t)
-    dav = tl.dot(tl.trans(a_op), do)
+    da = _dot(do, av_t, IEEE)
+    dav = _dot(tl.trans(a_op), do, IEEE)
     causal_col = offs_a[None, :] < H
     if HAS_DXG:
         if XG_MODE == 2:
             dxg = tl.load(DXG + o_offs, mask=md_mask, other=0.0)
             dxg = _operand(dxg, DXG, UPCAST)
-            da += tl.where(causal_col, tl.dot(dxg, av_t), 0.0)
+            da += tl.where(causal_col, _dot(dxg, av_t, IEEE), 0.0)
             a_causal = tl.where(causal_col, a, 0.0).to(av.dtype)
-            dav += tl.dot(tl.trans(a_causal), dxg)
+            dav += _dot(tl.trans(a_causal), dxg, IEEE)
         if XG_MODE == 1:
             real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
             dcol = tl.load(DCOL + pid_bh.to(tl.int64) * H + offs_a, mask=offs_a < H, other=0.0)
@@ -300,8 +310,8 @@ def _dca_bwd_adapter_kernel(
     dpa = da * g
     dsa = pa * (dpa - tl.sum(pa * dpa, 1)[:, None])
     dsa_op = dsa.to(ak.dtype)
-    dq = tl.dot(dsa_op, ak) * sm_scale
-    dak = tl.dot(tl.trans(dsa_op), q) * sm_scale
+    dq = _dot(dsa_op, ak, IEEE) * sm_scale
+    dak = _dot(tl.trans(dsa_op), q, IEEE) * sm_scale
 
     tl.store(DQ_ACC + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     part = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m
@@ -321,7 +331,7 @@ def _dca_bwd_dkdv_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
     Hq, Hkv, T, S, D,
-    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous.
@@ -370,13 +380,13 @@ def _dca_bwd_dkdv_kernel(
             lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=float("inf"))
             delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
 
-            st = tl.dot(k, tl.trans(q)) * qk_scale                                   # (BLOCK_N, BLOCK_M)
+            st = _dot(k, tl.trans(q), IEEE) * qk_scale                                   # (BLOCK_N, BLOCK_M)
             vis = tl.trans(_visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM))
             pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            dv += tl.dot(pt.to(do.dtype), do)
-            dpt = tl.dot(v, tl.trans(do))
+            dv += _dot(pt.to(do.dtype), do, IEEE)
+            dpt = _dot(v, tl.trans(do), IEEE)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(q.dtype), q)
+            dk += _dot(dst.to(q.dtype), q, IEEE)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -394,7 +404,7 @@ def _dca_bwd_dq_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
     Hq, T, S, D,
-    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype.
@@ -435,12 +445,12 @@ def _dca_bwd_dq_kernel(
         k = _operand(k, K, UPCAST)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         v = _operand(v, V, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
         vis = _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM)
         p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += _dot(ds.to(k.dtype), k, IEEE)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -472,27 +482,30 @@ _FWD = {64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 32, 8)}     # (BLOCK_M, BLO
 _DKDV = {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)}
 _DQ = {64: (64, 32, 4), 128: (64, 64, 8), 256: (32, 32, 8)}
 _DECODE_ROWS = 16   # T <= 16 (decoding): 16-row query blocks, tl.dot's minimum, 4 warps
+# float32 inputs (exact fp32 dots, no tensor cores) are a correctness path, not a fast one: small
+# tiles keep them compiling with no or little spilling (a few hundred bytes remain at D >= 128).
+_FP32 = {64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 16, 4)}
 
 
-def _config(table, D: int, T: int) -> dict:
+def _config(table, D: int, T: int, dtype=None) -> dict:
     block_d = head_block(D)
-    block_m, block_n, warps = table[max(64, block_d)]
+    block_m, block_n, warps = (_FP32 if dtype == torch.float32 else table)[max(64, block_d)]
     if T <= _DECODE_ROWS:
         block_m, warps = _DECODE_ROWS, 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
 
 
-def forward_config(D: int, T: int) -> dict:
+def forward_config(D: int, T: int, dtype=None) -> dict:
     """Forward kernel; its BLOCK_M also tiles the adapter-backward kernel."""
-    return _config(_FWD, D, T)
+    return _config(_FWD, D, T, dtype)
 
 
-def dkdv_config(D: int, T: int) -> dict:
-    return _config(_DKDV, D, T)
+def dkdv_config(D: int, T: int, dtype=None) -> dict:
+    return _config(_DKDV, D, T, dtype)
 
 
-def dq_config(D: int, T: int) -> dict:
-    return _config(_DQ, D, T)
+def dq_config(D: int, T: int, dtype=None) -> dict:
+    return _config(_DQ, D, T, dtype)
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -507,6 +520,11 @@ def _blocks(cfg: dict, *names) -> dict:
 
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreted()
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """float32 inputs get exact float32 dots unless torch allows TF32 for matmuls (off by default)."""
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
 def _kpm_arg(key_padding_mask, q):
@@ -539,7 +557,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
     H = causal_len
-    cfg = dict(forward_config(D, T), **(config or {}))
+    cfg = dict(forward_config(D, T, q.dtype), **(config or {}))
     block_a = adapter_block(M)
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -557,7 +575,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
         stride_mb,
         Hq, T, S, M, D, H,
         GROUP=Hq // Hkv, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
-        UPCAST=_upcast(q.dtype), BLOCK_A=block_a,
+        UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), BLOCK_A=block_a,
         **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
     )
     if mode == XG_SAMPLE:
@@ -584,15 +602,15 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     M = ak.shape[1]
     H = causal_len
     group = Hq // Hkv
-    cfg = dict(forward_config(D, T), **(config or {}))
-    kcfg = dict(dkdv_config(D, T), **(config or {}))
-    qcfg = dict(dq_config(D, T), **(config or {}))
+    cfg = dict(forward_config(D, T, q.dtype), **(config or {}))
+    kcfg = dict(dkdv_config(D, T, q.dtype), **(config or {}))
+    qcfg = dict(dq_config(D, T, q.dtype), **(config or {}))
     block_a = adapter_block(M)
     block_d = cfg["BLOCK_D"]
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     dev = q.device
     mode = XG_CODES[xg]
-    upcast = _upcast(q.dtype)
+    upcast, ieee = _upcast(q.dtype), _ieee(q.dtype)
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
 
     prompt_grads = dout is not None
@@ -626,7 +644,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
         stride_mb,
         Hq, T, S, M, D, H,
         GROUP=group, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode, HAS_DXG=has_dxg,
-        UPCAST=upcast, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d, BLOCK_A=block_a, **_launch_opts(cfg),
+        UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d, BLOCK_A=block_a, **_launch_opts(cfg),
     )
 
     dak = dak_part.view(B, Hkv, group, n_mblocks, block_a, block_d).sum(dim=(0, 2, 3))[:, :M, :D]
@@ -644,7 +662,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_mb,
         Hq, Hkv, T, S, D,
-        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast,
+        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
         **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
     )
 
@@ -655,7 +673,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         stride_mb,
         Hq, T, S, D,
-        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast,
+        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
         **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
     )
     return (dq, dk, dv, *adapter_grads)

@@ -155,8 +155,8 @@ def test_small_blocks_many_iterations(monkeypatch, T, S, padding):
     """16 x 16 blocks: many key blocks per row, blocks skipped above the diagonal, partial tiles."""
     from fastdca.kernels import dca_attention as kmod
 
-    def small(D, T, original=kmod.forward_config):
-        return dict(original(D, T), BLOCK_M=16, BLOCK_N=16)
+    def small(D, T, dtype=None, original=kmod.forward_config):
+        return dict(original(D, T, dtype), BLOCK_M=16, BLOCK_N=16)
 
     monkeypatch.setattr(kmod, "forward_config", small)
     monkeypatch.setattr(kmod, "dkdv_config", small)
