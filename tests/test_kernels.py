@@ -140,6 +140,17 @@ def test_triton_bf16_matches_reference(shape, xg):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [
+    pytest.param((1, 2, 1, 9, 30, 64, 64, 64, "left"), id="M=H=64"),
+    pytest.param((1, 2, 2, 18, 18, 256, 10, 2, "right"), id="D=256"),
+    pytest.param((2, 3, 1, 13, 29, 40, 7, 3, None), id="D=40-M7-gqa3"),
+])
+def test_limits_of_the_contract(shape, dtype):
+    """The largest M and D the op accepts, and a small head dim that is not a power of two."""
+    check_against_reference(shape, "token", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_identity_gate_custom_scale(dtype):
     check_against_reference((2, 4, 2, 19, 26, 64, 10, 3, "left"), "token", dtype, gate_fn="identity", scale=0.07)
 
