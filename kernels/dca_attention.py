@@ -34,8 +34,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
 XG_NONE, XG_SAMPLE, XG_TOKEN = 0, 1, 2
 XG_CODES = {None: XG_NONE, "sample": XG_SAMPLE, "token": XG_TOKEN}
 
@@ -474,16 +472,16 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-# Block sizes, warps and stages per kernel and padded head dim. Chosen so that every kernel compiles
-# with 0 spill bytes on sm_80 and sm_90 (python -m fastdca.kernels.report checks this); sm_80's mma
-# layout needs more registers than sm_90's, which is why D=128 runs 8 warps.
+# Block sizes, warps and stages per kernel and padded head dim. Chosen so that every fp16/bf16 kernel
+# compiles with 0 spill bytes on sm_80 and sm_90 (python -m fastdca.kernels.report checks this);
+# sm_80's mma layout needs more registers than sm_90's, which is why D=128 runs 8 warps.
 #   padded D:        64              128             256
 _FWD = {64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 32, 8)}     # (BLOCK_M, BLOCK_N, warps)
 _DKDV = {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)}
 _DQ = {64: (64, 32, 4), 128: (64, 64, 8), 256: (32, 32, 8)}
 _DECODE_ROWS = 16   # T <= 16 (decoding): 16-row query blocks, tl.dot's minimum, 4 warps
 # float32 inputs (exact fp32 dots, no tensor cores) are a correctness path, not a fast one: small
-# tiles keep them compiling with no or little spilling (a few hundred bytes remain at D >= 128).
+# tiles keep spilling small (0 at D=64; the forward and adapter-backward spill 240-530 bytes at D=128).
 _FP32 = {64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 16, 4)}
 
 
