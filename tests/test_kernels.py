@@ -114,10 +114,17 @@ def check_against_reference(shape, xg, dtype, gate_fn="tanh", scale=None, with_d
         assert actual[name].shape == value.shape, name
         assert actual[name].dtype == (torch.float32 if (name == "xg" and xg == "sample") else dtype), name
         assert torch.isfinite(actual[name]).all(), name
-        if value.abs().max() == 0:
-            assert actual[name].abs().max() == 0, f"{name} must be exactly 0"
-            continue
         tolerance = (GRAD_TOLERANCE if name.startswith("d") else TOLERANCE)[dtype]
+        if value.abs().max() == 0:
+            if not name.startswith("d"):   # X_G over H = 0 adapter tokens: nothing is summed
+                assert actual[name].abs().max() == 0, f"{name} must be exactly 0"
+                continue
+            # a gradient that is 0 by cancellation (S = 1: dS = P (dP - delta) with P = 1) can only
+            # match to rounding of the terms that cancel: measure it against the largest gradient
+            scale = max(v.abs().max().item() for n, v in expected.items() if n.startswith("d") and v is not None)
+            err = actual[name].abs().max().item() / scale
+            assert err <= tolerance, f"{name}: {err:.2e} of the largest gradient > {tolerance:.0e}"
+            continue
         err = relative_error(actual[name], value)
         key = (str(dtype).replace("torch.", ""), name)
         WORST[key] = max(WORST.get(key, 0.0), err)
@@ -144,9 +151,10 @@ def test_triton_bf16_matches_reference(shape, xg):
     pytest.param((1, 2, 1, 9, 30, 64, 64, 64, "left"), id="M=H=64"),
     pytest.param((1, 2, 2, 18, 18, 256, 10, 2, "right"), id="D=256"),
     pytest.param((2, 3, 1, 13, 29, 40, 7, 3, None), id="D=40-M7-gqa3"),
+    pytest.param((1, 2, 1, 1, 1, 80, 19, 9, None), id="T=S=1"),
 ])
 def test_limits_of_the_contract(shape, dtype):
-    """The largest M and D the op accepts, and a small head dim that is not a power of two."""
+    """The largest M and D the op accepts, a small head dim that is not a power of two, one key."""
     check_against_reference(shape, "token", dtype)
 
 
