@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -136,8 +137,10 @@ def run_train(args) -> int:
     print(describe(model))
     history = train(model, tokenizer, examples, args.output, config=config, settings=settings,
                     resume=not args.no_resume)
-    last = history[-1] if history else {}
-    print(f"adapter saved in {args.output}; last logged ce={last.get('ce')} causal_loss={last.get('causal_loss')}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = history[-1] if history else {}
+        print(f"adapter saved in {args.output}; last logged ce={last.get('ce')} "
+              f"causal_loss={last.get('causal_loss')}")
     return 0
 
 

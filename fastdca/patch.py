@@ -33,6 +33,8 @@ How the pieces are hooked, without copying any modeling code:
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -501,8 +503,17 @@ def _post_hook(model, args, kwargs, output):
         return None
     if labels is not None and getattr(output, "loss", None) is not None:
         output.loss = output.loss + cfg.alpha * _share(state, labels) * lc.to(output.loss.dtype)
-    output["causal_loss"] = lc
-    return output
+    # A declared field, not an extra key: DistributedDataParallel rebuilds the output as
+    # type(output)(**fields), which refuses keys its dataclass does not declare.
+    fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
+    return _with_causal_loss(type(output))(**fields, causal_loss=lc)
+
+
+@functools.cache
+def _with_causal_loss(output_class):
+    """`output_class` (a transformers ModelOutput dataclass) with a `causal_loss` field added."""
+    return dataclasses.make_dataclass(output_class.__name__, [("causal_loss", Optional[torch.Tensor], None)],
+                                      bases=(output_class,), namespace={"__module__": __name__})
 
 
 def _share(state, labels):

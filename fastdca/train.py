@@ -233,11 +233,12 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         trainer.add_callback(callback)
     checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
     trainer.train(resume_from_checkpoint=checkpoint)
-    save_adapter(model, output_dir)
     history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], loss=h["loss"],
                     learning_rate=h.get("learning_rate"))
                for h in trainer.state.log_history if "ce" in h]
-    _write_json(output_dir / HISTORY_FILE, history)
+    if trainer.is_world_process_zero():
+        save_adapter(model, output_dir)
+        _write_json(output_dir / HISTORY_FILE, history)
     return history
 
 

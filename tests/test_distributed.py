@@ -1,7 +1,10 @@
 """Two gloo processes, each with half of a batch, against one process with the whole batch."""
 
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -51,10 +54,14 @@ def worker(rank, port, variance, scope, seed, results):
         dist.destroy_process_group()
 
 
-def run_two_ranks(variance, scope, seed):
+def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def run_two_ranks(variance, scope, seed):
+    port = free_port()
     results = mp.Manager().dict()
     mp.spawn(worker, args=(port, variance, scope, seed, results), nprocs=WORLD, join=True)
     return [results[r] for r in range(WORLD)]
@@ -79,3 +86,16 @@ def test_rank_scope_keeps_each_ranks_own_variance():
         local = {n: (t[shard] if t.shape[0] == B else t) for n, t in inputs.items()}
         expected, _ = loss_and_adapter_grads(local, mask[shard], "sample", distributed=False)
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+
+
+def test_fastdca_train_under_torchrun_with_two_processes(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), "-m", "fastdca.cli", "train", "--model", str(tiny_model_dir), "--task",
+               "letter_concat", "--output", str(out), "--adapter-layers", "2", "--adapter-len", "4",
+               "--max-steps", "3", "--batch-size", "2", "--limit", "16", "--logging-steps", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("adapter saved in") == 1, "only rank 0 reports and saves"
+    assert (out / "adapter.safetensors").is_file()
+    assert [h["step"] for h in json.loads((out / "loss_history.json").read_text())] == [1, 2, 3]
