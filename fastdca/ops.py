@@ -4,7 +4,7 @@
 - "triton": the fused kernels of `fastdca.kernels` (CUDA tensors, or any tensors under TRITON_INTERPRET=1);
 - "torch": scaled_dot_product_attention for the prompt keys plus small matmuls for the adapter keys;
 - "reference": `fastdca.reference`, the literal equations.
-"auto" picks triton for CUDA tensors and torch otherwise; FASTDCA_BACKEND overrides the choice.
+"auto" picks triton for CUDA tensors (except float64) and torch otherwise; FASTDCA_BACKEND overrides the choice.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ def resolve_backend(backend, q) -> str:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if q.is_cuda and triton_available() else "torch"
+        # The kernels compute in float32; float64 is the reference's precision, served by torch.
+        return "triton" if q.is_cuda and q.dtype != torch.float64 and triton_available() else "torch"
     if name == "triton" and not (q.is_cuda or triton_interpreted()):
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -174,20 +175,21 @@ class _AdapterAttention(torch.autograd.Function):
     Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), real (B, T) bool. Outputs A av
     (B, Hq, T, D) in q's dtype and, by xg: "sample" -> the column sums over real tokens of A[..., :H],
     (B, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H], (B, T, Hq, D) in q's
-    dtype; None -> None. Scores and softmax run in float32 (float64 for float64 inputs). Only q, ak,
-    av, gate and the row log-sum-exp are saved; the probabilities are recomputed in the backward.
+    dtype; None -> None. Scores and softmax run in float32 (float64 for float64 inputs). Saved for
+    backward: q (which SDPA saves too, so no new storage), ak, av, gate and the adapter probabilities,
+    (B, Hq, T, M) float32: M/D of q's size in fp32, and cheaper to keep than to recompute.
     """
 
     @staticmethod
     def forward(ctx, q, ak, av, gate, real, causal_len, scale, gate_fn, xg):
         B, Hq, T, D = q.shape
         Hkv, M = ak.shape[:2]
-        probs, lse = _adapter_probs(q, ak, scale)                                # (B, Hkv, G*T, M)
+        probs = _adapter_probs(q, ak, scale)                                     # (B, Hkv, G*T, M)
         gates = _grouped_gates(gate, gate_fn, Hkv, T, probs.dtype)
         weights = probs * gates
         avf = av.to(probs.dtype)
         adapter_out = torch.matmul(weights, avf).view(B, Hq, T, D).to(q.dtype)
-        ctx.save_for_backward(q, ak, av, gate, real, lse)
+        ctx.save_for_backward(q, ak, av, gate, real, probs)
         ctx.args = (causal_len, scale, gate_fn, xg)
         causal = weights[..., :causal_len]
         if xg == "sample":
@@ -200,11 +202,10 @@ class _AdapterAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_stat):
-        q, ak, av, gate, real, lse = ctx.saved_tensors
+        q, ak, av, gate, real, probs = ctx.saved_tensors
         causal_len, scale, gate_fn, xg = ctx.args
         B, Hq, T, D = q.shape
         Hkv, M = ak.shape[:2]
-        probs, _ = _adapter_probs(q, ak, scale, lse)
         ct = probs.dtype
         gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
         weights = probs * gates
@@ -231,18 +232,16 @@ class _AdapterAttention(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _adapter_probs(q, ak, scale, lse=None):
-    """softmax(q ak^T * scale) in the compute dtype, (B, Hkv, G*T, M), and its row log-sum-exp.
+def _adapter_probs(q, ak, scale):
+    """softmax(q ak^T * scale) in the compute dtype, (B, Hkv, G*T, M).
 
     The query heads of a group share one kv head, so they are folded into rows instead of
     repeating ak."""
     B, Hq, T, D = q.shape
     Hkv = ak.shape[0]
     ct = compute_dtype(q.dtype)
-    scores = torch.matmul(q.reshape(B, Hkv, -1, D).to(ct), ak.to(ct).transpose(-1, -2)) * scale
-    if lse is None:
-        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    return torch.exp(scores - lse), lse
+    scores = torch.matmul(q.reshape(B, Hkv, -1, D).to(ct), ak.to(ct).transpose(-1, -2))
+    return torch.softmax(scores * scale, dim=-1)
 
 
 def _grouped_gates(gate, gate_fn, Hkv, T, dtype):
