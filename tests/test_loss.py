@@ -9,7 +9,7 @@ import fastdca.loss as loss_module
 from fastdca.loss import causal_loss, layer_causal_loss
 from fastdca.ops import dca_attention
 
-from test_ops import make_inputs
+from backend_check import make_inputs
 
 
 def reference_x_g(inputs, mask, causal_len):
