@@ -162,11 +162,17 @@ def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddin
         return out, None
     if xg == "token":
         return out, causal_stat
-    # sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h, :H]: the column sums suffice.
-    Hkv = k.shape[1]
-    causal_values = av[:, :causal_len].to(causal_stat.dtype)                     # (Hkv, H, D)
-    sums = torch.einsum("bkgj,kjd->bkgd", causal_stat, causal_values).reshape(B, Hq, D)
-    return out, (sums, real.sum(dim=1))
+    return out, _xg_sample_stats(causal_stat, av, real)
+
+
+def _xg_sample_stats(column_sums, av, real):
+    """(sum of X_G over each sample's real tokens (B, Hq, D), real-token count (B,)) from the column
+    sums over real tokens of A[..., :H], (B, Hkv, Hq/Hkv, H) in the compute dtype:
+    sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h // group, :H], so X_G itself is never built."""
+    B, Hkv, group, causal_len = column_sums.shape
+    causal_values = av[:, :causal_len].to(column_sums.dtype)                     # (Hkv, H, D)
+    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hkv * group, -1)
+    return sums, real.sum(dim=1)
 
 
 class _AdapterAttention(torch.autograd.Function):
@@ -277,7 +283,7 @@ def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddi
     if q.dtype == torch.float64:
         raise ValueError("q must have dtype float32, float16 or bfloat16 for the triton backend "
                          "(float64 is not a kernel dtype: use backend='torch' or 'reference'), got torch.float64")
-    B, Hq, T, D = q.shape
+    B, Hq, T = q.shape[:3]
     Hkv, S = k.shape[1], k.shape[2]
     out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, causal_len, scale,
                                           gate_fn, xg)
@@ -285,13 +291,8 @@ def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddi
         return out, None
     if xg == "token":
         return out, extra
-    # sum_t X_G[b, t, h] = colsum[b, h] @ av[h // group, :H]: a tiny product, left to autograd
-    group = Hq // Hkv
-    column_sums = extra.view(B, Hkv, group, causal_len)
-    causal_values = av[:, :causal_len].to(torch.float32)
-    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hq, D)
     real = query_is_real(key_padding_mask, B, T, S, q.device)
-    return out, (sums, real.sum(dim=1))
+    return out, _xg_sample_stats(extra.view(B, Hkv, Hq // Hkv, causal_len), av, real)
 
 
 class _TritonDCAFunction(torch.autograd.Function):
