@@ -94,10 +94,25 @@ def _all_reduce_sum(tensor, distributed):
     if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1):
         return tensor
-    # The autograd-aware collective: its backward all-reduces the gradients, which DDP's average
-    # over ranks turns back into the gradient of the global loss.
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(tensor)
+    return _AllReduceSum.apply(tensor)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of `tensor` over all ranks. Its backward all-reduces the gradients too: every rank holds
+    the same global loss, so each rank's share of the gradient arrives world_size times, which
+    DistributedDataParallel's average over ranks turns back into the gradient of the global loss."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone()
+        torch.distributed.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        torch.distributed.all_reduce(total)
+        return total
 
 
 def _warn_single_sample():
