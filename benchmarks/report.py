@@ -16,7 +16,7 @@ from pathlib import Path
 
 TIME_TARGET, BYTES_TARGET = 1.03, 1.01
 STEP_ORDER = ["floor", "fastdca-alpha1", "fastdca-alpha0", "peft-adaption-prompt"]
-OP_ORDER = ["fastdca", "separate", "reference"]
+OP_ORDER = ["fastdca", "fastdca-triton", "separate", "reference"]
 
 
 def main(argv=None):
@@ -100,8 +100,9 @@ def render(data, steps, ops, chart_name):
             "eager attention over the repeated adapter keys, added on top. fastdca also returns the X_G "
             "statistics (xg=\"sample\"), which the separate path does not compute. B=2, M=10.",
             "",
-            "| heads (Hq/Hkv, D) | T | pass | fastdca | separate | reference | fastdca / separate |",
-            "|---|---|---|---|---|---|---|",
+            "| heads (Hq/Hkv, D) | T | pass | fastdca (auto) | fastdca (triton) | separate | reference | "
+            "fastdca / separate |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for (heads, T, mode, _), times in ops.items():
             cells = [f"{times[i] * 1e3:.1f} ms" if i in times else "-" for i in OP_ORDER]

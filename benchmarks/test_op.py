@@ -38,6 +38,7 @@ def fastdca_path(backend):
 
 IMPLEMENTATIONS = {
     "fastdca": fastdca_path(None),
+    "fastdca-triton": fastdca_path("triton"),
     "reference": fastdca_path("reference"),
     "separate": lambda *args: (separate_path(*args),),
 }
@@ -60,6 +61,8 @@ def synchronize():
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_op(benchmark, dtype, heads, T, impl, mode):
+    if impl == "fastdca-triton" and DEVICE != "cuda":
+        pytest.skip("the triton backend runs compiled only on CUDA (the interpreter is not a benchmark)")
     if impl == "reference" and T > 512 and DEVICE == "cpu":
         pytest.skip("the reference materialises (B, Hq, T, T) scores: minutes per call at T=2048 on a CPU")
     inputs = make_inputs(heads, T, dtype)
