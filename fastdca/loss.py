@@ -7,8 +7,9 @@ counts are needed, so the memory is O(B * Hq * D), independent of T.
 variance="token": per position t, the unbiased variance of X_G[:, t] over the samples that are real at
 t, averaged over the positions with at least two real samples and over every (head, dim) entry.
 
-With xg_space="hidden" the caller passes o_proj as `project`: it maps (..., Hq * D) to (..., hidden),
-and X_G is measured after it (o_proj is linear, so it commutes with the mean over tokens).
+With xg_space="hidden" the caller passes `project`, o_proj as a function of float32 (or float64)
+(..., Hq * D) -> (..., hidden), and X_G is measured after it; for variance="sample" it is applied to
+the per-sample means.
 
 Under torch.distributed with more than one rank the sufficient statistics are all-reduced with an
 autograd-aware collective (unless `distributed=False`), so the loss is the variance over the global
@@ -32,7 +33,8 @@ def layer_causal_loss(xg_stats, *, variance="sample", real=None, project=None, d
     xg_stats: for variance="sample", (sums (B, Hq, D), counts (B,)) from dca_attention(xg="sample");
         for variance="token", X_G (B, T, Hq, D) from dca_attention(xg="token").
     real: for variance="token", (B, T) bool, True where the query token is real; None = all real.
-    project: None (X_G before o_proj) or o_proj, a linear map (..., Hq*D) -> (..., hidden).
+    project: None (X_G before o_proj) or o_proj as a function (..., Hq*D) -> (..., hidden) that takes
+        the statistics' float dtype (it casts to its own weights' dtype itself).
     distributed: all-reduce the statistics over the ranks of the default process group, if any.
     """
     if variance == "sample":
@@ -53,11 +55,12 @@ def causal_loss(layer_losses):
 def _sample_variance(sums, counts, project, distributed):
     B = sums.shape[0]
     flat = sums.to(compute_dtype(sums.dtype)).reshape(B, -1)
-    if project is not None:
-        flat = _project(flat, project)
-    # Samples with no real token have no mean and are left out.
+    # Samples with no real token have no mean and are left out. The mean is taken before the
+    # projection: o_proj commutes with it only without a bias.
     weight = (counts > 0).to(flat.dtype)[:, None]                                      # (B, 1)
     means = flat / counts.clamp(min=1).to(flat.dtype)[:, None]                         # (B, F)
+    if project is not None:
+        means = project(means).to(means.dtype)
     return _weighted_variance(means, weight, distributed).mean()
 
 
@@ -65,7 +68,7 @@ def _token_variance(x_g, real, project, distributed):
     B, T = x_g.shape[:2]
     flat = x_g.to(compute_dtype(x_g.dtype)).reshape(B, T, -1)
     if project is not None:
-        flat = _project(flat, project)
+        flat = project(flat).to(flat.dtype)
     weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=x_g.device) if real is None
               else real.to(flat.dtype)[..., None])
     per_position = _weighted_variance(flat, weight, distributed)                 # (T, F)
@@ -82,12 +85,6 @@ def _weighted_variance(x, weight, distributed):
     mean = _all_reduce_sum((x * weight).sum(0), distributed) / n.clamp(min=1)
     squares = _all_reduce_sum(((x - mean).square() * weight).sum(0), distributed)
     return torch.where(n >= 2, squares / (n - 1).clamp(min=1), torch.zeros_like(squares))
-
-
-def _project(flat, project):
-    weight_dtype = next((p.dtype for p in getattr(project, "parameters", lambda: [])()
-                         if p.is_floating_point()), flat.dtype)
-    return project(flat.to(weight_dtype)).to(compute_dtype(flat.dtype))
 
 
 def _all_reduce_sum(tensor, distributed):

@@ -42,7 +42,8 @@ def test_layer_loss_and_gradients_match_torch_var(variance, space, padding):
     B, Hq, Hkv, T, D, M, H = 4, 4, 2, 9, 16, 6, 2
     inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, padding, torch.float64)
     real = torch.ones(B, T, dtype=torch.bool) if mask is None else mask
-    project = torch.nn.Linear(Hq * D, 24, bias=False, dtype=torch.float64) if space == "hidden" else None
+    # with a bias, so that projecting sums instead of means would show
+    project = torch.nn.Linear(Hq * D, 24, bias=True, dtype=torch.float64) if space == "hidden" else None
     leaves = {n: t.clone().requires_grad_(n in ("q", "ak", "av", "gate")) for n, t in inputs.items()}
     wrt = [t for t in leaves.values() if t.requires_grad]  # X_G does not depend on k and v
 
@@ -59,6 +60,14 @@ def test_layer_loss_and_gradients_match_torch_var(variance, space, padding):
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=0)
     for name, a, e in zip(("q", "ak", "av", "gate"), actual_grads, expected_grads):
         torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_identical_samples_of_different_lengths_have_zero_variance_after_a_biased_projection():
+    x = torch.randn(1, 1, 2, 3, dtype=torch.float64)
+    counts = torch.tensor([2, 5, 7])
+    sums = x[0, 0] * counts[:, None, None]                                       # the same mean X_G
+    project = torch.nn.Linear(6, 4, bias=True, dtype=torch.float64)
+    assert layer_causal_loss((sums, counts), project=project).item() == pytest.approx(0, abs=1e-15)
 
 
 def test_fp32_statistics_give_fp32_loss_close_to_float64():
