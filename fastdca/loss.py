@@ -71,6 +71,8 @@ def _token_variance(x_g, real, project, distributed):
         flat = project(flat).to(flat.dtype)
     weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=x_g.device) if real is None
               else real.to(flat.dtype)[..., None])
+    if _is_distributed(distributed):
+        _check_same_length_on_every_rank(T, x_g.device)
     per_position = _weighted_variance(flat, weight, distributed)                 # (T, F)
     counted = (_all_reduce_sum(weight.sum(0), distributed) >= 2).to(flat.dtype)         # (T, 1)
     return (per_position * counted).sum() / (counted.sum() * flat.shape[-1]).clamp(min=1)
@@ -87,11 +89,23 @@ def _weighted_variance(x, weight, distributed):
     return torch.where(n >= 2, squares / (n - 1).clamp(min=1), torch.zeros_like(squares))
 
 
+def _is_distributed(distributed):
+    return (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
 def _all_reduce_sum(tensor, distributed):
-    if not (distributed and torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1):
-        return tensor
-    return _AllReduceSum.apply(tensor)
+    return _AllReduceSum.apply(tensor) if _is_distributed(distributed) else tensor
+
+
+def _check_same_length_on_every_rank(T, device):
+    extremes = torch.tensor([T, -T], device=device)
+    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
+    longest, shortest = int(extremes[0]), -int(extremes[1])
+    if longest != shortest:
+        raise ValueError(f"variance='token' over the global batch needs the same sequence length on every rank "
+                         f"(positions are compared across ranks), got lengths from {shortest} to {longest}; pad "
+                         "every batch to one length, or use variance='sample' or variance_scope='rank'")
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -501,18 +501,21 @@ def _post_hook(model, args, kwargs, output):
         if labels is not None and len(output) > 0 and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
             return (output[0] + cfg.alpha * _share(state, labels) * lc.to(output[0].dtype),) + output[1:]
         return None
-    if labels is not None and getattr(output, "loss", None) is not None:
-        output.loss = output.loss + cfg.alpha * _share(state, labels) * lc.to(output.loss.dtype)
-    # A declared field, not an extra key: DistributedDataParallel rebuilds the output as
+    ce = getattr(output, "loss", None)
+    if labels is not None and ce is not None:
+        output.loss = ce + cfg.alpha * _share(state, labels) * lc.to(ce.dtype)
+    # Declared fields, not extra keys: DistributedDataParallel rebuilds the output as
     # type(output)(**fields), which refuses keys its dataclass does not declare.
     fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-    return _with_causal_loss(type(output))(**fields, causal_loss=lc)
+    return _with_dca_losses(type(output))(**fields, causal_loss=lc, ce_loss=ce)
 
 
 @functools.cache
-def _with_causal_loss(output_class):
-    """`output_class` (a transformers ModelOutput dataclass) with a `causal_loss` field added."""
-    return dataclasses.make_dataclass(output_class.__name__, [("causal_loss", Optional[torch.Tensor], None)],
+def _with_dca_losses(output_class):
+    """`output_class` (a transformers ModelOutput dataclass) with `causal_loss` (L_causal) and `ce_loss`
+    (the model's own loss, before alpha * L_causal was added) fields."""
+    return dataclasses.make_dataclass(output_class.__name__, [("causal_loss", Optional[torch.Tensor], None),
+                                                              ("ce_loss", Optional[torch.Tensor], None)],
                                       bases=(output_class,), namespace={"__module__": __name__})
 
 

@@ -69,32 +69,30 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> li
     """
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token; fastdca needs one to end the training targets")
-    rows, longest = [], (0, None)
+    rows = []
     for ex in examples:
         prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
         target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(prompt_ids) > longest[0]:
-            longest = (len(prompt_ids), ex.id)
         room = max_length - len(prompt_ids)
         if room < 1:
-            continue
+            raise ValueError(f"max_length={max_length} is too short for the prompts: example {ex.id!r} has a "
+                             f"{len(prompt_ids)}-token prompt; use --max-length {len(prompt_ids) + 32} or more")
         target_ids = target_ids[:room]
         rows.append({"input_ids": prompt_ids + target_ids,
                      "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids})
-    if longest[0] >= max_length:
-        raise ValueError(f"max_length={max_length} is too short for the prompts: example {longest[1]!r} has a "
-                         f"{longest[0]}-token prompt; use --max-length {longest[0] + 32} or more")
     return rows
 
 
 class PadCollator:
-    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask."""
+    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask;
+    to the longest row of the batch, or to `length` when given."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, length: Optional[int] = None):
         self.pad_token_id = pad_token_id
+        self.length = length
 
     def __call__(self, rows):
-        width = max(len(r["input_ids"]) for r in rows)
+        width = self.length or max(len(r["input_ids"]) for r in rows)
         batch = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             pad = width - len(r["input_ids"])
@@ -121,23 +119,18 @@ class DCATrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
-        causal = outputs.get("causal_loss") if hasattr(outputs, "get") else None
-        causal_value = 0.0 if causal is None else float(causal.detach())
-        alpha = self.dca_config.alpha
-        # Trainer's loss for one micro-batch is CE + alpha * L_causal (each already normalised
-        # over the accumulated batch); log the two parts as per-step means.
-        self._loss_sums["ce"] += float(loss.detach()) - alpha * causal_value * (
-            self._causal_share(inputs, num_items_in_batch))
-        self._loss_sums["causal"] += causal_value
-        self._loss_sums["n"] += 1
+        if model.training:
+            # Trainer may rescale the model's loss (token averaging across devices): the CE part
+            # gets the same factor, so that the logged CE and Trainer's logged loss agree. Without
+            # collected statistics (alpha = 0) the model's loss is all CE.
+            raw = float(outputs["loss"].detach())
+            scale = float(loss.detach()) / raw if raw else 1.0
+            ce = outputs.get("ce_loss")
+            self._loss_sums["ce"] += float((outputs["loss"] if ce is None else ce).detach()) * scale
+            causal = outputs.get("causal_loss")
+            self._loss_sums["causal"] += 0.0 if causal is None else float(causal.detach())
+            self._loss_sums["n"] += 1
         return (loss, outputs) if return_outputs else loss
-
-    @staticmethod
-    def _causal_share(inputs, num_items_in_batch):
-        if num_items_in_batch is None or "labels" not in inputs:
-            return 1.0
-        count = inputs["labels"][..., 1:].ne(IGNORE_INDEX).sum()
-        return float(count) / max(float(num_items_in_batch), 1.0)
 
     def log(self, logs, *args, **kwargs):
         n = self._loss_sums["n"]
@@ -184,18 +177,19 @@ class LossProgressBar(TrainerCallback):
 
 
 def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAConfig,
-          settings: TrainSettings = TrainSettings(), resume: bool = True, progress: bool = True,
+          settings: Optional[TrainSettings] = None, resume: bool = True, progress: bool = True,
           callbacks=()):
     """Fine-tune a patched model on `examples`; the adapter is saved in `output_dir` at the end and in
     its checkpoint-N folders. With resume=True an interrupted run continues from its last checkpoint.
 
     `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce", "causal_loss", "loss", "learning_rate"}.
     """
+    settings = TrainSettings() if settings is None else settings
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if not examples:
+        raise ValueError("examples is empty: nothing to train on")
     rows = tokenize_examples(examples, tokenizer, settings.max_length)
-    if not rows:
-        raise ValueError("no training example fits in max_length")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     on_cuda = next(model.parameters()).is_cuda
@@ -222,9 +216,14 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         disable_tqdm=True,
         **settings.extra,
     )
-    trainer = DCATrainer(model=model, args=args, train_dataset=rows,
-                         data_collator=PadCollator(tokenizer.pad_token_id))
-    trainer.dca_config = config
+    if args.n_gpu > 1:
+        raise ValueError(f"{args.n_gpu} GPUs in one process would run torch.nn.DataParallel, whose replicas "
+                         "would share the adapter's loss bookkeeping; launch one process per GPU with "
+                         "`torchrun --nproc-per-node N -m fastdca.cli train ...` instead")
+    # The token variance compares positions across ranks: every rank's batches get one length.
+    same_length = config.variance == "token" and config.variance_scope == "global" and args.world_size > 1
+    collator = PadCollator(tokenizer.pad_token_id, settings.max_length if same_length else None)
+    trainer = DCATrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:

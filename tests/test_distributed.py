@@ -78,6 +78,30 @@ def test_global_variance_over_two_ranks_equals_one_process(variance):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+def unequal_length_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        inputs, mask = full_batch(rank)
+        T_rank = T - rank  # rank 1 has one position fewer
+        local = dict(inputs, q=inputs["q"][:, :, -T_rank:])
+        _, x_g = dca_attention(**local, causal_len=H, key_padding_mask=mask, xg="token", backend="torch")
+        try:
+            layer_causal_loss(x_g, variance="token", real=mask[:, -T_rank:])
+            results[rank] = "no error"
+        except ValueError as error:
+            results[rank] = str(error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_token_variance_refuses_ranks_with_different_lengths():
+    results = mp.Manager().dict()
+    mp.spawn(unequal_length_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        assert "same sequence length on every rank" in results[rank], results[rank]
+
+
 def test_rank_scope_keeps_each_ranks_own_variance():
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
     inputs, mask = full_batch(seed)

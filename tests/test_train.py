@@ -46,6 +46,8 @@ def test_train_save_eval_round_trip(tiny_model_dir, tmp_path):
                     settings=settings, progress=False)
     assert [h["step"] for h in history] == [2, 4, 6]
     assert all(h["causal_loss"] >= 0 and h["ce"] > 0 for h in history)
+    # one process, no accumulation: each step's loss is exactly CE + alpha * L_causal
+    assert all(h["loss"] == pytest.approx(h["ce"] + config.alpha * h["causal_loss"], rel=1e-5) for h in history)
     assert (tmp_path / "run" / "adapter.safetensors").is_file()
     assert (tmp_path / "run" / "checkpoint-6" / "adapter.safetensors").is_file()
     gates = [m.dca.gate for m in model.modules() if hasattr(m, "dca")]
