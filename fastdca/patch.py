@@ -167,26 +167,25 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
                          f"{SUPPORTED_BASE_ATTENTION}, but the model uses {base_impl!r}; load it with "
                          "attn_implementation='sdpa' or 'eager'")
 
-    hidden = hf_config.hidden_size
-    num_heads = hf_config.num_attention_heads
-    num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or num_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hidden // num_heads
+    info = _model_info(model)
+    hidden, num_heads = info["hidden_size"], info["num_attention_heads"]
+    num_kv_heads, head_dim = info["num_key_value_heads"], info["head_dim"]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim={head_dim} exceeds the op's maximum of {MAX_HEAD_DIM}")
-
     layer_ids = list(range(n_layers - config.adapter_layers, n_layers))
+    for i in layer_ids:
+        if hasattr(layers[i].self_attn, "dca"):
+            raise RuntimeError(f"layer {i}'s attention already has a `dca` submodule")
+
+    # Every check is done: from here on the model changes.
     causal_ids = layer_ids[len(layer_ids) - config.causal_layers:]
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state = _State(config, base_impl, layer_ids, causal_ids, requires_grad, backend)
-    state.model_info = dict(model_type=model_type, hidden_size=hidden, num_attention_heads=num_heads,
-                            num_key_value_heads=num_kv_heads, head_dim=head_dim, num_hidden_layers=n_layers)
-
+    state.model_info = info
     for p in model.parameters():
         p.requires_grad_(False)
     for i in layer_ids:
         attn = layers[i].self_attn
-        if hasattr(attn, "dca"):
-            raise RuntimeError(f"layer {i}'s attention already has a `dca` submodule")
         device = attn.q_proj.weight.device
         attn.dca = DCAAdapter(config.adapter_len, hidden, num_heads, i, device=device)
         attn.dca._state = state
@@ -277,6 +276,9 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"{cfg_path}: unsupported adapter format version {meta.get('format_version')!r} "
                          f"(this fastdca reads version {FORMAT_VERSION})")
     saved_config = DCAConfig.from_dict(meta["dca_config"])
+    saved_model = meta.get("model", {})
+    # Checked before an unpatched model is patched, so that a refused adapter leaves it untouched.
+    _check_same_model(_state(model).model_info if is_patched(model) else _model_info(model), saved_model, directory)
     if not is_patched(model):
         patch(model, saved_config)
     state = _state(model)
@@ -286,11 +288,6 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         raise ValueError(f"the adapter in {directory!r} was trained with a different DCAConfig ({diffs}); patch "
                          "the model with the adapter's config (DCAConfig.from_dict(json.load(open("
                          f"'{cfg_path}'))['dca_config'])) or load it into an unpatched model")
-    saved_model = meta.get("model", {})
-    diffs = [f"{k}: model {state.model_info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items()
-             if state.model_info.get(k) != v]
-    if diffs:
-        raise ValueError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
     tensors = load_file(weights_path)
     params = adapter_state_dict(model)
     missing = sorted(set(params) - set(tensors))
@@ -307,6 +304,22 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
     return model
+
+
+def _model_info(model) -> dict:
+    """The architecture numbers an adapter depends on, from the model's HF config."""
+    hf_config = model.config
+    num_heads = hf_config.num_attention_heads
+    return dict(model_type=hf_config.model_type, hidden_size=hf_config.hidden_size, num_attention_heads=num_heads,
+                num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or num_heads,
+                head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // num_heads,
+                num_hidden_layers=len(_decoder_layers(model)))
+
+
+def _check_same_model(info: dict, saved_model: dict, directory) -> None:
+    diffs = [f"{k}: model {info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items() if info.get(k) != v]
+    if diffs:
+        raise ValueError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
 
 
 def describe(model: nn.Module) -> str:
@@ -386,6 +399,10 @@ def _make_attention_function(base_impl: str):
         if not isinstance(adapter, DCAAdapter):
             return _base_function(base_impl, module)(module, query, key, value, attention_mask,
                                                      dropout=dropout, scaling=scaling, **kwargs)
+        if dropout > 0:
+            raise NotImplementedError(f"fastdca adapted layers do not implement attention dropout (layer "
+                                      f"{adapter.layer_idx} was asked for {dropout}); set the model config's "
+                                      "attention_dropout to 0")
         return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kwargs)
 
     fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"

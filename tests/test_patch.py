@@ -455,6 +455,27 @@ def test_load_adapter_refuses_mismatches(tmp_path):
         fastdca.load_adapter(fresh, tmp_path / "a")
     with pytest.raises(FileNotFoundError, match="no fastdca adapter"):
         fastdca.load_adapter(fresh, tmp_path / "missing")
+    # A refused adapter leaves an unpatched model as it was.
+    unpatched = tiny_model("llama", layers=4)
+    flags = {n: p.requires_grad for n, p in unpatched.named_parameters()}
+    with pytest.raises(ValueError, match="different model.*num_hidden_layers"):
+        fastdca.load_adapter(unpatched, tmp_path / "a")
+    assert not patch_mod.is_patched(unpatched)
+    assert {n: p.requires_grad for n, p in unpatched.named_parameters()} == flags
+
+
+def test_attention_dropout_in_training_is_refused():
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    fastdca.patch(model, CFG)
+    ids, mask, labels = padded_batch()
+    model.train()
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        model(ids, attention_mask=mask, labels=labels)
+    model.eval()
+    assert torch.isfinite(model(ids, attention_mask=mask).logits).all()
 
 
 def test_unpatch_restores_model():
