@@ -14,6 +14,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from fastdca.io import atomic_write, atomic_write_text
+
 TIME_TARGET, BYTES_TARGET = 1.03, 1.01
 STEP_ORDER = ["floor", "fastdca-alpha1", "fastdca-alpha0", "peft-adaption-prompt"]
 OP_ORDER = ["fastdca", "fastdca-triton", "separate", "reference"]
@@ -31,7 +33,7 @@ def main(argv=None):
     text = render(data, steps, op_rows(data), chart.name if steps else None)
     if steps:
         plot(steps, chart)
-    write_atomically(output, text)
+    atomic_write_text(output, text)
     print(f"wrote {output}" + (f" and {chart}" if steps else ""))
 
 
@@ -130,16 +132,8 @@ def plot(steps, path: Path):
     for ax in (time_ax, bytes_ax):
         ax.tick_params(axis="x", labelrotation=20)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_atomically(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

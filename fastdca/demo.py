@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from fastdca.config import DCAConfig
+from fastdca.io import atomic_write
 
 
 def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learning_rate: float = 1e-2,
@@ -78,9 +79,6 @@ def plot_losses(history: list[dict], path: Path) -> Path:
     causal_ax.plot(steps, [h["causal_loss"] for h in history], color="tab:orange")
     causal_ax.set(title="causal loss (Var of X_G)", xlabel="step")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
-    tmp.replace(path)
     return path

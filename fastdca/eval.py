@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from fastdca.tasks import Example, Task, truncate_response
+from fastdca.io import atomic_write_text
+from fastdca.tasks import Example, Task
 
 
 @torch.no_grad()
@@ -48,7 +47,7 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_siz
     responses = generate_responses(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens or task.max_new_tokens, progress=progress,
                                    desc=f"eval {task.name}")
-    rows = task.score([truncate_response(r) for r in responses], examples)
+    rows = task.score(responses, examples)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
     correct = sum(r["correct"] for r in rows)
@@ -56,11 +55,5 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_siz
 
 
 def write_jsonl(path, rows) -> None:
-    """Write rows atomically: a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    """One JSON object a line, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))

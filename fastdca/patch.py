@@ -40,13 +40,13 @@ import json
 import math
 import os
 import sys
-import tempfile
 from typing import Optional
 
 import torch
 from torch import nn
 
 from fastdca.config import DCAConfig
+from fastdca.io import atomic_write, atomic_write_text
 from fastdca.loss import causal_loss as _causal_loss
 from fastdca.loss import layer_causal_loss
 from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention
@@ -251,9 +251,9 @@ def save_adapter(model: nn.Module, directory) -> None:
                for name, p in adapter_state_dict(model).items()}
     meta = {"format_version": FORMAT_VERSION, "dca_config": state.config.to_dict(), "model": state.model_info,
             "layers": state.layer_ids}
-    _atomic_write(directory, ADAPTER_FILE, lambda path: save_file(
+    atomic_write(os.path.join(directory, ADAPTER_FILE), lambda path: save_file(
         tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)}))
-    _atomic_write(directory, CONFIG_FILE, lambda path: _write_text(path, json.dumps(meta, indent=2, sort_keys=True)))
+    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
@@ -591,23 +591,6 @@ def _numel(p) -> int:
     if shape is not None:
         return int(math.prod(shape))
     return p.numel()
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(directory, filename, write):
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, os.path.join(directory, filename))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 __all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "describe", "is_patched", "get_config",

@@ -9,8 +9,6 @@ the cross-entropy and the causal loss separately.
 from __future__ import annotations
 
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,6 +20,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca.config import DCAConfig
+from fastdca.io import atomic_write_text
 from fastdca.patch import load_adapter, save_adapter
 from fastdca.tasks import Example
 
@@ -237,11 +236,5 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
                for h in trainer.state.log_history if "ce" in h]
     if trainer.is_world_process_zero():
         save_adapter(model, output_dir)
-        _write_json(output_dir / HISTORY_FILE, history)
+        atomic_write_text(output_dir / HISTORY_FILE, json.dumps(history, indent=1))
     return history
-
-
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)

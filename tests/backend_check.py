@@ -21,7 +21,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 GRAD_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
-WORST = {}  # (backend, dtype, tensor) -> worst relative error seen, printed with pytest -s
+WORST = {}  # (backend, dtype, tensor) -> worst relative error seen, printed at the end of the run (conftest)
 
 
 def fresh_seed():

@@ -8,6 +8,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The worst relative error per backend, dtype and tensor that the reference checks saw in this run."""
+    from backend_check import WORST
+
+    if WORST:
+        terminalreporter.section("worst relative errors against the float64 reference")
+        for (backend, dtype, name), err in sorted(WORST.items()):
+            terminalreporter.write_line(f"{backend:7s} {dtype:9s} {name:6s} {err:.2e}")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 3-layer random LLaMA with a 300-token byte-level BPE trained on the task's own text."""

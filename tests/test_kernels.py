@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from backend_check import (
-    DEVICE, GRAD_TOLERANCE, TOLERANCE, WORST, check_against_reference, make_inputs, relative_error, run, upstream,
+    DEVICE, TOLERANCE, check_against_reference, make_inputs, relative_error, run, upstream,
 )
-from fastdca import reference
 from fastdca.ops import dca_attention
 
 pytestmark = pytest.mark.skipif(
@@ -119,10 +118,3 @@ def test_float64_is_refused():
     inputs, _ = make_inputs(1, 2, 2, 4, 4, 64, 10, None, torch.float64)
     with pytest.raises(ValueError, match="float64"):
         dca_attention(**inputs, causal_len=2, backend="triton")
-
-
-def test_zz_print_worst_errors():
-    """Summary of the worst relative errors of this run (shown with pytest -s)."""
-    for (backend, dtype, name), err in sorted(WORST.items()):
-        print(f"worst {backend:7s} {dtype:9s} {name:6s} {err:.2e}")
-
