@@ -196,7 +196,9 @@ class _AdapterAttention(torch.autograd.Function):
         Hkv = ak.shape[0]
         ct = compute_dtype(q.dtype)
         q_cols = q.reshape(B, Hkv, -1, D).to(ct)                                # (B, Hkv, G*T, D)
-        probs = torch.softmax(torch.matmul(ak.to(ct), q_cols.transpose(-1, -2)) * scale, dim=-2)
+        # q ak^T, then transposed: the small (M-wide) scores are copied, never q.
+        scores = torch.matmul(q_cols, ak.to(ct).transpose(-1, -2)).transpose(-1, -2).contiguous()
+        probs = torch.softmax(scores * scale, dim=-2)
         gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)                        # (1, Hkv, 1, G*T)
         weights = probs * gates                                                  # (B, Hkv, M, G*T)
         avf = av.to(ct)
@@ -225,14 +227,14 @@ class _AdapterAttention(torch.autograd.Function):
         weights = probs * gates
         avf = av.to(ct)
         d_out = d_out.reshape(B, Hkv, -1, D).to(ct)                             # (B, Hkv, G*T, D)
-        d_weights = torch.matmul(avf, d_out.transpose(-1, -2))                  # (B, Hkv, M, G*T)
+        d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
         d_av = torch.matmul(weights, d_out).sum(0)                              # (Hkv, M, D)
         if xg == "sample" and d_stat is not None:
             d_causal = d_stat.to(ct).transpose(-1, -2)[..., None] * real[:, None, None, None, :].to(ct)
             d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
         elif xg == "token" and d_stat is not None:
             d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
-            d_weights[:, :, :causal_len] += torch.matmul(avf[:, :causal_len], d_xg.transpose(-1, -2))
+            d_weights[:, :, :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
             d_av[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], d_xg).sum(0)
         d_g = (d_weights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
         d_gate = d_g * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else d_g
