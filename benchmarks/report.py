@@ -3,7 +3,8 @@
     pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks.json
     python benchmarks/report.py benchmarks.json            # writes BENCHMARKS.md and BENCHMARKS.png
 
-Ratios use medians: on a shared machine the median of a few rounds is steadier than the mean.
+Ratios use the fastest round of each benchmark: on a shared machine other work only ever adds time,
+so the minimum is the estimate least disturbed by it.
 """
 
 from __future__ import annotations
@@ -38,22 +39,22 @@ def main(argv=None):
 
 
 def training_steps(data):
-    """{variant: (median seconds, saved bytes, peak bytes or None)} of the training-step benchmark."""
+    """{variant: (fastest seconds, saved bytes, peak bytes or None)} of the training-step benchmark."""
     rows = {}
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         if "variant" in info:
-            rows[info["variant"]] = (bench["stats"]["median"], info["saved_bytes"], info.get("peak_memory_bytes"))
+            rows[info["variant"]] = (bench["stats"]["min"], info["saved_bytes"], info.get("peak_memory_bytes"))
     return {v: rows[v] for v in STEP_ORDER if v in rows}
 
 
 def op_rows(data):
-    """{(mode, heads, T, group): {impl: median seconds}} of the op benchmark."""
+    """{(heads, T, mode, group): {impl: fastest seconds}} of the op benchmark."""
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
         if "impl" in info:
-            groups[(info["heads"], info["T"], info["mode"], bench["group"])][info["impl"]] = bench["stats"]["median"]
+            groups[(info["heads"], info["T"], info["mode"], bench["group"])][info["impl"]] = bench["stats"]["min"]
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
 
 
@@ -70,7 +71,7 @@ def render(data, steps, ops, chart_name):
         "    pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks.json && python benchmarks/report.py benchmarks.json",
         "",
         "Absolute times on a shared machine are noise; the ratios below compare implementations measured side "
-        "by side in the same run (medians). On the 2-core development machine the training-step time ratios "
+        "by side in the same run (fastest round of each). On the 2-core development machine the training-step time ratios "
         "still move by about 0.03 from run to run; the saved bytes are exact.",
         "",
     ]

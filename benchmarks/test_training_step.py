@@ -115,4 +115,4 @@ def test_training_step(benchmark, base_state, batch, variant):
         benchmark.extra_info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     benchmark.group = f"training step SmolLM2-135M B={B} T={T} L={L} M={M} {DEVICE}"
     benchmark.extra_info.update(variant=variant, device=DEVICE)
-    benchmark.pedantic(step, rounds=8, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=12, warmup_rounds=1)
