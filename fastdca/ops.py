@@ -276,9 +276,6 @@ def _prompt_attention(q, k, v, scale, key_padding_mask):
 
 
 def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
-    if q.dtype == torch.float64:
-        raise ValueError("q must have dtype float32, float16 or bfloat16 for the triton backend "
-                         "(float64 is not a kernel dtype: use backend='torch' or 'reference'), got torch.float64")
     B, Hq, T = q.shape[:3]
     Hkv, S = k.shape[1], k.shape[2]
     out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, causal_len, scale,

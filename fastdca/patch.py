@@ -551,7 +551,7 @@ def _share(state, labels):
 
 def _projector(o_proj, dtype):
     def project(x):
-        return o_proj(x.to(dtype)).float()
+        return o_proj(x.to(dtype))  # fastdca.loss casts the result back to the statistics' dtype
 
     return project
 

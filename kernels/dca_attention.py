@@ -534,7 +534,8 @@ def _kpm_arg(key_padding_mask, q):
 
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"the triton kernels take float16, bfloat16 or float32 inputs, got {q.dtype}")
+        raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "
+                         f"torch or reference backend), got {q.dtype}")
 
 
 # --------------------------------------------------------------------------------------------------
