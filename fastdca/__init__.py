@@ -2,9 +2,7 @@
 
 from fastdca.config import DCAConfig
 from fastdca.ops import dca_attention
+from fastdca.patch import describe, load_adapter, patch, save_adapter, unpatch
 
-__all__ = ["DCAConfig", "dca_attention"]
+__all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "describe"]
 __version__ = "0.1.0"
-from fastdca.patch import describe, load_adapter, patch, save_adapter, unpatch  # noqa: E402
-
-__all__ += ["patch", "unpatch", "save_adapter", "load_adapter", "describe"]
