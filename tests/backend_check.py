@@ -101,14 +101,17 @@ def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=Non
         assert actual[name].dtype == (torch.float32 if (name == "xg" and xg == "sample") else dtype), name
         assert torch.isfinite(actual[name]).all(), name
         tolerance = (GRAD_TOLERANCE if name.startswith("d") else TOLERANCE)[dtype]
-        if value.abs().max() == 0:
-            if not name.startswith("d"):   # X_G over H = 0 adapter tokens: nothing is summed
-                assert actual[name].abs().max() == 0, f"{name} must be exactly 0"
-                continue
-            # a gradient that is 0 by cancellation (S = 1: dS = P (dP - delta) with P = 1) can only
-            # match to rounding of the terms that cancel: measure it against the largest gradient
+        if value.abs().max() == 0 and not name.startswith("d"):  # X_G over H = 0 adapter tokens
+            assert actual[name].abs().max() == 0, f"{name} must be exactly 0"
+            continue
+        if value.abs().max() == 0 or (S == 1 and name in ("dq", "dk")):
+            # With S = 1 every prompt softmax has one entry, P = 1, so the prompt shares of dq and dk,
+            # P (dP - delta), are differences of equal terms. A FlashAttention-style backward forms delta
+            # from the rounded output, so those shares come out as the rounding of delta, ~u |out| |dout|
+            # |k| scale, not 0; dq's remaining (adapter) share can be ten times smaller than that, and dk
+            # has none. Both are measured against the largest gradient, the size of the terms that cancel.
             scale = max(v.abs().max().item() for n, v in expected.items() if n.startswith("d") and v is not None)
-            err = actual[name].abs().max().item() / scale
+            err = (actual[name].to(torch.float64).cpu() - value.cpu()).abs().max().item() / scale
             assert err <= tolerance, f"{name}: {err:.2e} of the largest gradient > {tolerance:.0e} (seed {seed})"
             continue
         err = relative_error(actual[name], value)
