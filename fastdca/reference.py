@@ -27,6 +27,20 @@ def gate_values(gate: torch.Tensor, gate_fn: str) -> torch.Tensor:
     return torch.tanh(gate) if gate_fn == "tanh" else gate
 
 
+def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) (B, Hq, T, S) with q (B, Hq, T, D), k (B, Hq, S, D) (kv heads already
+    repeated for grouped-query attention), bottom-right causal; a row with no visible key is all 0."""
+    T, S = q.shape[2], k.shape[2]
+    scores = q @ k.transpose(-1, -2) * scale
+    query_pos = torch.arange(S - T, S, device=q.device)
+    key_pos = torch.arange(S, device=q.device)
+    visible = (key_pos[None, :] <= query_pos[:, None])[None, None]               # (1, 1, T, S)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, :]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
+
+
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
                   gate_fn="tanh", xg="sample"):
     """out = softmax(q k^T * scale + mask) v + g * softmax(q ak^T * scale) av, plus the X_G statistics.
@@ -48,15 +62,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     akf = ak.to(ct).repeat_interleave(group, dim=0)
     avf = av.to(ct).repeat_interleave(group, dim=0)
 
-    scores = qf @ kf.transpose(-1, -2) * scale                                   # (B, Hq, T, S)
-    query_pos = torch.arange(S - T, S, device=q.device)
-    key_pos = torch.arange(S, device=q.device)
-    visible = (key_pos[None, :] <= query_pos[:, None])[None, None]               # (1, 1, T, S)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-    probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
-
+    probs = prompt_probs(qf, kf, scale, key_padding_mask)                       # (B, Hq, T, S)
     g = gate_values(gate.to(ct), gate_fn)
     adapter_probs = g[None, :, None, None] * torch.softmax(qf @ akf.transpose(-1, -2) * scale, dim=-1)
 

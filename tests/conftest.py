@@ -8,6 +8,33 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _round_bf16_to_nearest_even():
+    """Make the interpreter round float32 -> bfloat16 to nearest even, as Triton does on GPUs.
+
+    Triton 3.9's interpreter truncates instead (DESIGN.md section 5): up to 2 units of rounding per
+    stored element, all of one sign, so bf16 kernel results under the interpreter would carry an error
+    a GPU does not make. tests/test_kernels.py checks that this conversion equals torch's.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter._convert_float
+
+    def convert_float(data, src_dtype, dst_dtype, rounding_mode):
+        if src_dtype == tl.float32 and dst_dtype == tl.bfloat16:
+            bits = data.astype(np.float32, order="C").view(np.uint32)
+            bits = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+            return (bits >> np.uint32(16)).astype(np.uint16)
+        return truncating(data, src_dtype, dst_dtype, rounding_mode)
+
+    interpreter._convert_float = convert_float
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _round_bf16_to_nearest_even()
+
+
 def pytest_terminal_summary(terminalreporter):
     """The worst relative error per backend, dtype and tensor that the reference checks saw in this run."""
     from backend_check import WORST

@@ -53,6 +53,22 @@ def test_limits_of_the_contract(shape, dtype):
     check_against_reference("triton", shape, "token", dtype)
 
 
+def test_bf16_rounding_is_to_nearest_even():
+    """Kernels round float32 -> bfloat16 as GPUs and torch do (under the interpreter, via conftest)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def to_bf16(X, Y, N: tl.constexpr):
+        offs = tl.arange(0, N)
+        tl.store(Y + offs, tl.load(X + offs).to(tl.bfloat16))
+
+    x = torch.randn(4096, device=DEVICE) * torch.logspace(-30, 30, 4096, device=DEVICE)
+    y = torch.empty(4096, dtype=torch.bfloat16, device=DEVICE)
+    to_bf16[(1,)](x, y, N=4096)
+    assert torch.equal(y, x.to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_identity_gate_custom_scale(dtype):
     check_against_reference("triton", (2, 4, 2, 19, 26, 64, 10, 3, "left"), "token", dtype, gate_fn="identity", scale=0.07)

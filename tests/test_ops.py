@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import backend_check
 from backend_check import check_against_reference, make_inputs
 from fastdca import reference
 from fastdca.ops import dca_attention
@@ -26,6 +27,24 @@ SHAPES = [
 @pytest.mark.parametrize("shape", SHAPES)
 def test_torch_backend_matches_reference(shape, xg, dtype):
     check_against_reference("torch", shape, xg, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["dq", "dk", "dgate"])
+def test_check_rejects_a_gradient_off_by_twice_the_tolerance(monkeypatch, name, dtype):
+    """The allowances for delta's rounding and float32 sums do not hide a real error."""
+    real_run = backend_check.run
+
+    def off(backend, *args, **kwargs):
+        results, stats = real_run(backend, *args, **kwargs)
+        if backend == "torch":
+            grad = results[name]
+            results[name] = grad + 2 * backend_check.GRAD_TOLERANCE[dtype] * grad.abs().max()
+        return results, stats
+
+    monkeypatch.setattr(backend_check, "run", off)
+    with pytest.raises(AssertionError, match=f"^{name}: relative error"):
+        check_against_reference("torch", SHAPES[3].values[0], "sample", dtype)
 
 
 def test_reference_padding_row_without_keys_is_zero_not_nan():
