@@ -45,6 +45,7 @@ def test_check_rejects_a_gradient_off_by_one_percent(monkeypatch, name, dtype):
         return results, stats
 
     monkeypatch.setattr(backend_check, "run", off)
+    monkeypatch.setattr(backend_check, "WORST", {})  # keep these errors out of the printed worst errors
     with pytest.raises(AssertionError, match=f"^{name}: relative error"):
         check_against_reference("torch", SHAPES[3].values[0], "sample", dtype)
 
