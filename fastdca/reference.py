@@ -41,6 +41,11 @@ def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mas
     return torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
 
 
+def adapter_probs(q: torch.Tensor, ak: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q ak^T * scale) (B, Hq, T, M) with q (B, Hq, T, D), ak (Hq, M, D) (repeated for GQA)."""
+    return torch.softmax(q @ ak.transpose(-1, -2) * scale, dim=-1)
+
+
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
                   gate_fn="tanh", xg="sample"):
     """out = softmax(q k^T * scale + mask) v + g * softmax(q ak^T * scale) av, plus the X_G statistics.
@@ -64,14 +69,14 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
 
     probs = prompt_probs(qf, kf, scale, key_padding_mask)                       # (B, Hq, T, S)
     g = gate_values(gate.to(ct), gate_fn)
-    adapter_probs = g[None, :, None, None] * torch.softmax(qf @ akf.transpose(-1, -2) * scale, dim=-1)
+    gated_probs = g[None, :, None, None] * adapter_probs(qf, akf, scale)          # (B, Hq, T, M)
 
-    out = probs @ vf + adapter_probs @ avf                                       # (B, Hq, T, D)
+    out = probs @ vf + gated_probs @ avf                                         # (B, Hq, T, D)
     out = out.transpose(1, 2).to(q.dtype)
 
     if xg is None:
         return out, None
-    x_g = (adapter_probs[..., :causal_len] @ avf[:, :causal_len]).transpose(1, 2)  # (B, T, Hq, D)
+    x_g = (gated_probs[..., :causal_len] @ avf[:, :causal_len]).transpose(1, 2)  # (B, T, Hq, D)
     if xg == "token":
         return out, x_g.to(q.dtype)
     real = query_is_real(key_padding_mask, B, T, S, q.device)

@@ -162,8 +162,8 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
     dk = DELTA_SIGMAS * sigma * scale * ((probs * w).square().transpose(-1, -2) @ q.square()).view(
         B, Hkv, group, S, D).sum(2).sqrt()
 
-    adapter_probs = torch.softmax(q @ akf.transpose(-1, -2) * scale, dim=-1)        # (B, Hq, T, M)
-    terms = adapter_probs * (dout.abs() @ avf.abs().transpose(-1, -2))
+    pa = reference.adapter_probs(q, akf, scale)                                     # (B, Hq, T, M)
+    terms = pa * (dout.abs() @ avf.abs().transpose(-1, -2))
     if expected["xg"] is not None:
         dxg = grads_out[1].cpu()
         if dxg.dim() == 3:                       # sample: one gradient per sample, for each real token
@@ -172,7 +172,7 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
         else:
             dxg = dxg.transpose(1, 2)
         H = causal_len
-        terms[..., :H] += adapter_probs[..., :H] * (dxg.abs() @ avf[:, :H].abs().transpose(-1, -2))
+        terms[..., :H] += pa[..., :H] * (dxg.abs() @ avf[:, :H].abs().transpose(-1, -2))
     g = reference.gate_values(gate, gate_fn)
     dg = 1 - g**2 if gate_fn == "tanh" else torch.ones_like(g)
     return {"dq": dq, "dk": dk, "dgate": FP32_SUM * dg.abs() * terms.sum((0, 2, 3))}
