@@ -2,6 +2,7 @@
 
     pytest benchmarks/ --benchmark-only --benchmark-json=benchmarks.json
     python benchmarks/report.py benchmarks.json            # writes BENCHMARKS.md and BENCHMARKS.png
+    python benchmarks/report.py cpu.json gpu.json           # one section per machine, GPU tables from gpu.json
 
 Ratios use the fastest round of each benchmark: on a shared machine other work only ever adds time,
 so the minimum is the estimate least disturbed by it.
@@ -24,18 +25,24 @@ OP_ORDER = ["fastdca", "fastdca-triton", "separate", "reference"]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json), one per machine")
     parser.add_argument("--output", default="BENCHMARKS.md")
     args = parser.parse_args(argv)
-    data = json.loads(Path(args.json).read_text())
     output = Path(args.output)
     chart = output.with_suffix(".png")
-    steps = training_steps(data)
-    text = render(data, steps, op_rows(data), chart.name if steps else None)
-    if steps:
-        plot(steps, chart)
-    atomic_write_text(output, text)
-    print(f"wrote {output}" + (f" and {chart}" if steps else ""))
+    sections, charted = [], False
+    for path in args.json:
+        data = json.loads(Path(path).read_text())
+        steps = training_steps(data)
+        if steps and not charted:
+            plot(steps, chart)
+            charted = True
+            sections.append(render(data, steps, op_rows(data), chart.name))
+        else:
+            sections.append(render(data, steps, op_rows(data), None))
+        sections.append(render_gpu(data))
+    atomic_write_text(output, "\n".join(s for s in sections if s))
+    print(f"wrote {output}" + (f" and {chart}" if charted else ""))
 
 
 def training_steps(data):
@@ -43,7 +50,7 @@ def training_steps(data):
     rows = {}
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        if "variant" in info:
+        if "variant" in info and "saved_bytes" in info:
             rows[info["variant"]] = (bench["stats"]["min"], info["saved_bytes"], info.get("peak_memory_bytes"))
     return {v: rows[v] for v in STEP_ORDER if v in rows}
 
@@ -53,12 +60,14 @@ def op_rows(data):
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        if "impl" in info:
+        if "impl" in info and "device" not in info:
             groups[(info["heads"], info["T"], info["mode"], bench["group"])][info["impl"]] = bench["stats"]["min"]
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
 
 
 def render(data, steps, ops, chart_name):
+    if not steps and not ops:
+        return ""
     machine = data.get("machine_info", {})
     cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     lines = [
@@ -112,6 +121,71 @@ def render(data, steps, ops, chart_name):
             cells = [f"{times[i] * 1e3:.1f} ms" if i in times else "-" for i in OP_ORDER]
             ratio = f"{times['fastdca'] / times['separate']:.2f}" if {"fastdca", "separate"} <= set(times) else "-"
             lines.append(f"| {heads} | {T} | {mode} | {' | '.join(cells)} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+GPU_OP_ORDER = ["fastdca", "sdpa-prompt-only", "separate"]
+
+
+def render_gpu(data):
+    """The GPU tables (benchmarks/test_gpu.py): op TFLOP/s, decoding latency, the LLaMA-7B-shaped step."""
+    rows = [b for b in data["benchmarks"] if "device" in b["extra_info"]]
+    if not rows:
+        return ""
+    device = rows[0]["extra_info"]["device"]
+    lines = [f"# GPU: {device}", "",
+             f"Measured {data.get('datetime', '')[:10]} on one {device} ({rows[0]['extra_info'].get('versions', '')}); "
+             "bf16, fastest round of each benchmark; regenerate on a CUDA machine with the command above "
+             "(`benchmarks/test_gpu.py`). Targets (stated, not asserted): forward >= 0.9x SDPA's TFLOP/s, backward "
+             ">= 0.8x, the op >= 1.5x faster than the separate path, the training step <= 1.05x the floor in time "
+             "and <= 1.02x in peak memory, decoding within 1.2x of SDPA.", ""]
+    ops = defaultdict(dict)
+    for b in rows:
+        info = b["extra_info"]
+        if info.get("gpu_op"):
+            passes = 2.5 if info["mode"] == "backward" else (3.5 if info["mode"] == "forward+backward" else 1.0)
+            ops[(info["heads"], info["T"], info["mode"])][info["impl"]] = (b["stats"]["min"], passes * info["flops"])
+    if ops:
+        lines += ["## The op: TFLOP/s of the causal prompt attention (B=4, D=128, M=10)", "",
+                  "SDPA runs the prompt-only problem (no adapter: less work than DCA, the floor); the separate path "
+                  "is SDPA plus an eager adapter attention, as PEFT and lit-gpt do. TFLOP/s count the causal prompt "
+                  "attention only (backward 2.5x the forward's FLOPs).", "",
+                  "| Hq/Hkv | T | pass | fastdca | SDPA (prompt only) | separate | fastdca / SDPA | separate / fastdca "
+                  "(time) |", "|---|---|---|---|---|---|---|---|"]
+        for (heads, T, mode), impls in sorted(ops.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+            cells = [f"{impls[i][1] / impls[i][0] / 1e12:.0f} ({impls[i][0] * 1e3:.2f} ms)" if i in impls else "-"
+                     for i in GPU_OP_ORDER]
+            vs_sdpa = (f"{impls['sdpa-prompt-only'][0] / impls['fastdca'][0]:.2f}"
+                       if {"fastdca", "sdpa-prompt-only"} <= set(impls) else "-")
+            vs_sep = f"{impls['separate'][0] / impls['fastdca'][0]:.2f}" if {"fastdca", "separate"} <= set(impls) else "-"
+            lines.append(f"| {heads} | {T} | {mode} | {' | '.join(cells)} | {vs_sdpa} | {vs_sep} |")
+        lines.append("")
+    decode = defaultdict(dict)
+    for b in rows:
+        info = b["extra_info"]
+        if info.get("gpu_decode"):
+            decode[(info["S"], info["B"])][info["impl"]] = b["stats"]["min"]
+    if decode:
+        lines += ["## Decoding: one token against a KV cache of S (32/8 heads, D=128)", "",
+                  "Host-timed with a synchronisation per call, so a few microseconds of launch overhead are included.",
+                  "", "| S | B | fastdca | SDPA (prompt only) | fastdca / SDPA |", "|---|---|---|---|---|"]
+        for (S, batch), impls in sorted(decode.items()):
+            f_, s_ = impls.get("fastdca"), impls.get("sdpa-prompt-only")
+            lines.append(f"| {S} | {batch} | {f_ * 1e6:.0f} us | {s_ * 1e6:.0f} us | {f_ / s_:.2f} |")
+        lines.append("")
+    steps = defaultdict(dict)
+    for b in rows:
+        info = b["extra_info"]
+        if info.get("gpu_step"):
+            steps[info["weights"]][info["variant"]] = (b["stats"]["min"], info["peak_memory_bytes"])
+    for weights, variants in steps.items():
+        floor_time, floor_peak = variants.get("floor", (None, None))
+        lines += [f"## One training step, LLaMA-7B shape (4 decoder layers, {weights} weights, B=4, T=1024, L=4, M=10)",
+                  "", "| variant | time / step | x floor | peak memory | x floor |", "|---|---|---|---|---|"]
+        for variant, (seconds, peak) in variants.items():
+            lines.append(f"| {variant} | {seconds * 1e3:.1f} ms | {seconds / floor_time:.3f} | {peak / 2**20:.0f} MiB | "
+                         f"{peak / floor_peak:.3f} |")
         lines.append("")
     return "\n".join(lines)
 

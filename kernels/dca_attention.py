@@ -28,6 +28,8 @@ a GPU, bf16 tiles feed tl.dot directly; all accumulation is float32 either way.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -54,11 +56,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 @triton.jit
 def _operand(x, REF, UPCAST: tl.constexpr):
-    """A tile as a tl.dot operand: float32 under UPCAST, else the dtype of the tensor REF points into."""
+    """A tile as a tl.dot operand, rounded to the dtype of the tensor REF points into, as the compiled
+    kernel feeds the tensor cores. Under UPCAST (bf16 under the interpreter, whose bf16 dots are wrong)
+    it is then widened back to float32: the same rounded values, multiplied exactly."""
+    y = x.to(REF.dtype.element_ty)
     if UPCAST:
-        y = x.to(tl.float32)
-    else:
-        y = x.to(REF.dtype.element_ty)
+        y = y.to(tl.float32)
     return y
 
 
@@ -94,10 +97,14 @@ def _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d
 
 
 @triton.jit
-def _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM: tl.constexpr):
+def _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask: query i (absolute position S - T + i) sees key j <= that position that
-    the padding mask keeps. Out-of-range rows and columns are invisible."""
-    vis = (offs_n[None, :] <= (S - T + offs_m)[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < T)
+    the padding mask keeps; out-of-range rows and columns are invisible. Without CAUSAL the block is
+    known to lie wholly below the diagonal, so only the padding mask is applied."""
+    if CAUSAL:
+        vis = (offs_n[None, :] <= (S - T + offs_m)[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < T)
+    else:
+        vis = (offs_n[None, :] >= 0) & (offs_m[:, None] >= 0)
     if HAS_KPM:
         kp = tl.load(KPM + b * stride_mb + offs_n, mask=offs_n < S, other=0)
         vis = vis & (kp[None, :] != 0)
@@ -112,6 +119,45 @@ def _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM: tl.constexpr):
         kp = tl.load(KPM + b * stride_mb + S - T + offs_m, mask=real, other=0)
         real = real & (kp != 0)
     return real
+
+
+@triton.jit
+def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
+    """(full_hi, hi) for query block pid_m: key blocks starting below full_hi are visible to every row
+    of the block by causality (full_hi a multiple of BLOCK_N); those in [full_hi, hi) straddle the
+    diagonal; keys from hi on are above it for every row."""
+    hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
+    full_hi = tl.maximum(tl.minimum((S - T + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi), 0)
+    return full_hi, hi
+
+
+@triton.jit
+def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
+                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
+                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc)."""
+    BLOCK_N: tl.constexpr = offs_n0.shape[0]
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        n_ok = offs_n < S
+        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
+        if CAUSAL or HAS_KPM:
+            s = tl.where(_visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
+        # exp2(-inf - -inf) never produces NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_shift[:, None])
+        alpha = tl.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        vt = _operand(vt, V, UPCAST)
+        acc = acc * alpha[:, None] + _dot(_operand(p, V, UPCAST), vt, IEEE)
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,7 +189,8 @@ def _dca_fwd_kernel(
 
     out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks.
     """
-    pid_m = tl.program_id(0)
+    # the longest causal rows first, so the last wave of programs is the shortest
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
@@ -167,28 +214,15 @@ def _dca_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # key blocks past the last query row's position are fully above the causal diagonal
-    hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        n_ok = offs_n < S
-        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
-        vis = _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
-        # exp2(-inf - -inf) never produces NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        vt = _operand(vt, V, UPCAST)
-        acc = acc * alpha[:, None] + _dot(p.to(vt.dtype), vt, IEEE)
-        m_i = m_new
+    # Key blocks wholly at or below the block's first query position need no causal mask; the ones
+    # up to the last query row's position straddle the diagonal; later ones are never visible.
+    full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
+                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, 0,
+                                    full_hi, T, S, K, V, False, HAS_KPM, UPCAST, IEEE)
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
+                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi,
+                                    hi, T, S, K, V, True, HAS_KPM, UPCAST, IEEE)
 
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
@@ -204,7 +238,7 @@ def _dca_fwd_kernel(
     av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
                  mask=(offs_a[:, None] < M) & d_ok[None, :], other=0.0)
     av = _operand(av, AV, UPCAST)
-    acc += _dot(a.to(av.dtype), av, IEEE)
+    acc += _dot(_operand(a, AV, UPCAST), av, IEEE)
 
     o_offs = b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
     o_mask = m_ok[:, None] & d_ok[None, :]
@@ -212,13 +246,64 @@ def _dca_fwd_kernel(
 
     if XG_MODE == 2:
         a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
-        xg = _dot(a_causal.to(av.dtype), av, IEEE)
+        xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
         tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
     if XG_MODE == 1:
         real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
         a_causal = tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0)
         n_mblocks = tl.num_programs(0)
         tl.store(COLSUM + (pid_bh.to(tl.int64) * n_mblocks + pid_m) * BLOCK_A + offs_a, tl.sum(a_causal, 0))
+
+
+@triton.jit
+def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_scale, stride_qt, stride_qd,
+                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, lo, hi, T, S, Q, DOUT,
+                       CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv)."""
+    BLOCK_M: tl.constexpr = offs_m0.shape[0]
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        m_ok = offs_m < T
+        md_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+        q = _operand(q, Q, UPCAST)
+        do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=md_mask, other=0.0)
+        do = _operand(do, DOUT, UPCAST)
+        # rows past T get lse = +inf, so their probabilities are 0 without a mask
+        lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+        pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])              # (BLOCK_N, BLOCK_M)
+        if CAUSAL:
+            pt = tl.where((offs_n[:, None] <= (S - T + offs_m)[None, :]) & key_ok[:, None], pt, 0.0)
+        elif HAS_KPM:
+            pt = tl.where(key_ok[:, None], pt, 0.0)
+        dv += _dot(_operand(pt, DOUT, UPCAST), do, IEEE)
+        dpt = _dot(v, tl.trans(do), IEEE)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(_operand(dst, Q, UPCAST), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
+                   stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
+    BLOCK_N: tl.constexpr = offs_n0.shape[0]
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        nd_mask = (offs_n < S)[:, None] & d_ok[None, :]
+        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
+        k = _operand(k, K, UPCAST)
+        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
+        v = _operand(v, V, UPCAST)
+        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        if CAUSAL or HAS_KPM:
+            p = tl.where(_visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM, CAUSAL), p, 0.0)
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(_operand(ds, K, UPCAST), k, IEEE)
+    return dq
 
 
 # --------------------------------------------------------------------------------------------------
@@ -283,7 +368,7 @@ def _dca_bwd_adapter_kernel(
     av = _operand(av, AV, UPCAST)
 
     # the same rounding of A as the forward, so out - A av is the prompt part up to out's rounding
-    a_op = a.to(av.dtype)
+    a_op = _operand(a, AV, UPCAST)
     adapter_out = _dot(a_op, av, IEEE)
     delta = tl.sum(do.to(tl.float32) * (o - adapter_out), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
@@ -297,7 +382,7 @@ def _dca_bwd_adapter_kernel(
             dxg = tl.load(DXG + o_offs, mask=md_mask, other=0.0)
             dxg = _operand(dxg, DXG, UPCAST)
             da += tl.where(causal_col, _dot(dxg, av_t, IEEE), 0.0)
-            a_causal = tl.where(causal_col, a, 0.0).to(av.dtype)
+            a_causal = _operand(tl.where(causal_col, a, 0.0), AV, UPCAST)
             dav += _dot(tl.trans(a_causal), dxg, IEEE)
         if XG_MODE == 1:
             real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
@@ -307,7 +392,7 @@ def _dca_bwd_adapter_kernel(
     dgate = tl.sum(tl.sum(da * pa, 1), 0) * dg_dgate
     dpa = da * g
     dsa = pa * (dpa - tl.sum(pa * dpa, 1)[:, None])
-    dsa_op = dsa.to(ak.dtype)
+    dsa_op = _operand(dsa, AK, UPCAST)
     dq = _dot(dsa_op, ak, IEEE) * sm_scale
     dak = _dot(tl.trans(dsa_op), q, IEEE) * sm_scale
 
@@ -359,32 +444,26 @@ def _dca_bwd_dkdv_kernel(
     v = _operand(v, V, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    key_ok = n_ok
+    if HAS_KPM:
+        key_ok = key_ok & (tl.load(KPM + b * stride_mb + offs_n, mask=n_ok, other=0) != 0)
 
-    # query t sees key j iff j <= S - T + t: query blocks before `lo` see none of this key block
+    # query t sees key j iff j <= S - T + t: query blocks before `lo` see none of this key block, those
+    # in [lo, full_lo) straddle the diagonal, those from full_lo on see all of it
     lo = (tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M) * BLOCK_M
+    full_lo = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M
+    full_lo = tl.maximum(tl.minimum(full_lo, T), lo)
     for gi in range(GROUP):
         h = (kh * GROUP + gi).to(tl.int64)
-        bh = b * Hq + h
-        for start_m in range(lo, T, BLOCK_M):
-            offs_m = start_m + offs_m0
-            m_ok = offs_m < T
-            md_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                        mask=md_mask, other=0.0)
-            q = _operand(q, Q, UPCAST)
-            do = tl.load(DOUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh
-                         + offs_d[None, :] * stride_od, mask=md_mask, other=0.0)
-            do = _operand(do, DOUT, UPCAST)
-            lse = tl.load(LSE + bh * T + offs_m, mask=m_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh * T + offs_m, mask=m_ok, other=0.0)
-
-            st = _dot(k, tl.trans(q), IEEE) * qk_scale                                   # (BLOCK_N, BLOCK_M)
-            vis = tl.trans(_visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM))
-            pt = tl.where(vis, tl.exp2(st - lse[None, :]), 0.0)
-            dv += _dot(pt.to(do.dtype), do, IEEE)
-            dpt = _dot(v, tl.trans(do), IEEE)
-            dst = pt * (dpt - delta[None, :])
-            dk += _dot(dst.to(q.dtype), q, IEEE)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DOUT + b * stride_ob + h * stride_oh
+        row_base = (b * Hq + h) * T
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
+                                    stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
+                                    key_ok, lo, full_lo, T, S, Q, DOUT, True, HAS_KPM, UPCAST, IEEE)
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
+                                    stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
+                                    key_ok, full_lo, T, T, S, Q, DOUT, False, HAS_KPM, UPCAST, IEEE)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -409,7 +488,8 @@ def _dca_bwd_dq_kernel(
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
     """
-    pid_m = tl.program_id(0)
+    # the longest causal rows first, so the last wave of programs is the shortest
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // Hq).to(tl.int64)
     h = pid_bh % Hq
@@ -435,20 +515,13 @@ def _dca_bwd_dq_kernel(
     v_base = V + b * stride_vb + kh * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        nd_mask = (offs_n < S)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
-        k = _operand(k, K, UPCAST)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
-        v = _operand(v, V, UPCAST)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale
-        vis = _visible(offs_m, offs_n, KPM, b, stride_mb, T, S, HAS_KPM)
-        p = tl.where(vis, tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+    full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, 0, full_hi, T, S, K, V,
+                        False, HAS_KPM, UPCAST, IEEE)
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi, T, S, K, V,
+                        True, HAS_KPM, UPCAST, IEEE)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -472,38 +545,74 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-# Block sizes, warps and stages per kernel and padded head dim. Chosen so that every fp16/bf16 kernel
-# compiles with 0 spill bytes on sm_80 and sm_90 (python -m fastdca.kernels.report checks this);
-# sm_80's mma layout needs more registers than sm_90's, which is why D=128 runs 8 warps.
-#   padded D:        64              128             256
-_FWD = {64: (64, 64, 4), 128: (64, 64, 8), 256: (32, 32, 8)}     # (BLOCK_M, BLOCK_N, warps)
-_DKDV = {64: (32, 64, 4), 128: (32, 64, 8), 256: (32, 32, 8)}
-_DQ = {64: (64, 32, 4), 128: (64, 64, 8), 256: (32, 32, 8)}
-_DECODE_ROWS = 16   # T <= 16 (decoding): 16-row query blocks, tl.dot's minimum, 4 warps
+KERNELS = ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq")
+
+# (BLOCK_M, BLOCK_N, warps, stages) per target, kernel and padded head dim, fp16/bf16. The tile a
+# program keeps resident (BLOCK_M rows; BLOCK_N in bwd_dkdv) has at least 16 rows per warp: the dot
+# layouts Triton picks for chained dots split the warps along those rows, and with fewer rows than
+# that (64-row tiles on 8 warps) warps, or on sm_90 whole warpgroups, compute the same scores twice.
+# D <= 128 entries compile with 0 spill bytes, within shared memory and with no duplicated tensor-core
+# work (python -m fastdca.kernels.report measures all three); among those, the sm_90 entries are the
+# fastest of `python benchmarks/tune_kernels.py` on an H100 (BENCHMARKS.md). At D = 256 no tile with
+# 16 rows per warp fits the registers: those entries keep 8 warps on 32 rows, trading duplicated
+# score work for no spills (listed by the report, not held to the no-duplication rule).
+#   padded D:            64                   128                  256
+_LAUNCH = {
+    90: dict(
+        fwd=        {64: (64, 64, 4, 3),   128: (64, 64, 4, 3),   256: (32, 32, 8, 2)},
+        bwd_adapter={64: (64, 0, 4, 1),    128: (64, 0, 4, 1),    256: (32, 0, 8, 1)},
+        bwd_dkdv=   {64: (32, 64, 4, 3),   128: (64, 128, 8, 1),  256: (32, 32, 8, 2)},
+        bwd_dq=     {64: (64, 32, 4, 3),   128: (128, 64, 8, 3),  256: (32, 32, 8, 1)},
+    ),
+    # sm_80, and the default for every other CUDA target
+    80: dict(
+        fwd=        {64: (64, 64, 4, 3),   128: (128, 32, 8, 2),  256: (32, 32, 8, 2)},
+        bwd_adapter={64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
+        bwd_dkdv=   {64: (32, 64, 4, 2),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
+        bwd_dq=     {64: (64, 32, 4, 2),   128: (64, 32, 4, 2),   256: (32, 32, 8, 2)},
+    ),
+}
+# T <= 16 (decoding), forward and adapter backward, per padded D: 16-row query blocks (tl.dot's
+# minimum). Four warps repeat each other's score work on 16 rows, but decoding is bound by reading K
+# and V, and more warps keep more loads in flight: (16, 64, 4, 3) was the fastest on an H100.
+_DECODE = {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 1)}
 # float32 inputs (exact fp32 dots, no tensor cores) are a correctness path, not a fast one: small
 # tiles keep spilling small (0 at D=64; the forward and adapter-backward spill 240-530 bytes at D=128).
-_FP32 = {64: (16, 32, 4), 128: (16, 32, 4), 256: (16, 16, 4)}
+_FP32 = {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)}
 
 
-def _config(table, D: int, T: int, dtype=None) -> dict:
+def target_arch(device) -> int:
+    """The compute capability the kernels are tuned for on `device` (80 for anything but CUDA devices:
+    the interpreter, and the compile report's recorded launches)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 80
+    return _cuda_arch(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return major * 10 + minor
+
+
+def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
+    """Block sizes, warps and stages of one kernel's launch (the tables above)."""
     block_d = head_block(D)
-    block_m, block_n, warps = (_FP32 if dtype == torch.float32 else table)[max(64, block_d)]
-    if T <= _DECODE_ROWS:
-        block_m, warps = _DECODE_ROWS, 4
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=2)
+    if dtype == torch.float32:
+        block_m, block_n, warps, stages = _FP32[max(64, block_d)]
+    else:
+        block_m, block_n, warps, stages = _LAUNCH[90 if arch == 90 else 80][kernel][max(64, block_d)]
+        if T <= 16 and kernel in ("fwd", "bwd_adapter"):
+            block_m, block_n, warps, stages = _DECODE[max(64, block_d)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-def forward_config(D: int, T: int, dtype=None) -> dict:
-    """Forward kernel; its BLOCK_M also tiles the adapter-backward kernel."""
-    return _config(_FWD, D, T, dtype)
-
-
-def dkdv_config(D: int, T: int, dtype=None) -> dict:
-    return _config(_DKDV, D, T, dtype)
-
-
-def dq_config(D: int, T: int, dtype=None) -> dict:
-    return _config(_DQ, D, T, dtype)
+def _configs(D, T, dtype, device, overrides):
+    """launch_config of every kernel, with `overrides` ({kernel: {entry: value}}, tests and tuning) applied."""
+    arch = target_arch(device)
+    return {name: dict(launch_config(name, D, T, dtype, arch), **(overrides or {}).get(name, {}))
+            for name in KERNELS}
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -516,13 +625,31 @@ def _blocks(cfg: dict, *names) -> dict:
     return {n: cfg[n] for n in names}
 
 
+def _on_device(q):
+    """Launch on the tensors' device: Triton takes the device and stream from the current CUDA device."""
+    return torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
+
+
 def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreted()
 
 
+def tf32_allowed() -> bool:
+    """Whether torch allows TF32 for float32 CUDA matmuls, read without raising under either API:
+    the legacy `allow_tf32` read raises once `fp32_precision` has been set, and the new setting
+    "none" defers to torch.backends.fp32_precision."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = getattr(torch.backends, "fp32_precision", "ieee")
+    return precision == "tf32"
+
+
 def _ieee(dtype: torch.dtype) -> bool:
     """float32 inputs get exact float32 dots unless torch allows TF32 for matmuls (off by default)."""
-    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+    return dtype == torch.float32 and not tf32_allowed()
 
 
 def _kpm_arg(key_padding_mask, q):
@@ -543,20 +670,20 @@ def _check_dtype(q):
 
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, gate_fn="tanh",
-                xg="sample", config=None):
+                xg="sample", configs=None):
     """Run the forward kernel.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
     or None. Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
-    input dtype for xg="token", None for xg=None. `config` overrides entries of forward_config (tests).
+    input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
     """
     _check_dtype(q)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
     H = causal_len
-    cfg = dict(forward_config(D, T, q.dtype), **(config or {}))
+    cfg = _configs(D, T, q.dtype, q.device, configs)["fwd"]
     block_a = adapter_block(M)
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -567,16 +694,17 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
         if mode == XG_SAMPLE else lse
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
     gate = gate.contiguous()
-    _dca_fwd_kernel[(n_mblocks, B * Hq)](
-        q, k, v, ak, av, gate, kpm, out, lse, xg_out, colsum,
-        float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
-        stride_mb,
-        Hq, T, S, M, D, H,
-        GROUP=Hq // Hkv, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
-        UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), BLOCK_A=block_a,
-        **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
-    )
+    with _on_device(q):
+        _dca_fwd_kernel[(n_mblocks, B * Hq)](
+            q, k, v, ak, av, gate, kpm, out, lse, xg_out, colsum,
+            float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
+            stride_mb,
+            Hq, T, S, M, D, H,
+            GROUP=Hq // Hkv, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
+            UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), BLOCK_A=block_a,
+            **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
+        )
     if mode == XG_SAMPLE:
         extra = colsum.sum(dim=1)[:, :H].reshape(B, Hq, H)
     elif mode == XG_TOKEN:
@@ -587,13 +715,13 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 gate_fn="tanh", xg="sample", config=None):
+                 gate_fn="tanh", xg="sample", configs=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
-    dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of forward's `extra` ((B, Hq, H)
-    column sums in sample mode, (B, T, Hq, D) in token mode) or None. The per-block partials of dak,
-    dav and dgate are summed over batch, query blocks and the query heads of each kv group with torch
-    sums of fixed shape: deterministic.
+    dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
+    forward's `extra` ((B, Hq, H) column sums in sample mode, (B, T, Hq, D) in token mode) or None. The
+    per-block partials of dak, dav and dgate are summed over batch, query blocks and the query heads of
+    each kv group with torch sums of fixed shape: deterministic.
     """
     _check_dtype(q)
     B, Hq, T, D = q.shape
@@ -601,12 +729,11 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     M = ak.shape[1]
     H = causal_len
     group = Hq // Hkv
-    cfg = dict(forward_config(D, T, q.dtype), **(config or {}))
-    kcfg = dict(dkdv_config(D, T, q.dtype), **(config or {}))
-    qcfg = dict(dq_config(D, T, q.dtype), **(config or {}))
+    cfgs = _configs(D, T, q.dtype, q.device, configs)
+    acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv"], cfgs["bwd_dq"]
     block_a = adapter_block(M)
-    block_d = cfg["BLOCK_D"]
-    n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
+    block_d = acfg["BLOCK_D"]
+    n_mblocks = triton.cdiv(T, acfg["BLOCK_M"])
     dev = q.device
     mode = XG_CODES[xg]
     upcast, ieee = _upcast(q.dtype), _ieee(q.dtype)
@@ -635,16 +762,18 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     # partials of dak, dav, dgate per (b * Hq + h, query block), summed below with fixed-shape torch
     # sums over batch, the query heads of each kv group and the query blocks: deterministic, no atomics
     gate = gate.contiguous()
-    _dca_bwd_adapter_kernel[(n_mblocks, B * Hq)](
-        q, ak, av, gate, kpm, out, dout, dxg_t, dcol,
-        delta, dq_acc, dak_part, dav_part, dgate_part,
-        float(scale),
-        *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
-        stride_mb,
-        Hq, T, S, M, D, H,
-        GROUP=group, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode, HAS_DXG=has_dxg,
-        UPCAST=upcast, IEEE=ieee, BLOCK_M=cfg["BLOCK_M"], BLOCK_D=block_d, BLOCK_A=block_a, **_launch_opts(cfg),
-    )
+    with _on_device(q):
+        _dca_bwd_adapter_kernel[(n_mblocks, B * Hq)](
+            q, ak, av, gate, kpm, out, dout, dxg_t, dcol,
+            delta, dq_acc, dak_part, dav_part, dgate_part,
+            float(scale),
+            *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
+            stride_mb,
+            Hq, T, S, M, D, H,
+            GROUP=group, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode, HAS_DXG=has_dxg,
+            UPCAST=upcast, IEEE=ieee, BLOCK_A=block_a, **_blocks(acfg, "BLOCK_M", "BLOCK_D"),
+            **_launch_opts(acfg),
+        )
 
     dak = dak_part.view(B, Hkv, group, n_mblocks, block_a, block_d).sum(dim=(0, 2, 3))[:, :M, :D]
     dav = dav_part.view(B, Hkv, group, n_mblocks, block_a, block_d).sum(dim=(0, 2, 3))[:, :M, :D]
@@ -655,24 +784,24 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
 
     dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=dev)
-    _dca_bwd_dkdv_kernel[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
-        q, k, v, kpm, dout, lse, delta, dk, dv,
-        float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_mb,
-        Hq, Hkv, T, S, D,
-        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
-        **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
-    )
-
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
-    _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
-        q, k, v, kpm, dout, lse, delta, dq_acc, dq,
-        float(scale),
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        stride_mb,
-        Hq, T, S, D,
-        GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
-        **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
-    )
+    with _on_device(q):
+        _dca_bwd_dkdv_kernel[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
+            q, k, v, kpm, dout, lse, delta, dk, dv,
+            float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            stride_mb,
+            Hq, Hkv, T, S, D,
+            GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
+            **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
+        )
+        _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
+            q, k, v, kpm, dout, lse, delta, dq_acc, dq,
+            float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            stride_mb,
+            Hq, T, S, D,
+            GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
+            **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
+        )
     return (dq, dk, dv, *adapter_grads)

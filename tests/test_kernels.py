@@ -3,7 +3,9 @@
 Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); with one they run compiled.
 """
 
+import contextlib
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,12 +87,10 @@ def test_small_blocks_many_iterations(monkeypatch, T, S, padding):
     """16 x 16 blocks: many key blocks per row, blocks skipped above the diagonal, partial tiles."""
     from fastdca.kernels import dca_attention as kmod
 
-    def small(D, T, dtype=None, original=kmod.forward_config):
-        return dict(original(D, T, dtype), BLOCK_M=16, BLOCK_N=16)
+    def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+        return dict(original(kernel, D, T, dtype, arch), BLOCK_M=16, BLOCK_N=16)
 
-    monkeypatch.setattr(kmod, "forward_config", small)
-    monkeypatch.setattr(kmod, "dkdv_config", small)
-    monkeypatch.setattr(kmod, "dq_config", small)
+    monkeypatch.setattr(kmod, "launch_config", small)
     for xg in ("sample", "token"):
         check_against_reference("triton", (2, 4, 2, T, S, 64, 10, 2, padding), xg, torch.float32)
 
@@ -134,3 +134,58 @@ def test_float64_is_refused():
     inputs, _ = make_inputs(1, 2, 2, 4, 4, 64, 10, None, torch.float64)
     with pytest.raises(ValueError, match="float64"):
         dca_attention(**inputs, causal_len=2, backend="triton")
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device: the launchers must make the tensors' device current."""
+    from fastdca.kernels import dca_attention as kmod
+
+    active, launches = [], []
+
+    @contextlib.contextmanager
+    def on_device(q):
+        active.append(q.device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, list(active)))
+
+    monkeypatch.setattr(kmod, "_on_device", on_device)
+    for name in ("_dca_fwd_kernel", "_dca_bwd_adapter_kernel", "_dca_bwd_dkdv_kernel", "_dca_bwd_dq_kernel"):
+        monkeypatch.setattr(kmod, name, Recorder(name))
+    inputs, mask = make_inputs(2, 4, 2, 9, 9, 64, 10, "left", torch.float16)
+    kw = dict(causal_len=2, scale=0.125, key_padding_mask=mask, xg="sample")
+    out, lse, extra = kmod.dca_forward(*inputs.values(), **kw)
+    kmod.dca_backward(torch.zeros_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
+    assert [name for name, _ in launches] == ["_dca_fwd_kernel", "_dca_bwd_adapter_kernel",
+                                              "_dca_bwd_dkdv_kernel", "_dca_bwd_dq_kernel"]
+    assert all(devices == [inputs["q"].device] for _, devices in launches)
+
+
+def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
+    from fastdca.kernels import dca_attention as kmod
+
+    selected = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: selected.append(device) or contextlib.nullcontext())
+    with kmod._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
+        pass
+    assert selected == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_while_the_first_is_current():
+    inputs, mask = make_inputs(2, 4, 2, 33, 33, 64, 10, "left", torch.float16)
+    grads_out = upstream(2, 33, 4, 64, "sample", torch.float16)
+    with torch.cuda.device(0):
+        on_second = {n: t.to("cuda:1") for n, t in inputs.items()}
+        actual, _ = run("triton", on_second, mask.to("cuda:1"), 2, "sample", tuple(g.to("cuda:1") for g in grads_out))
+    expected, _ = run("reference", inputs, mask, 2, "sample", grads_out, dtype=torch.float64)
+    for name, value in expected.items():
+        assert relative_error(actual[name].cpu(), value.cpu()) <= 2 * TOLERANCE[torch.float16], name

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import backend_check
-from backend_check import check_against_reference, make_inputs
+from backend_check import DEVICE, check_against_reference, make_inputs
 from fastdca import reference
 from fastdca.ops import dca_attention
 
@@ -52,8 +52,8 @@ def test_check_rejects_a_gradient_off_by_one_percent(monkeypatch, name, dtype):
 
 def test_reference_padding_row_without_keys_is_zero_not_nan():
     inputs, _ = make_inputs(1, 2, 2, 4, 4, 16, 3, None, torch.float64)
-    mask = torch.tensor([[False, False, True, True]])
-    inputs["gate"] = torch.zeros(2, dtype=torch.float64)
+    mask = torch.tensor([[False, False, True, True]], device=DEVICE)
+    inputs["gate"] = torch.zeros(2, dtype=torch.float64, device=DEVICE)
     for backend in ("reference", "torch"):
         out, _ = dca_attention(**inputs, causal_len=1, key_padding_mask=mask, backend=backend)
         assert torch.isfinite(out).all()
@@ -63,7 +63,7 @@ def test_reference_padding_row_without_keys_is_zero_not_nan():
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_zero_gate_is_exactly_causal_attention(backend):
     inputs, _ = make_inputs(2, 4, 2, 13, 13, 32, 10, None, torch.float64)
-    inputs["gate"] = torch.zeros(4, dtype=torch.float64)
+    inputs["gate"] = torch.zeros(4, dtype=torch.float64, device=DEVICE)
     out, _ = dca_attention(**inputs, causal_len=2, backend=backend)
     plain = F.scaled_dot_product_attention(inputs["q"], inputs["k"], inputs["v"], is_causal=True, enable_gqa=True)
     if backend == "torch":
@@ -175,5 +175,65 @@ def test_backend_environment_override(monkeypatch):
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     inputs, mask = good_inputs()
+    inputs, mask = {n: t.cpu() for n, t in inputs.items()}, mask.cpu()
     with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
         dca_attention(**inputs, causal_len=1, key_padding_mask=mask, backend="triton")
+
+
+
+@pytest.fixture
+def tf32_settings():
+    """Sets torch's TF32 switches (the new fp32_precision API; `legacy=True` sets allow_tf32) and puts
+    them back afterwards (monkeypatch cannot undo these properties)."""
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, torch.backends.fp32_precision)
+
+    def set_(matmul_precision=None, global_precision=None, legacy=None):
+        if global_precision is not None:
+            torch.backends.fp32_precision = global_precision
+        if matmul_precision is not None:
+            matmul.fp32_precision = matmul_precision
+        if legacy is not None:
+            matmul.allow_tf32 = legacy
+
+    yield set_
+    torch.backends.fp32_precision = saved[1]
+    matmul.fp32_precision = saved[0]
+
+
+def test_auto_backend_by_device_and_dtype(monkeypatch, tf32_settings):
+    """auto: the kernels for fp16/bf16 CUDA tensors, and float32 only where torch allows TF32 (the
+    exact-fp32 kernels are a correctness path SDPA outruns); torch on the CPU and for float64."""
+    from types import SimpleNamespace
+
+    from fastdca.ops import resolve_backend
+
+    monkeypatch.delenv("FASTDCA_BACKEND", raising=False)
+
+    def cuda(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, device=torch.device("cuda", 0))
+
+    tf32_settings("ieee")
+    assert resolve_backend(None, cuda(torch.float16)) == "triton"
+    assert resolve_backend(None, cuda(torch.bfloat16)) == "triton"
+    assert resolve_backend(None, cuda(torch.float32)) == "torch"
+    assert resolve_backend(None, cuda(torch.float64)) == "torch"
+    assert resolve_backend(None, torch.empty(1, dtype=torch.float16)) == "torch"
+    tf32_settings("tf32")
+    assert resolve_backend(None, cuda(torch.float32)) == "triton"
+
+
+def test_tf32_setting_is_read_under_either_api(tf32_settings):
+    """The legacy allow_tf32 read raises once fp32_precision was set; tf32_allowed reads both."""
+    from fastdca.kernels.dca_attention import tf32_allowed
+
+    tf32_settings("tf32")
+    assert tf32_allowed()
+    tf32_settings("ieee")
+    assert not tf32_allowed()
+    tf32_settings("none", "tf32")
+    assert tf32_allowed()
+    tf32_settings("none", "ieee")
+    assert not tf32_allowed()
+    tf32_settings(legacy=True)
+    assert tf32_allowed()
