@@ -12,8 +12,11 @@ Neither s, P nor A is ever written to global memory. Softmaxes run in base 2 (ex
 so the saved row statistic `lse` is log2 of the prompt softmax denominator in those units, +inf for a
 row with no visible key (then exp2(s - lse) is 0 without a special case in the backward).
 
-Four kernels:
+Six kernels:
     _dca_fwd_kernel       out, lse, X_G (token mode) or per-block column sums of A[:, :H] (sample mode)
+    _dca_decode_split_kernel, _dca_decode_combine_kernel
+                          the same for T <= 16 (decoding), flash-decoding style: the keys split over
+                          programs that each take a kv head's whole query group, then merged
     _dca_bwd_adapter_kernel   delta = rowsum(dout * P v), the whole adapter backward: dq's adapter
                           term and per-block partial sums of dak, dav, dgate
     _dca_bwd_dkdv_kernel  dk, dv with one key block resident, looping over the query heads of its
@@ -21,9 +24,10 @@ Four kernels:
     _dca_bwd_dq_kernel    dq with one query block resident, added to the adapter term
 Partial sums are reduced with torch sums of fixed shape: deterministic, no atomics.
 
-bf16: the launchers set UPCAST under the interpreter (TRITON_INTERPRET=1), which casts every tile to
-float32 right after loading, because the interpreter mis-computes bf16 dots and arithmetic. Compiled for
-a GPU, bf16 tiles feed tl.dot directly; all accumulation is float32 either way.
+bf16: the launchers set UPCAST under the interpreter (TRITON_INTERPRET=1), which widens every dot
+operand to float32 after rounding it to bf16 (the interpreter mis-computes bf16 dots and arithmetic), so
+the interpreter multiplies the same rounded P, A and dS a GPU does. Compiled for a GPU, bf16 tiles feed
+tl.dot directly; all accumulation is float32 either way.
 """
 
 from __future__ import annotations
@@ -160,6 +164,41 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, 
     return m_i, l_i, acc
 
 
+@triton.jit
+def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, kh,
+                 stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                 stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                 XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """The forward's epilogue for rows (query head `head`, query `t`, all of kv head kh, gate value g:
+    a scalar or a (rows, 1) column) whose online softmax over the prompt keys ended at (m_i, l_i, acc):
+    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). Returns A,
+    (rows, BLOCK_A) float32."""
+    has_key = l_i > 0.0
+    l_div = tl.where(has_key, l_i, 1.0)
+    acc = acc / l_div[:, None]
+    lse = tl.where(has_key, m_i + tl.log2(l_div), float("inf"))
+    tl.store(LSE + (b * Hq + head) * T + t, lse, mask=row_ok)      # head: a scalar or per row
+
+    # adapter keys after the prompt loop, so their tiles are not live during it
+    pa, ak = _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D,
+                            qk_scale, UPCAST, IEEE)
+    a = pa * g
+    av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
+                 mask=(offs_a[:, None] < M) & d_ok[None, :], other=0.0)
+    av = _operand(av, AV, UPCAST)
+    acc += _dot(_operand(a, AV, UPCAST), av, IEEE)
+
+    o_rows = b * stride_ob + t * stride_ot + head * stride_oh
+    o_offs = o_rows[:, None] + offs_d[None, :] * stride_od
+    o_mask = row_ok[:, None] & d_ok[None, :]
+    tl.store(OUT + o_offs, acc.to(OUT.dtype.element_ty), mask=o_mask)
+    if XG_MODE == 2:
+        a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
+        xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
+        tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
+    return a
+
+
 # --------------------------------------------------------------------------------------------------
 # forward
 
@@ -224,35 +263,127 @@ def _dca_fwd_kernel(
                                     stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi,
                                     hi, T, S, K, V, True, HAS_KPM, UPCAST, IEEE)
 
-    has_key = l_i > 0.0
-    l_div = tl.where(has_key, l_i, 1.0)
-    acc = acc / l_div[:, None]
-    lse = tl.where(has_key, m_i + tl.log2(l_div), float("inf"))
-    tl.store(LSE + pid_bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
-
-    # adapter keys after the prompt loop, so their tiles are not live during it
-    pa, ak = _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D,
-                            qk_scale, UPCAST, IEEE)
-    g, dg = _gate(GATE, h, GATE_TANH)
-    a = pa * g
-    av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
-                 mask=(offs_a[:, None] < M) & d_ok[None, :], other=0.0)
-    av = _operand(av, AV, UPCAST)
-    acc += _dot(_operand(a, AV, UPCAST), av, IEEE)
-
-    o_offs = b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
-    o_mask = m_ok[:, None] & d_ok[None, :]
-    tl.store(OUT + o_offs, acc.to(OUT.dtype.element_ty), mask=o_mask)
-
-    if XG_MODE == 2:
-        a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
-        xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
-        tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
+    g, _ = _gate(GATE, h, GATE_TANH)
+    a = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
+                     stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                     stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                     XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
         real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
         a_causal = tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0)
         n_mblocks = tl.num_programs(0)
         tl.store(COLSUM + (pid_bh.to(tl.int64) * n_mblocks + pid_m) * BLOCK_A + offs_a, tl.sum(a_causal, 0))
+
+
+@triton.jit
+def _dca_decode_split_kernel(
+    Q, K, V, KPM, ACC_PART, M_PART, L_PART,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_kb, stride_kh, stride_ks, stride_kd,
+    stride_vb, stride_vh, stride_vs, stride_vd,
+    stride_mb,
+    Hkv, T, S, D, CHUNK,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Flash-decoding, first pass: one program per (key chunk, b * Hkv + kh), for T <= 16.
+
+    The program's ROWS rows are the GROUP * T queries of kv head kh's query heads (row r: head
+    kh * GROUP + r // T, query r % T), so K and V are read once for the whole group. Over the keys of
+    its chunk [split * CHUNK, (split + 1) * CHUNK) (CHUNK a multiple of BLOCK_N) it runs the online
+    softmax and writes the unnormalised acc = sum_j 2^(s_j - m) v_j to ACC_PART (B * Hkv, splits, ROWS,
+    BLOCK_D) and the row max m and sum l to M_PART, L_PART (B * Hkv, splits, ROWS), all float32.
+    """
+    split = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    b = (pid_bk // Hkv).to(tl.int64)
+    kh = (pid_bk % Hkv).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * T
+    head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)    # padding rows borrow the last head
+    t = rows % T
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    qk_scale = sm_scale * 1.4426950408889634
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _operand(q, Q, UPCAST)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    lo = split * CHUNK
+    m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
+                                    KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i, acc,
+                                    qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo, tl.minimum(lo + CHUNK, S),
+                                    T, S, K, V, True, HAS_KPM, UPCAST, IEEE)
+    part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
+    tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
+    tl.store(M_PART + part * ROWS + rows, m_i)
+    tl.store(L_PART + part * ROWS + rows, l_i)
+
+
+@triton.jit
+def _dca_decode_combine_kernel(
+    Q, AK, AV, GATE, KPM, ACC_PART, M_PART, L_PART, OUT, LSE, XG, COLSUM,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_akh, stride_akm, stride_akd,
+    stride_avh, stride_avm, stride_avd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_mb,
+    Hq, Hkv, T, S, M, D, H, SPLITS,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """Flash-decoding, second pass: one program per b * Hkv + kh. Merges the SPLITS partial softmaxes
+    of its rows (m = max m_s, l = sum l_s 2^(m_s - m), acc = sum acc_s 2^(m_s - m)), then finishes as
+    the forward kernel does (lse, the adapter term, out, X_G); COLSUM (B * Hq, 1, BLOCK_A) as there.
+    """
+    pid_bk = tl.program_id(0)
+    b = (pid_bk // Hkv).to(tl.int64)
+    kh = (pid_bk % Hkv).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * T
+    head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)    # padding rows borrow the last head
+    t = rows % T
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_a = tl.arange(0, BLOCK_A)
+    d_ok = offs_d < D
+    qk_scale = sm_scale * 1.4426950408889634
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _operand(q, Q, UPCAST)
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    for split in range(SPLITS):
+        part = pid_bk.to(tl.int64) * SPLITS + split
+        m_s = tl.load(M_PART + part * ROWS + rows)
+        m_new = tl.maximum(m_i, m_s)
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_shift)
+        beta = tl.exp2(m_s - m_shift)
+        l_i = l_i * alpha + tl.load(L_PART + part * ROWS + rows) * beta
+        acc = acc * alpha[:, None] + tl.load(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :]) \
+            * beta[:, None]
+        m_i = m_new
+
+    g, _ = _gate(GATE, head, GATE_TANH)
+    a = _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g[:, None], AK, AV, OUT, LSE, XG, kh,
+                     stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                     stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                     XG_MODE, UPCAST, IEEE)
+    if XG_MODE == 1:
+        real = _query_real(t, KPM, b, stride_mb, T, S, HAS_KPM) & row_ok
+        a_causal = tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0)
+        for gi in tl.static_range(GROUP):
+            in_head = (rows // T) == gi
+            tl.store(COLSUM + (b * Hq + kh * GROUP + gi) * BLOCK_A + offs_a,
+                     tl.sum(tl.where(in_head[:, None], a_causal, 0.0), 0))
 
 
 @triton.jit
@@ -545,7 +676,7 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-KERNELS = ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq", "decode")
 
 # (BLOCK_M, BLOCK_N, warps, stages) per target, kernel and padded head dim, fp16/bf16. The tile a
 # program keeps resident (BLOCK_M rows; BLOCK_N in bwd_dkdv) has at least 16 rows per warp: the dot
@@ -566,15 +697,16 @@ _LAUNCH = {
     ),
     # sm_80, and the default for every other CUDA target
     80: dict(
-        fwd=        {64: (64, 64, 4, 3),   128: (128, 32, 8, 2),  256: (32, 32, 8, 2)},
+        fwd=        {64: (64, 64, 4, 3),   128: (128, 64, 8, 1),  256: (32, 32, 8, 2)},
         bwd_adapter={64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
         bwd_dkdv=   {64: (32, 64, 4, 2),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
         bwd_dq=     {64: (64, 32, 4, 2),   128: (64, 32, 4, 2),   256: (32, 32, 8, 2)},
     ),
 }
-# T <= 16 (decoding), forward and adapter backward, per padded D: 16-row query blocks (tl.dot's
-# minimum). Four warps repeat each other's score work on 16 rows, but decoding is bound by reading K
-# and V, and more warps keep more loads in flight: (16, 64, 4, 3) was the fastest on an H100.
+# T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
+# forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
+# the backward): 16-row query blocks, tl.dot's minimum. Decoding is bound by reading K and V, and
+# four warps keep more loads in flight than one.
 _DECODE = {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 1)}
 # float32 inputs (exact fp32 dots, no tensor cores) are a correctness path, not a fast one: small
 # tiles keep spilling small (0 at D=64; the forward and adapter-backward spill 240-530 bytes at D=128).
@@ -597,8 +729,12 @@ def _cuda_arch(index: int) -> int:
 
 
 def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
-    """Block sizes, warps and stages of one kernel's launch (the tables above)."""
+    """Block sizes, warps and stages of one kernel's launch (the tables above); "decode" is the
+    flash-decoding split pass (its combine pass runs one warp group per kv head)."""
     block_d = head_block(D)
+    if kernel == "decode":
+        _, block_n, warps, stages = (_FP32 if dtype == torch.float32 else _DECODE)[max(64, block_d)]
+        return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     if dtype == torch.float32:
         block_m, block_n, warps, stages = _FP32[max(64, block_d)]
     else:
@@ -683,7 +819,12 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
     H = causal_len
-    cfg = _configs(D, T, q.dtype, q.device, configs)["fwd"]
+    cfgs = _configs(D, T, q.dtype, q.device, configs)
+    group = Hq // Hkv
+    if T <= 16 and group * T <= DECODE_MAX_ROWS:
+        return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg,
+                               cfgs["decode"])
+    cfg = cfgs["fwd"]
     block_a = adapter_block(M)
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
@@ -712,6 +853,75 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     else:
         extra = None
     return out, lse, extra
+
+
+DECODE_MAX_ROWS = 64   # the query rows of one kv group (Hq / Hkv * T) the flash-decoding path takes
+
+
+def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg, cfg):
+    """Flash-decoding for T <= 16: the keys split into chunks over enough programs to fill the GPU,
+    each kv head's query group as the rows of one tile, then one pass merging the chunks. Returns what
+    dca_forward returns."""
+    B, Hq, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    M, H = ak.shape[1], causal_len
+    group = Hq // Hkv
+    rows = max(16, triton.next_power_of_2(group * T))
+    block_n = cfg["BLOCK_N"]
+    splits = cfg.get("SPLITS") or max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _sm_count(q.device), B * Hkv)))
+    chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
+    splits = triton.cdiv(S, chunk)
+    dev = q.device
+    acc_part = torch.empty(B * Hkv, splits, rows, cfg["BLOCK_D"], dtype=torch.float32, device=dev)
+    m_part = torch.empty(B * Hkv, splits, rows, dtype=torch.float32, device=dev)
+    l_part = torch.empty_like(m_part)
+    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=dev)
+    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
+    mode = XG_CODES[xg]
+    block_a = adapter_block(M)
+    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
+    colsum = torch.empty(B * Hq, 1, block_a, dtype=torch.float32, device=dev) if mode == XG_SAMPLE else lse
+    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
+    flags = dict(GROUP=group, HAS_KPM=has_kpm, UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), ROWS=rows,
+                 BLOCK_D=cfg["BLOCK_D"])
+    with _on_device(q):
+        _dca_decode_split_kernel[(splits, B * Hkv)](
+            q, k, v, kpm, acc_part, m_part, l_part,
+            float(scale),
+            *q.stride(), *k.stride(), *v.stride(),
+            stride_mb,
+            Hkv, T, S, D, chunk,
+            BLOCK_N=block_n, **flags, **_launch_opts(cfg),
+        )
+        _dca_decode_combine_kernel[(B * Hkv,)](
+            q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, colsum,
+            float(scale),
+            *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
+            stride_mb,
+            Hq, Hkv, T, S, M, D, H, splits,
+            GATE_TANH=gate_fn == "tanh", XG_MODE=mode, BLOCK_A=block_a, **flags,
+            **_launch_opts(dict(num_warps=4 if cfg["BLOCK_D"] <= 128 else 8, num_stages=1)),
+        )
+    if mode == XG_SAMPLE:
+        extra = colsum[:, 0, :H].reshape(B, Hq, H)
+    elif mode == XG_TOKEN:
+        extra = xg_out
+    else:
+        extra = None
+    return out, lse, extra
+
+
+def _sm_count(device) -> int:
+    """Multiprocessors of a CUDA device; for the interpreter, a small GPU's worth."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 8
+    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,

@@ -203,8 +203,8 @@ def _rows_for(arch, dname, D, T, decode, xg="sample", padded=True, kernels=None)
     for label, t, s in shapes:
         for fn, grid, args, kwargs in record_launches(getattr(torch, dname), D, t, s, arch=arch, xg=xg, padded=padded):
             name = fn.__name__.replace("_dca_", "").replace("_kernel", "")
-            if (label == "decode" and name != "fwd") or (kernels and name not in kernels):
-                continue     # decoding runs the forward only
+            if (label == "decode" and not name.startswith("decode")) or (kernels and name not in kernels):
+                continue     # decoding runs the flash-decoding forward only
             usage = compile_launch(fn, args, kwargs, arch)
             blocks = "x".join(str(kwargs[b]) for b in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_A") if b in kwargs)
             rows.append(dict(kernel=name, shape=label, variant=variant, target=f"sm_{arch}", dtype=dname, D=D,

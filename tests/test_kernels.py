@@ -160,7 +160,7 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     monkeypatch.setattr(kmod, "_on_device", on_device)
     for name in ("_dca_fwd_kernel", "_dca_bwd_adapter_kernel", "_dca_bwd_dkdv_kernel", "_dca_bwd_dq_kernel"):
         monkeypatch.setattr(kmod, name, Recorder(name))
-    inputs, mask = make_inputs(2, 4, 2, 9, 9, 64, 10, "left", torch.float16)
+    inputs, mask = make_inputs(2, 4, 2, 20, 20, 64, 10, "left", torch.float16)
     kw = dict(causal_len=2, scale=0.125, key_padding_mask=mask, xg="sample")
     out, lse, extra = kmod.dca_forward(*inputs.values(), **kw)
     kmod.dca_backward(torch.zeros_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
@@ -189,3 +189,32 @@ def test_second_gpu_while_the_first_is_current():
     expected, _ = run("reference", inputs, mask, 2, "sample", grads_out, dtype=torch.float64)
     for name, value in expected.items():
         assert relative_error(actual[name].cpu(), value.cpu()) <= 2 * TOLERANCE[torch.float16], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [
+    pytest.param((2, 8, 2, 1, 77, 64, 10, 2, "left"), id="T1-gqa4-left"),
+    pytest.param((1, 4, 4, 3, 50, 80, 7, 3, "right"), id="T3-mha-right"),
+    pytest.param((2, 6, 2, 16, 40, 64, 10, 10, None), id="T16-gqa3-48-rows"),
+])
+def test_flash_decoding_splits_the_keys(monkeypatch, shape, dtype):
+    """T <= 16 runs the flash-decoding kernels: chunks of 16 keys over several programs, merged."""
+    from fastdca.kernels import dca_attention as kmod
+
+    def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+        config = original(kernel, D, T, dtype, arch)
+        return dict(config, BLOCK_N=16, SPLITS=3) if kernel == "decode" else config
+
+    monkeypatch.setattr(kmod, "launch_config", small)
+    launched = []
+    split_kernel = kmod._dca_decode_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return split_kernel[grid]
+
+    monkeypatch.setattr(kmod, "_dca_decode_split_kernel", Spy())
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, dtype)
+    assert launched and all(grid[0] >= 2 for grid in launched)     # chunks rounded up to whole 16-key blocks
