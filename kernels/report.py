@@ -346,6 +346,9 @@ def main(argv=None):
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton's current default, stated
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the report compiles for real GPU targets")
+    import triton
+
+    print(f"Triton {triton.__version__} ({os.path.dirname(triton.__file__)})")
     if not args.no_compile:
         start = time.time()
         rows = compile_table()

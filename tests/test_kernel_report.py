@@ -14,6 +14,18 @@ triton = pytest.importorskip("triton")
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90": 227 * 1024}
 
 
+# A second Triton, used only to compile (CI installs triton==3.6.0, what torch 2.11 pins, with
+# `pip install --no-deps --target DIR` and names DIR here): the tables must hold on both.
+SECOND_TRITON = os.environ.get("FASTDCA_SECOND_TRITON")
+
+
+def _second_triton_version():
+    import importlib.metadata
+
+    dists = list(importlib.metadata.distributions(path=[SECOND_TRITON]))
+    return next(d.version for d in dists if d.metadata["Name"] == "triton")
+
+
 def _ptxas_present():
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -24,13 +36,21 @@ def _ptxas_present():
 
 
 @pytest.mark.skipif(not _ptxas_present(), reason="triton's bundled ptxas is missing")
-def test_report_compiles_all_kernels_without_spills(tmp_path):
+@pytest.mark.parametrize("which", ["installed", "second"])
+def test_report_compiles_all_kernels_without_spills(tmp_path, which):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # compile, don't interpret
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    expected_version = triton.__version__
+    if which == "second":
+        if not SECOND_TRITON:
+            pytest.skip("FASTDCA_SECOND_TRITON names no second Triton to compile with (.ci/run sets it)")
+        env["PYTHONPATH"] = os.pathsep.join([SECOND_TRITON] + [p for p in [env.get("PYTHONPATH")] if p])
+        expected_version = _second_triton_version()
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, "-m", "fastdca.kernels.report", "--json", str(out)],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith(f"Triton {expected_version} "), res.stdout[:200]
     rows = json.loads(out.read_text())
     seen = {(r["kernel"], r["target"], r["dtype"], r["D"]) for r in rows if r["shape"] == "train"}
     for kernel in ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq"):
