@@ -60,7 +60,7 @@ def op_rows(data):
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
         info = bench["extra_info"]
-        if "impl" in info and "device" not in info:
+        if "impl" in info and not _gpu_row(bench):
             groups[(info["heads"], info["T"], info["mode"], bench["group"])][info["impl"]] = bench["stats"]["min"]
     return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])))
 
@@ -69,11 +69,10 @@ def render(data, steps, ops, chart_name):
     if not steps and not ops:
         return ""
     machine = data.get("machine_info", {})
-    cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     lines = [
-        "# fastdca benchmarks",
+        f"# fastdca benchmarks: {machine_name(data)}",
         "",
-        f"Measured {data.get('datetime', '')[:10]} on {cpu} ({os.cpu_count()} cores visible, "
+        f"Measured {data.get('datetime', '')[:10]} on {machine_name(data)} ("
         f"{machine.get('system', '')} {machine.get('release', '')}, Python {machine.get('python_version', '')}); "
         "regenerate with",
         "",
@@ -128,9 +127,23 @@ def render(data, steps, ops, chart_name):
 GPU_OP_ORDER = ["fastdca", "sdpa-prompt-only", "separate"]
 
 
+def _gpu_row(bench):
+    info = bench["extra_info"]
+    return any(info.get(key) for key in ("gpu_op", "gpu_decode", "gpu_step"))
+
+
+def machine_name(data):
+    """The GPU a run measured (named by benchmarks/test_gpu.py), else the CPU."""
+    gpu = [b["extra_info"]["device"] for b in data["benchmarks"] if _gpu_row(b)]
+    if gpu:
+        return f"one {gpu[0]}"
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "unknown CPU")
+    return f"{cpu} ({os.cpu_count()} cores visible)"
+
+
 def render_gpu(data):
     """The GPU tables (benchmarks/test_gpu.py): op TFLOP/s, decoding latency, the LLaMA-7B-shaped step."""
-    rows = [b for b in data["benchmarks"] if "device" in b["extra_info"]]
+    rows = [b for b in data["benchmarks"] if _gpu_row(b)]
     if not rows:
         return ""
     device = rows[0]["extra_info"]["device"]
@@ -139,7 +152,9 @@ def render_gpu(data):
              "bf16, fastest round of each benchmark; regenerate on a CUDA machine with the command above "
              "(`benchmarks/test_gpu.py`). Targets (stated, not asserted): forward >= 0.9x SDPA's TFLOP/s, backward "
              ">= 0.8x, the op >= 1.5x faster than the separate path, the training step <= 1.05x the floor in time "
-             "and <= 1.02x in peak memory, decoding within 1.2x of SDPA.", ""]
+             "and <= 1.02x in peak memory, decoding within 1.2x of SDPA. Kernel-level timings, the tuning sweep "
+             "behind the launch tables and what these runs found are in "
+             "[benchmarks/results/H100.md](benchmarks/results/H100.md).", ""]
     ops = defaultdict(dict)
     for b in rows:
         info = b["extra_info"]
