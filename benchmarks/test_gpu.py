@@ -12,7 +12,6 @@ training step of a LLaMA-7B-shaped model.
   torch.cuda.max_memory_allocated; the same with nf4 weights when bitsandbytes is installed.
 """
 
-import math
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 import fastdca
 from fastdca.ops import dca_attention
+from separate_path import separate_path
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU benchmarks need CUDA")
 
@@ -37,15 +37,6 @@ def _device_info(benchmark, **info):
 
     versions = f"torch {torch.__version__}, Triton {triton.__version__}"
     benchmark.extra_info.update(device=torch.cuda.get_device_name(), versions=versions, **info)
-
-
-def separate_path(q, k, v, ak, av, gate):
-    group = q.shape[1] // k.shape[1]
-    prompt = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
-    ak, av = ak.repeat_interleave(group, 0), av.repeat_interleave(group, 0)
-    scores = torch.matmul(q, ak.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    weights = torch.tanh(gate)[:, None, None] * F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (prompt + torch.matmul(weights, av)).transpose(1, 2)
 
 
 OP_IMPLS = {
@@ -190,4 +181,3 @@ def test_gpu_training_step(benchmark, weights, variant):
     _device_info(benchmark, gpu_step=True, variant=variant, weights=weights,
                  peak_memory_bytes=torch.cuda.max_memory_allocated())
     benchmark.pedantic(step, rounds=10, warmup_rounds=1)
-    del model

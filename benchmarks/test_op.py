@@ -5,28 +5,18 @@ eager attention over the repeated adapter keys, added on top. Every case of one 
 session, so the ratios in each group compare like with like.
 """
 
-import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastdca.ops import dca_attention
+from separate_path import separate_path
 
 B, M, H = 2, 10, 2
 HEADS = {"llama7b": (32, 32, 128), "smollm2": (9, 3, 64)}
 SEQ_LENS = (128, 512, 2048)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.bfloat16) if DEVICE == "cuda" else (torch.float32,)
-
-
-def separate_path(q, k, v, ak, av, gate):
-    group = q.shape[1] // k.shape[1]
-    prompt = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
-    ak, av = ak.repeat_interleave(group, 0), av.repeat_interleave(group, 0)
-    scores = torch.matmul(q, ak.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    weights = torch.tanh(gate)[:, None, None] * F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return (prompt + torch.matmul(weights, av)).transpose(1, 2)
 
 
 def fastdca_path(backend):

@@ -122,6 +122,16 @@ def _time_ms(fn, warmup=5, repeat=15, calls=10):
     return sorted(times)[len(times) // 2]
 
 
+def _backward_ms(fn, inputs):
+    """(time of the backward of fn's output, the upstream gradient used); the output's graph is freed
+    on return, so it does not count in a later peak-memory measurement."""
+    import torch
+
+    out = fn()
+    grad = torch.randn_like(out)
+    return _time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)), grad
+
+
 def check_speed(B=4, T=2048, D=128, M=10):
     """Forward and backward of dca_attention (auto backend) and SDPA (prompt only), CUDA."""
     import torch
@@ -146,10 +156,7 @@ def check_speed(B=4, T=2048, D=128, M=10):
         for impl, fn in impls.items():
             with torch.no_grad():
                 fwd = _time_ms(fn)
-            out = fn()
-            grad = torch.randn_like(out)
-            bwd = _time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True))
-            del out
+            bwd, grad = _backward_ms(fn, (q, k, v))
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()

@@ -289,6 +289,21 @@ def _dca_fwd_kernel(
 
 
 @triton.jit
+def _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok, T,
+                   GROUP: tl.constexpr, ROWS: tl.constexpr, UPCAST: tl.constexpr):
+    """The GROUP * T queries of kv head kh as the rows of one (ROWS, BLOCK_D) tile: row r is query
+    r % T of head kh * GROUP + r // T; rows past GROUP * T are padding (row_ok False, q 0) and borrow
+    the last head, so nothing they index is out of range. Returns (rows, row_ok, head, t, q)."""
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * T
+    head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)
+    t = rows % T
+    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    return rows, row_ok, head, t, _operand(q, Q, UPCAST)
+
+
+@triton.jit
 def _dca_decode_split_kernel(
     Q, K, V, KPM, ACC_PART, M_PART, L_PART,
     sm_scale,
@@ -312,16 +327,11 @@ def _dca_decode_split_kernel(
     pid_bk = tl.program_id(1)
     b = (pid_bk // Hkv).to(tl.int64)
     kh = (pid_bk % Hkv).to(tl.int64)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < GROUP * T
-    head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)    # padding rows borrow the last head
-    t = rows % T
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qk_scale = sm_scale * 1.4426950408889634
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = _operand(q, Q, UPCAST)
+    rows, row_ok, head, t, q = _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok,
+                                              T, GROUP, ROWS, UPCAST)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -358,17 +368,12 @@ def _dca_decode_combine_kernel(
     pid_bk = tl.program_id(0)
     b = (pid_bk // Hkv).to(tl.int64)
     kh = (pid_bk % Hkv).to(tl.int64)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < GROUP * T
-    head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)    # padding rows borrow the last head
-    t = rows % T
     offs_d = tl.arange(0, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
     d_ok = offs_d < D
     qk_scale = sm_scale * 1.4426950408889634
-    q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    q = _operand(q, Q, UPCAST)
+    rows, row_ok, head, t, q = _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok,
+                                              T, GROUP, ROWS, UPCAST)
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
