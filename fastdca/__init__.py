@@ -1,8 +1,14 @@
 """fastdca: fast, low-memory Deconfounded Causal Adaptation (DCA) fine-tuning for LLaMA-family models."""
 
+from fastdca import dependency_notices
+
+dependency_notices.install()   # before anything imports bitsandbytes
+
 from fastdca.config import DCAConfig
+from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.ops import dca_attention
 from fastdca.patch import describe, load_adapter, patch, save_adapter, unpatch
 
-__all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "describe"]
+__all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "describe",
+           "AdapterError", "TrainingDiverged", "TrainingInterrupted"]
 __version__ = "0.1.0"

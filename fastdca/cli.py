@@ -13,12 +13,18 @@ from pathlib import Path
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fastdca.errors import TrainingDiverged, TrainingInterrupted
+
     try:
         if getattr(args, "dtype", None) is not None:
             from fastdca.models import resolve_dtype
 
             args.dtype = str(resolve_dtype(args.dtype)).replace("torch.", "")
         return args.run(args)
+    except TrainingInterrupted as interrupted:
+        parser.exit(interrupted.exit_code, f"fastdca {args.command}: {interrupted}\n")
+    except TrainingDiverged as diverged:
+        parser.exit(1, f"fastdca {args.command}: error: {diverged}\n")
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         parser.exit(2, f"fastdca {args.command}: error: {error}\n")
 
@@ -56,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--logging-steps", type=int, default=10)
     opt.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
     opt.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    opt.add_argument("--nonfinite", choices=("stop", "skip"), default="stop",
+                     help="at a non-finite loss or gradient: stop (default), or skip the step (and stop after "
+                          "10 in a row)")
     train.set_defaults(run=run_train)
 
     evaluate = commands.add_parser("eval", help="accuracy of a model (and adapter) on a task")
@@ -144,7 +153,7 @@ def run_train(args) -> int:
     settings = TrainSettings(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
                              seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
-                             bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16")
+                             bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16", nonfinite=args.nonfinite)
     model, tokenizer = load(args)
     patch(model, config)
     print(describe(model))

@@ -11,18 +11,30 @@ from typing import Callable
 def atomic_write(path, write: Callable[[str], None]) -> Path:
     """Call `write(tmp)` on a temporary path beside `path`, then move it over `path` in one step.
     On any error the temporary file is removed and `path` is left as it was. Returns `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(writers: dict) -> list:
+    """Write several files that belong together ({path: write(tmp)}): every file goes to a temporary
+    path first, and only when all are written are they moved into place. A write that fails (a full
+    disk, a permission) removes the temporary files and leaves every path as it was. Returns the paths."""
+    temps = []
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            temps.append((tmp, path))
+            write(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         raise
-    return path
+    return [path for _, path in temps]
 
 
 def atomic_write_text(path, text: str) -> Path:

@@ -198,6 +198,10 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, l
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
 
     model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    if load_in_4bit and device.type == "cpu":
+        from fastdca.dependency_notices import explain_cpu_4bit
+
+        explain_cpu_4bit()
     tokenizer = AutoTokenizer.from_pretrained(str(p), **tok_kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

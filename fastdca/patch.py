@@ -45,8 +45,9 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastdca.errors import AdapterError
 from fastdca.config import DCAConfig
-from fastdca.io import atomic_write, atomic_write_text
+from fastdca.io import atomic_write_all
 from fastdca.loss import causal_loss as _causal_loss
 from fastdca.loss import layer_causal_loss
 from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention
@@ -246,64 +247,124 @@ def save_adapter(model: nn.Module, directory) -> None:
     from safetensors.torch import save_file
 
     state = _state(model)
-    os.makedirs(directory, exist_ok=True)
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in adapter_state_dict(model).items()}
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"refusing to write a non-finite adapter to {directory}: {bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf")
+    os.makedirs(directory, exist_ok=True)
     meta = {"format_version": FORMAT_VERSION, "dca_config": state.config.to_dict(), "model": state.model_info,
             "layers": state.layer_ids}
-    atomic_write(os.path.join(directory, ADAPTER_FILE), lambda path: save_file(
-        tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)}))
-    atomic_write_text(os.path.join(directory, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
+    text = json.dumps(meta, indent=2, sort_keys=True)
+
+    def write_config(path):
+        with open(path, "w") as f:
+            f.write(text)
+
+    # both files or neither: a write that fails leaves the previous adapter whole
+    atomic_write_all({
+        os.path.join(directory, ADAPTER_FILE): lambda path: save_file(
+            tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)}),
+        os.path.join(directory, CONFIG_FILE): write_config,
+    })
 
 
 def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Load an adapter written by `save_adapter` into `model`.
 
     An unpatched model is patched first with the saved DCAConfig. A patched model must have the same
-    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes;
-    anything else raises ValueError naming the mismatch. Returns the model.
+    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes.
+    A mismatch, or a damaged, truncated or incomplete file, raises fastdca.AdapterError (a ValueError)
+    naming the file and what is wrong, and leaves the model as it was. Returns the model.
     """
-    from safetensors.torch import load_file
-
     cfg_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, ADAPTER_FILE)
     for path in (cfg_path, weights_path):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no fastdca adapter at {directory!r}: {os.path.basename(path)} is missing")
-    with open(cfg_path) as f:
-        meta = json.load(f)
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{cfg_path}: unsupported adapter format version {meta.get('format_version')!r} "
-                         f"(this fastdca reads version {FORMAT_VERSION})")
-    saved_config = DCAConfig.from_dict(meta["dca_config"])
-    saved_model = meta.get("model", {})
-    # Checked before an unpatched model is patched, so that a refused adapter leaves it untouched.
-    _check_same_model(_state(model).model_info if is_patched(model) else _model_info(model), saved_model, directory)
-    if not is_patched(model):
+    meta = _read_adapter_config(cfg_path)
+    saved_config = meta["dca_config"]
+    tensors = _read_adapter_tensors(weights_path)
+    # The files and the architecture are checked before an unpatched model is patched, and a later
+    # mismatch unpatches it again: a refused adapter leaves the model as it was.
+    _check_same_model(_state(model).model_info if is_patched(model) else _model_info(model), meta["model"], directory)
+    patched_here = not is_patched(model)
+    if patched_here:
         patch(model, saved_config)
-    state = _state(model)
-    if state.config != saved_config:
-        ours, theirs = state.config.to_dict(), saved_config.to_dict()
-        diffs = ", ".join(f"{k}: model {ours[k]!r} vs adapter {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
-        raise ValueError(f"the adapter in {directory!r} was trained with a different DCAConfig ({diffs}); patch "
-                         "the model with the adapter's config (DCAConfig.from_dict(json.load(open("
-                         f"'{cfg_path}'))['dca_config'])) or load it into an unpatched model")
-    tensors = load_file(weights_path)
+    try:
+        _check_adapter_matches(model, saved_config, tensors, directory, cfg_path)
+    except AdapterError:
+        if patched_here:
+            unpatch(model)
+        raise
     params = adapter_state_dict(model)
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
-    if missing or unexpected:
-        raise ValueError(f"the adapter in {directory!r} does not match the model's adapter parameters: "
-                         f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
-                         f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
-    for name, p in params.items():
-        if tuple(tensors[name].shape) != tuple(p.shape):
-            raise ValueError(f"the adapter in {directory!r} does not match the model: {name} has shape "
-                             f"{tuple(tensors[name].shape)} in the adapter, {tuple(p.shape)} in the model")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
     return model
+
+
+def _check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> None:
+    """The patched model's DCAConfig, parameter names and shapes against the adapter's."""
+    state = _state(model)
+    if state.config != saved_config:
+        ours, theirs = state.config.to_dict(), saved_config.to_dict()
+        diffs = ", ".join(f"{k}: model {ours[k]!r} vs adapter {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
+        raise AdapterError(f"the adapter in {directory!r} was trained with a different DCAConfig ({diffs}); patch "
+                           "the model with the adapter's config (DCAConfig.from_dict(json.load(open("
+                           f"'{cfg_path}'))['dca_config'])) or load it into an unpatched model")
+    params = adapter_state_dict(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"the adapter in {directory!r} does not match the model's adapter parameters: "
+                           f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                           f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise AdapterError(f"the adapter in {directory!r} does not match the model: {name} has shape "
+                               f"{tuple(tensors[name].shape)} in the adapter, {tuple(p.shape)} in the model")
+
+
+def _read_adapter_config(path) -> dict:
+    """dca_config.json, checked: {"dca_config": DCAConfig, "model": dict, ...}; AdapterError otherwise."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterError(f"{path} is not valid JSON ({error}); the file is damaged: write it again with "
+                           "fastdca.save_adapter, or use another checkpoint") from None
+    if not isinstance(meta, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(meta).__name__}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{path}: unsupported adapter format version {meta.get('format_version')!r} "
+                           f"(this fastdca reads version {FORMAT_VERSION})")
+    missing = [key for key in ("dca_config", "model") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise AdapterError(f"{path} is incomplete: {', '.join(repr(k) for k in missing)} missing or not an object")
+    try:
+        meta["dca_config"] = DCAConfig.from_dict(meta["dca_config"])
+    except (TypeError, ValueError) as error:
+        raise AdapterError(f"{path}: its dca_config is not a valid DCAConfig: {error}") from None
+    return meta
+
+
+def _read_adapter_tensors(path) -> dict:
+    """adapter.safetensors as float tensors, all finite; AdapterError naming the file otherwise."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterError(f"{path} cannot be read as safetensors ({error}); the file is truncated or damaged: "
+                           "write it again with fastdca.save_adapter, or use another checkpoint") from None
+    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AdapterError(f"{path} holds non-finite values (NaN or inf) in {bad[0]}"
+                           f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}")
+    return tensors
 
 
 def _model_info(model) -> dict:
@@ -319,7 +380,7 @@ def _model_info(model) -> dict:
 def _check_same_model(info: dict, saved_model: dict, directory) -> None:
     diffs = [f"{k}: model {info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items() if info.get(k) != v]
     if diffs:
-        raise ValueError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
+        raise AdapterError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
 
 
 def describe(model: nn.Module) -> str:

@@ -9,6 +9,8 @@ the cross-entropy and the causal loss separately.
 from __future__ import annotations
 
 import json
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +22,9 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca.config import DCAConfig
-from fastdca.io import atomic_write_text
+from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
+from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
+from fastdca.io import atomic_write, atomic_write_text
 from fastdca.patch import load_adapter, save_adapter
 from fastdca.tasks import Example
 
@@ -48,6 +52,7 @@ class TrainSettings:
     bf16: bool = False
     fp16: bool = False
     dataloader_workers: int = 0
+    nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -58,6 +63,8 @@ class TrainSettings:
             raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
@@ -114,6 +121,12 @@ class DCATrainer(Trainer):
         finally:
             model._hf_peft_config_loaded = flagged
         self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+        self._step_losses = []
+
+    def take_step_losses(self) -> list:
+        """The {"loss", "ce", "causal_loss"} of each micro-batch since the last call (NonFiniteGuard)."""
+        losses, self._step_losses = self._step_losses, []
+        return losses
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -127,8 +140,11 @@ class DCATrainer(Trainer):
             ce = outputs.get("ce_loss")
             self._loss_sums["ce"] += float((outputs["loss"] if ce is None else ce).detach()) * scale
             causal = outputs.get("causal_loss")
-            self._loss_sums["causal"] += 0.0 if causal is None else float(causal.detach())
+            causal_value = 0.0 if causal is None else float(causal.detach())
+            ce_value = float((outputs["loss"] if ce is None else ce).detach())
+            self._loss_sums["causal"] += causal_value
             self._loss_sums["n"] += 1
+            self._step_losses.append({"loss": raw, "ce": ce_value, "causal_loss": causal_value})
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs, *args, **kwargs):
@@ -213,6 +229,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         remove_unused_columns=False,
         dataloader_num_workers=settings.dataloader_workers,
         disable_tqdm=True,
+        logging_nan_inf_filter=False,      # log what was optimised, NaN included, not a stand-in
         **settings.extra,
     )
     if args.n_gpu > 1:
@@ -230,11 +247,60 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     for callback in callbacks:
         trainer.add_callback(callback)
     checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
-    trainer.train(resume_from_checkpoint=checkpoint)
+    if checkpoint is not None:
+        check_checkpoint(checkpoint)
+    trainer.add_callback(NonFiniteGuard(trainer, settings.nonfinite))
+    interrupt = InterruptGuard()
+    trainer.add_callback(interrupt)
+    try:
+        with interrupt:
+            trainer.train(resume_from_checkpoint=checkpoint)
+    except TrainingDiverged as diverged:
+        _write_history(trainer, output_dir)
+        kept = _keep_last_checkpoint(trainer, output_dir)
+        raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
+    history = _write_history(trainer, output_dir)
+    if interrupt.signum is not None:
+        raise TrainingInterrupted(interrupt.signum, trainer.state.global_step,
+                                  get_last_checkpoint(str(output_dir)))
+    if trainer.is_world_process_zero():
+        save_adapter(model, output_dir)
+    return history
+
+
+CHECKPOINT_FILES = ("adapter.safetensors", "dca_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+
+def check_checkpoint(path) -> None:
+    """Refuse to resume from a checkpoint folder that lacks a file resuming needs (Trainer would quietly
+    restart the optimizer or the schedule without it)."""
+    for name in CHECKPOINT_FILES:
+        if not (Path(path) / name).is_file():
+            raise AdapterError(f"{Path(path) / name} is missing: checkpoint {Path(path).name} cannot be resumed "
+                               f"exactly; delete {path} to resume from an earlier checkpoint, or pass --no-resume "
+                               "to start over")
+
+
+def _write_history(trainer, output_dir) -> list:
+    """loss_history.json (strict JSON: a non-finite value is written as null); returns the history."""
     history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], loss=h["loss"],
                     learning_rate=h.get("learning_rate"))
                for h in trainer.state.log_history if "ce" in h]
     if trainer.is_world_process_zero():
-        save_adapter(model, output_dir)
-        atomic_write_text(output_dir / HISTORY_FILE, json.dumps(history, indent=1))
+        safe = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in h.items()}
+                for h in history]
+        atomic_write_text(Path(output_dir) / HISTORY_FILE, json.dumps(safe, indent=1, allow_nan=False))
     return history
+
+
+def _keep_last_checkpoint(trainer, output_dir) -> str:
+    """After divergence: the output adapter becomes the last checkpoint's (written while every parameter
+    was finite); with no checkpoint the output directory keeps what it had. Says which."""
+    last = get_last_checkpoint(str(output_dir))
+    if last is None:
+        return f"nothing was written to {output_dir}"
+    if trainer.is_world_process_zero():
+        for name in ("adapter.safetensors", "dca_config.json"):
+            source = Path(last) / name
+            atomic_write(Path(output_dir) / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+    return f"the adapter in {output_dir} is {Path(last).name}'s, the last checkpoint"
