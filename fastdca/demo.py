@@ -2,7 +2,7 @@
 
 The base model is evaluated on held-out names (the second-last-letter variant the paper reports),
 patched with DCA, fine-tuned for a few minutes, evaluated again on the same names; a before/after
-table is printed and the CE and causal-loss curves are written as a PNG.
+table is printed and the CE, causal-loss and gradient-share curves are written as a PNG.
 """
 
 from __future__ import annotations
@@ -66,18 +66,22 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
 
 
 def plot_losses(history: list[dict], path: Path) -> Path:
-    """CE and causal loss against the step, side by side, as a PNG."""
+    """CE, causal loss and the causal term's share of the adapter gradient against the step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, (ce_ax, causal_ax) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ce_ax, causal_ax, share_ax) = plt.subplots(1, 3, figsize=(14, 3.5))
     ce_ax.plot(steps, [h["ce"] for h in history], color="tab:blue")
     ce_ax.set(title="cross-entropy", xlabel="step")
     causal_ax.plot(steps, [h["causal_loss"] for h in history], color="tab:orange")
     causal_ax.set(title="causal loss (Var of X_G)", xlabel="step")
+    shares = [(h["step"], h["grad_share"]) for h in history if h.get("grad_share")]
+    if shares:
+        share_ax.semilogy(*zip(*shares), color="tab:green")
+    share_ax.set(title="causal term's share of the adapter gradient", xlabel="step")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

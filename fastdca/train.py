@@ -25,7 +25,8 @@ from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write, atomic_write_text
-from fastdca.patch import load_adapter, save_adapter
+from fastdca.grad_share import causal_gradient_share
+from fastdca.patch import adapter_state_dict, load_adapter, save_adapter
 from fastdca.tasks import Example
 
 IGNORE_INDEX = -100
@@ -122,6 +123,7 @@ class DCATrainer(Trainer):
             model._hf_peft_config_loaded = flagged
         self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
         self._step_losses = []
+        self._share = {"step": None, "value": None}
 
     def take_step_losses(self) -> list:
         """The {"loss", "ce", "causal_loss"} of each micro-batch since the last call (NonFiniteGuard)."""
@@ -145,7 +147,18 @@ class DCATrainer(Trainer):
             self._loss_sums["causal"] += causal_value
             self._loss_sums["n"] += 1
             self._step_losses.append({"loss": raw, "ce": ce_value, "causal_loss": causal_value})
+            self._measure_gradient_share(outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _measure_gradient_share(self, outputs):
+        """On the first micro-batch of each step that will be logged: the causal term's share of the
+        gradient on the DCA parameters (fastdca.grad_share). Not under several processes, whose
+        gradient synchronisation an extra backward would disturb."""
+        step = self.state.global_step + 1
+        if step % self.args.logging_steps or self._share["step"] == step or self.args.world_size > 1:
+            return
+        params = adapter_state_dict(self.accelerator.unwrap_model(self.model)).values()
+        self._share = {"step": step, "value": causal_gradient_share(outputs, params)}
 
     def log(self, logs, *args, **kwargs):
         n = self._loss_sums["n"]
@@ -153,6 +166,8 @@ class DCATrainer(Trainer):
             steps = n / max(self.args.gradient_accumulation_steps, 1)
             logs["ce"] = round(self._loss_sums["ce"] / steps, 6)
             logs["causal_loss"] = round(self._loss_sums["causal"] / n, 8)
+            if self._share["step"] == self.state.global_step and self._share["value"] is not None:
+                logs["grad_share"] = float(f"{self._share['value']:.4g}")
             self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
         super().log(logs, *args, **kwargs)
 
@@ -182,8 +197,10 @@ class LossProgressBar(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is not None and logs and "ce" in logs:
-            self.bar.set_postfix(ce=f"{logs['ce']:.4f}", causal=f"{logs['causal_loss']:.2e}",
-                                 lr=f"{logs.get('learning_rate', 0):.1e}")
+            postfix = dict(ce=f"{logs['ce']:.4f}", causal=f"{logs['causal_loss']:.2e}")
+            if "grad_share" in logs:
+                postfix["share"] = f"{logs['grad_share']:.1e}"     # the causal term's pull on the adapter
+            self.bar.set_postfix(**postfix, lr=f"{logs.get('learning_rate', 0):.1e}")
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
@@ -197,7 +214,9 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     """Fine-tune a patched model on `examples`; the adapter is saved in `output_dir` at the end and in
     its checkpoint-N folders. With resume=True an interrupted run continues from its last checkpoint.
 
-    `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce", "causal_loss", "loss", "learning_rate"}.
+    `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce",
+    "causal_loss", "grad_share" (the causal term's share of the gradient on the DCA parameters, measured on
+    the logged step's first micro-batch; see fastdca.grad_share), "loss", "learning_rate"}.
     """
     settings = TrainSettings() if settings is None else settings
     if tokenizer.pad_token_id is None:
@@ -283,8 +302,8 @@ def check_checkpoint(path) -> None:
 
 def _write_history(trainer, output_dir) -> list:
     """loss_history.json (strict JSON: a non-finite value is written as null); returns the history."""
-    history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], loss=h["loss"],
-                    learning_rate=h.get("learning_rate"))
+    history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], grad_share=h.get("grad_share"),
+                    loss=h["loss"], learning_rate=h.get("learning_rate"))
                for h in trainer.state.log_history if "ce" in h]
     if trainer.is_world_process_zero():
         safe = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in h.items()}
