@@ -88,6 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="fastdca-demo", help="output directory")
     demo.set_defaults(run=run_demo)
 
+    sweep = commands.add_parser("sweep", help="a grid over DCAConfig fields and seeds: accuracy mean ± std, plots")
+    sweep.add_argument("--model", required=True,
+                       help="Hugging Face model directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
+    _task_arguments(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="a DCAConfig field and its values (repeat for more fields; one value fixes a field)")
+    sweep.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                       help="a keyword of the task, e.g. train_variants=second_last or n_train=1200 (repeatable)")
+    sweep.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sweep.add_argument("--steps", type=int, default=150)
+    sweep.add_argument("--batch-size", type=int, default=8)
+    sweep.add_argument("--lr", type=float, default=1e-2)
+    sweep.add_argument("--max-length", type=int, default=256)
+    sweep.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples")
+    sweep.add_argument("--output", required=True, help="sweep directory: results.jsonl, summary.md, sweep.png, runs/")
+    sweep.set_defaults(run=run_sweep)
+
     check = commands.add_parser("check", help="self-test: versions, numerics against the reference, GPU speed")
     check.add_argument("--interpret", action="store_true",
                        help="on a CPU, check the Triton kernels under Triton's interpreter (slow)")
@@ -115,10 +132,10 @@ def _task_arguments(parser):
     source.add_argument("--data", help="a data file in the LLM-Adapters JSON/JSONL format")
 
 
-def resolve_task(args):
+def resolve_task(args, **options):
     from fastdca.tasks import get_task
 
-    return get_task(Path(args.data)) if args.data else get_task(args.task)
+    return get_task(Path(args.data), **options) if args.data else get_task(args.task, **options)
 
 
 def load(args):
@@ -189,6 +206,18 @@ def run_demo(args) -> int:
 
     demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
          n_test=args.n_test, output_dir=args.output)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from fastdca.sweep import parse_grid, parse_task_options, run_sweep as sweep, summary_table
+
+    grid = parse_grid(args.grid)
+    task = resolve_task(args, **parse_task_options(args.task_option))
+    rows = sweep(args.model, task, grid, args.seeds, args.output, steps=args.steps,
+                 batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length,
+                 test_limit=args.limit)
+    print(summary_table(rows))
     return 0
 
 
