@@ -141,6 +141,17 @@ def machine_name(data):
     return f"{cpu} ({os.cpu_count()} cores visible)"
 
 
+def _grouped(rows, flag, entry):
+    """{group: {name: value}} over the benchmarks whose extra_info sets `flag`; entry(bench, extra_info)
+    gives (group, name, value)."""
+    groups = defaultdict(dict)
+    for bench in rows:
+        if bench["extra_info"].get(flag):
+            group, name, value = entry(bench, bench["extra_info"])
+            groups[group][name] = value
+    return groups
+
+
 def render_gpu(data):
     """The GPU tables (benchmarks/test_gpu.py): op TFLOP/s, decoding latency, the LLaMA-7B-shaped step."""
     rows = [b for b in data["benchmarks"] if _gpu_row(b)]
@@ -155,12 +166,9 @@ def render_gpu(data):
              "and <= 1.02x in peak memory, decoding within 1.2x of SDPA. Kernel-level timings, the tuning sweep "
              "behind the launch tables and what these runs found are in "
              "[benchmarks/results/H100.md](benchmarks/results/H100.md).", ""]
-    ops = defaultdict(dict)
-    for b in rows:
-        info = b["extra_info"]
-        if info.get("gpu_op"):
-            passes = 2.5 if info["mode"] == "backward" else (3.5 if info["mode"] == "forward+backward" else 1.0)
-            ops[(info["heads"], info["T"], info["mode"])][info["impl"]] = (b["stats"]["min"], passes * info["flops"])
+    passes = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
+    ops = _grouped(rows, "gpu_op", lambda b, i: ((i["heads"], i["T"], i["mode"]), i["impl"],
+                                                 (b["stats"]["min"], passes[i["mode"]] * i["flops"])))
     if ops:
         lines += ["## The op: TFLOP/s of the causal prompt attention (B=4, D=128, M=10)", "",
                   "SDPA runs the prompt-only problem (no adapter: less work than DCA, the floor); the separate path "
@@ -176,11 +184,7 @@ def render_gpu(data):
             vs_sep = f"{impls['separate'][0] / impls['fastdca'][0]:.2f}" if {"fastdca", "separate"} <= set(impls) else "-"
             lines.append(f"| {heads} | {T} | {mode} | {' | '.join(cells)} | {vs_sdpa} | {vs_sep} |")
         lines.append("")
-    decode = defaultdict(dict)
-    for b in rows:
-        info = b["extra_info"]
-        if info.get("gpu_decode"):
-            decode[(info["S"], info["B"])][info["impl"]] = b["stats"]["min"]
+    decode = _grouped(rows, "gpu_decode", lambda b, i: ((i["S"], i["B"]), i["impl"], b["stats"]["min"]))
     if decode:
         lines += ["## Decoding: one token against a KV cache of S (32/8 heads, D=128)", "",
                   "Host-timed with a synchronisation per call, so a few microseconds of launch overhead are included.",
@@ -189,11 +193,8 @@ def render_gpu(data):
             f_, s_ = impls.get("fastdca"), impls.get("sdpa-prompt-only")
             lines.append(f"| {S} | {batch} | {f_ * 1e6:.0f} us | {s_ * 1e6:.0f} us | {f_ / s_:.2f} |")
         lines.append("")
-    steps = defaultdict(dict)
-    for b in rows:
-        info = b["extra_info"]
-        if info.get("gpu_step"):
-            steps[info["weights"]][info["variant"]] = (b["stats"]["min"], info["peak_memory_bytes"])
+    steps = _grouped(rows, "gpu_step", lambda b, i: (i["weights"], i["variant"],
+                                                     (b["stats"]["min"], i["peak_memory_bytes"])))
     for weights, variants in steps.items():
         floor_time, floor_peak = variants.get("floor", (None, None))
         lines += [f"## One training step, LLaMA-7B shape (4 decoder layers, {weights} weights, B=4, T=1024, L=4, M=10)",

@@ -37,8 +37,10 @@ class NonFiniteGuard(TrainerCallback):
         bad_loss = next((entry for entry in losses if not all(math.isfinite(v) for v in entry.values())), None)
         bad_grad = None
         if self.trainer.accelerator.scaler is None:
-            bad_grad = next((name for name, p in self.trainer.model.named_parameters()
-                             if p.grad is not None and not bool(torch.isfinite(p.grad).all())), None)
+            grads = {name: p.grad for name, p in self.trainer.model.named_parameters() if p.grad is not None}
+            # one device-to-host read for every gradient; the name is looked up only when one is bad
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()):
+                bad_grad = next(name for name, g in grads.items() if not bool(torch.isfinite(g).all()))
         if bad_loss is None and bad_grad is None:
             self.skipped_in_a_row = 0
             return

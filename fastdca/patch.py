@@ -249,7 +249,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     state = _state(model)
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in adapter_state_dict(model).items()}
-    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad = _non_finite(tensors)
     if bad:
         raise AdapterError(f"refusing to write a non-finite adapter to {directory}: {bad[0]}"
                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf")
@@ -350,6 +350,11 @@ def _read_adapter_config(path) -> dict:
     return meta
 
 
+def _non_finite(tensors: dict) -> list:
+    """The names of the (CPU) tensors holding NaN or inf."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 def _read_adapter_tensors(path) -> dict:
     """adapter.safetensors as float tensors, all finite; AdapterError naming the file otherwise."""
     from safetensors import SafetensorError
@@ -360,7 +365,7 @@ def _read_adapter_tensors(path) -> dict:
     except (SafetensorError, OSError, ValueError) as error:
         raise AdapterError(f"{path} cannot be read as safetensors ({error}); the file is truncated or damaged: "
                            "write it again with fastdca.save_adapter, or use another checkpoint") from None
-    bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad = _non_finite(tensors)
     if bad:
         raise AdapterError(f"{path} holds non-finite values (NaN or inf) in {bad[0]}"
                            f"{f' and {len(bad) - 1} more tensors' if len(bad) > 1 else ''}")

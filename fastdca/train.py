@@ -24,9 +24,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
-from fastdca.io import atomic_write, atomic_write_text
+from fastdca.io import atomic_write_all, atomic_write_text
 from fastdca.grad_share import causal_gradient_share
-from fastdca.patch import adapter_state_dict, load_adapter, save_adapter
+from fastdca.patch import ADAPTER_FILE, CONFIG_FILE, adapter_state_dict, load_adapter, save_adapter
 from fastdca.tasks import Example
 
 IGNORE_INDEX = -100
@@ -140,10 +140,10 @@ class DCATrainer(Trainer):
             raw = float(outputs["loss"].detach())
             scale = float(loss.detach()) / raw if raw else 1.0
             ce = outputs.get("ce_loss")
-            self._loss_sums["ce"] += float((outputs["loss"] if ce is None else ce).detach()) * scale
+            ce_value = float((outputs["loss"] if ce is None else ce).detach())
+            self._loss_sums["ce"] += ce_value * scale
             causal = outputs.get("causal_loss")
             causal_value = 0.0 if causal is None else float(causal.detach())
-            ce_value = float((outputs["loss"] if ce is None else ce).detach())
             self._loss_sums["causal"] += causal_value
             self._loss_sums["n"] += 1
             self._step_losses.append({"loss": raw, "ce": ce_value, "causal_loss": causal_value})
@@ -287,7 +287,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     return history
 
 
-CHECKPOINT_FILES = ("adapter.safetensors", "dca_config.json", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")
 
 
 def check_checkpoint(path) -> None:
@@ -319,7 +319,7 @@ def _keep_last_checkpoint(trainer, output_dir) -> str:
     if last is None:
         return f"nothing was written to {output_dir}"
     if trainer.is_world_process_zero():
-        for name in ("adapter.safetensors", "dca_config.json"):
-            source = Path(last) / name
-            atomic_write(Path(output_dir) / name, lambda tmp, source=source: shutil.copyfile(source, tmp))
+        # the pair together, as save_adapter writes it
+        atomic_write_all({Path(output_dir) / name: lambda tmp, source=Path(last) / name: shutil.copyfile(source, tmp)
+                          for name in (ADAPTER_FILE, CONFIG_FILE)})
     return f"the adapter in {output_dir} is {Path(last).name}'s, the last checkpoint"

@@ -694,8 +694,6 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-KERNELS = ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq", "decode")
-
 # (BLOCK_M, BLOCK_N, warps, stages) per target, kernel and padded head dim, fp16/bf16. The tile a
 # program keeps resident (BLOCK_M rows; BLOCK_N in bwd_dkdv) has at least 16 rows per warp: the dot
 # layouts Triton picks for chained dots split the warps along those rows, and with fewer rows than
@@ -764,11 +762,12 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-def _configs(D, T, dtype, device, overrides):
-    """launch_config of every kernel, with `overrides` ({kernel: {entry: value}}, tests and tuning) applied."""
+def _configs(D, T, dtype, device, overrides, kernels):
+    """launch_config of each of `kernels`, with `overrides` ({kernel: {entry: value}}, tests and tuning)
+    applied."""
     arch = target_arch(device)
     return {name: dict(launch_config(name, D, T, dtype, arch), **(overrides or {}).get(name, {}))
-            for name in KERNELS}
+            for name in kernels}
 
 
 def _launch_opts(cfg: dict) -> dict:
@@ -839,7 +838,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
     H = causal_len
-    cfgs = _configs(D, T, q.dtype, q.device, configs)
+    cfgs = _configs(D, T, q.dtype, q.device, configs, ("fwd", "decode"))
     group = Hq // Hkv
     if T <= 16 and group * T <= DECODE_MAX_ROWS:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg,
@@ -959,7 +958,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     M = ak.shape[1]
     H = causal_len
     group = Hq // Hkv
-    cfgs = _configs(D, T, q.dtype, q.device, configs)
+    cfgs = _configs(D, T, q.dtype, q.device, configs, ("bwd_adapter", "bwd_dkdv", "bwd_dq"))
     acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv"], cfgs["bwd_dq"]
     block_a = adapter_block(M)
     block_d = acfg["BLOCK_D"]
