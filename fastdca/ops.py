@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from fastdca import reference
 from fastdca.config import GATE_FNS
-from fastdca.reference import compute_dtype, gate_values, query_is_real
+from fastdca.reference import compute_dtype, gate_values, query_is_real, sequence_ids
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 XG_MODES = ("sample", "token", None)
@@ -28,7 +28,7 @@ MAX_ADAPTER_LEN = 64
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
-                  gate_fn="tanh", xg="sample", backend=None):
+                  cu_seqlens=None, gate_fn="tanh", xg="sample", backend=None):
     """Attention over the prompt keys plus a gated, separately normalised attention over M adapter keys.
 
     out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
@@ -43,20 +43,25 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         causal_len: H, 0 <= H <= M.
         scale: softmax scale, 1/sqrt(D) by default.
         key_padding_mask: (B, S) bool, True where the key is a real token, or None.
+        cu_seqlens: packed sequences instead of padding: (N + 1,) int32 boundaries of the N sequences
+            laid end to end in one row (B = 1, T = S; cu_seqlens[0] = 0, cu_seqlens[-1] = S, increasing).
+            A query sees the earlier keys of its own sequence and every adapter key; each sequence is
+            one sample of the X_G statistics.
         gate_fn: "tanh" or "identity".
         xg: "sample", "token" or None (see Returns).
         backend: "auto", "triton", "torch" or "reference"; default FASTDCA_BACKEND or "auto".
 
     Returns:
         (out, xg_stats): out (B, T, Hq, D) in the inputs' dtype. xg_stats is, for xg="sample",
-        (sum of X_G over each sample's real query tokens, float32 (B, Hq, D); real-token count (B,));
+        (sum of X_G over each sample's real query tokens, float32 (B, Hq, D); real-token count (B,)),
+        with packed sequences one sample per sequence: ((N, Hq, D), (N,));
         for xg="token", X_G (B, T, Hq, D); for xg=None, None. Differentiable in q, k, v, ak, av, gate.
     """
-    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg)
+    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg)
     name = resolve_backend(backend, q)
     args = (q, k, v, ak, av, gate)
     kwargs = dict(causal_len=causal_len, scale=1 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
-                  key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
+                  key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, gate_fn=gate_fn, xg=xg)
     if name == "reference":
         return reference.dca_attention(*args, **kwargs)
     if name == "torch":
@@ -109,7 +114,7 @@ def triton_available() -> bool:
 # Argument checks
 
 
-def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg):
+def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg):
     tensors = dict(q=q, k=k, v=v, ak=ak, av=av, gate=gate)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -152,6 +157,8 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate
             raise ValueError(f"key_padding_mask must have shape {(B, S)}, got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
+    if cu_seqlens is not None:
+        _check_cu_seqlens(cu_seqlens, key_padding_mask, B, T, S, q.device)
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if gate_fn not in GATE_FNS:
@@ -160,40 +167,73 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate
         raise ValueError(f"xg must be one of {XG_MODES}, got {xg!r}")
 
 
+def _check_cu_seqlens(cu_seqlens, key_padding_mask, B, T, S, device):
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1:
+        raise ValueError("cu_seqlens must be an int32 tensor of shape (N + 1,), the boundaries of N packed sequences")
+    if len(cu_seqlens) < 2:
+        raise ValueError(f"cu_seqlens must hold at least one sequence (N + 1 >= 2 boundaries), got {len(cu_seqlens)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens must be on the device of q ({device}), got {cu_seqlens.device}")
+    if key_padding_mask is not None:
+        raise ValueError("key_padding_mask and cu_seqlens are alternatives: packed sequences have no padding")
+    if B != 1 or T != S:
+        raise ValueError(f"cu_seqlens needs the sequences packed in one row of queries and keys (B = 1, T = S), "
+                         f"got B={B}, T={T}, S={S}")
+    valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == S) & (cu_seqlens[1:] > cu_seqlens[:-1]).all()
+    message = f"cu_seqlens must start at 0, end at S={S} and increase strictly (every sequence non-empty)"
+    if cu_seqlens.is_cuda:
+        torch._assert_async(valid, message)      # reading the values here would stall the GPU every call
+    elif not bool(valid):
+        raise ValueError(f"{message}, got {cu_seqlens.tolist()}")
+
+
+def sequence_members(key_padding_mask=None, cu_seqlens=None, *, B, T, S, device) -> torch.Tensor:
+    """(B, N, T) bool: query t of row b belongs to sample n. A sample is a row's real tokens (N = 1), or
+    one of the N sequences packed in the single row."""
+    if cu_seqlens is None:
+        return query_is_real(key_padding_mask, B, T, S, device)[:, None, :]
+    ids = sequence_ids(cu_seqlens, S)
+    return (ids[None, :] == torch.arange(len(cu_seqlens) - 1, device=device)[:, None])[None]
+
+
 # --------------------------------------------------------------------------------------------------
 # torch backend
 
 
-def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
+def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg):
     B, Hq, T, D = q.shape
     S = k.shape[2]
-    prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask)             # (B, Hq, T, D)
-    real = query_is_real(key_padding_mask, B, T, S, q.device)
-    adapter_out, causal_stat = _AdapterAttention.apply(q, ak, av, gate, real, causal_len, scale, gate_fn, xg)
+    if cu_seqlens is None:
+        prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask)         # (B, Hq, T, D)
+    else:
+        prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens)
+    members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
+    adapter_out, causal_stat = _AdapterAttention.apply(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     out = (prompt_out + adapter_out).transpose(1, 2)
     if xg is None:
         return out, None
     if xg == "token":
         return out, causal_stat
-    return out, _xg_sample_stats(causal_stat, av, real)
+    return out, _xg_sample_stats(causal_stat, av, members)
 
 
-def _xg_sample_stats(column_sums, av, real):
-    """(sum of X_G over each sample's real tokens (B, Hq, D), real-token count (B,)) from the column
-    sums over real tokens of A[..., :H], (B, Hkv, Hq/Hkv, H) in the compute dtype:
-    sum_t X_G[b, t, h] = (sum_t A[b, h, t, :H]) @ av[h // group, :H], so X_G itself is never built."""
-    B, Hkv, group, causal_len = column_sums.shape
+def _xg_sample_stats(column_sums, av, members):
+    """(sum of X_G over each sample's tokens (samples, Hq, D), token count (samples,)) from the column
+    sums over each sample's tokens of A[..., :H], (samples, Hkv, Hq/Hkv, H) in the compute dtype:
+    sum_t X_G[t, h] = (sum_t A[h, t, :H]) @ av[h // group, :H], so X_G itself is never built."""
+    samples, Hkv, group, causal_len = column_sums.shape
     causal_values = av[:, :causal_len].to(column_sums.dtype)                     # (Hkv, H, D)
-    sums = torch.einsum("bkgj,kjd->bkgd", column_sums, causal_values).reshape(B, Hkv * group, -1)
-    return sums, real.sum(dim=1)
+    sums = torch.einsum("nkgj,kjd->nkgd", column_sums, causal_values).reshape(samples, Hkv * group, -1)
+    return sums, members.sum(dim=-1).reshape(samples)
 
 
 class _AdapterAttention(torch.autograd.Function):
     """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic.
 
-    Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), real (B, T) bool. Outputs A av
-    (B, Hq, T, D) in q's dtype and, by xg: "sample" -> the column sums over real tokens of A[..., :H],
-    (B, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H], (B, T, Hq, D) in q's
+    Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
+    of a row make up each of its N samples). Outputs A av (B, Hq, T, D) in q's dtype and, by xg:
+    "sample" -> the column sums over each sample's tokens of A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the
+    compute dtype; "token" -> X_G = A[..., :H] av[:H], (B, T, Hq, D) in q's
     dtype; None -> None. Scores and softmax run in float32 (float64 for float64 inputs). Saved for
     backward: q (which SDPA saves too, so no new storage), ak, av, gate and the adapter probabilities,
     (B, Hq, T, M) float32: M/D of q's size in fp32, and cheaper to keep than to recompute.
@@ -204,7 +244,7 @@ class _AdapterAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, ak, av, gate, real, causal_len, scale, gate_fn, xg):
+    def forward(ctx, q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
         B, Hq, T, D = q.shape
         Hkv = ak.shape[0]
         ct = compute_dtype(q.dtype)
@@ -216,12 +256,13 @@ class _AdapterAttention(torch.autograd.Function):
         weights = probs * gates                                                  # (B, Hkv, M, G*T)
         avf = av.to(ct)
         adapter_out = torch.matmul(weights.transpose(-1, -2), avf).view(B, Hq, T, D).to(q.dtype)
-        ctx.save_for_backward(q, ak, av, gate, real, probs)
+        ctx.save_for_backward(q, ak, av, gate, members, probs)
         ctx.args = (causal_len, scale, gate_fn, xg)
         causal = weights[:, :, :causal_len]                                      # (B, Hkv, H, G*T)
         if xg == "sample":
-            per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T) * real[:, None, None, None, :]
-            stat = per_token.sum(-1).transpose(-1, -2)                           # (B, Hkv, G, H)
+            per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T)
+            stat = torch.einsum("bkjgt,bnt->bnkgj", per_token, members.to(ct))
+            stat = stat.reshape(B * members.shape[1], Hkv, Hq // Hkv, causal_len)  # (B * N, Hkv, G, H)
         elif xg == "token":
             stat = torch.matmul(causal.transpose(-1, -2), avf[:, :causal_len])
             stat = stat.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
@@ -231,7 +272,7 @@ class _AdapterAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_stat):
-        q, ak, av, gate, real, probs = ctx.saved_tensors
+        q, ak, av, gate, members, probs = ctx.saved_tensors
         causal_len, scale, gate_fn, xg = ctx.args
         B, Hq, T, D = q.shape
         Hkv = ak.shape[0]
@@ -243,7 +284,8 @@ class _AdapterAttention(torch.autograd.Function):
         d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
         d_av = torch.matmul(weights, d_out).sum(0)                              # (Hkv, M, D)
         if xg == "sample" and d_stat is not None:
-            d_causal = d_stat.to(ct).transpose(-1, -2)[..., None] * real[:, None, None, None, :].to(ct)
+            d_stat = d_stat.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
+            d_causal = torch.einsum("bnkgj,bnt->bkjgt", d_stat, members.to(ct))
             d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
         elif xg == "token" and d_stat is not None:
             d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
@@ -284,21 +326,51 @@ def _prompt_attention(q, k, v, scale, key_padding_mask):
     return out * has_key.to(out.dtype)
 
 
+def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
+    """softmax(q k^T * scale + mask) v, (1, Hq, S, D), for sequences packed in one row, causal within each
+    sequence: q (1, Hq, S, D), k and v (1, Hkv, S, D), cu_seqlens (N + 1,) int32 (as for dca_attention).
+    The attention of the layers without an adapter when fastdca.patch reads packed sequences."""
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[2] != q.shape[2]:
+        raise ValueError(f"packed_causal_attention needs q (1, Hq, S, D) and k, v (1, Hkv, S, D), got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    _check_cu_seqlens(cu_seqlens, None, 1, q.shape[2], q.shape[2], q.device)
+    return _packed_prompt_attention(q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale, cu_seqlens)
+
+
+def _packed_prompt_attention(q, k, v, scale, cu_seqlens):
+    """softmax(q k^T * scale + mask) v for sequences packed in one row, causal within each sequence:
+    one SDPA call per sequence. On the CPU that is 12x faster than one call with a block-diagonal
+    (S, S) mask, which computes every cross-sequence score only to mask it (8 sequences of the
+    word-problem mix, fwd+bwd, benchmarks/results/packing.md). Reads the lengths on the host."""
+    lengths = cu_seqlens.diff().tolist()
+    gqa = q.shape[1] != k.shape[1]
+    pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+              for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
+    return torch.cat(pieces, dim=2)
+
+
 # --------------------------------------------------------------------------------------------------
 # triton backend
 
 
-def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, gate_fn, xg):
+def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg):
     B, Hq, T = q.shape[:3]
     Hkv, S = k.shape[1], k.shape[2]
-    out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, causal_len, scale,
-                                          gate_fn, xg)
+    members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
+    if cu_seqlens is not None and xg == "sample":
+        # The kernels sum A[..., :H] per query block, and blocks straddle sequences: take X_G per token
+        # (one more output the size of out, not kept for backward) and sum it per sequence.
+        out, x_g = _TritonDCAFunction.apply(q, k, v, ak, av, gate, None, cu_seqlens, causal_len, scale,
+                                            gate_fn, "token")
+        sums = torch.einsum("nt,thd->nhd", members[0].to(torch.float32), x_g[0].to(torch.float32))
+        return out, (sums, members.sum(dim=-1).reshape(-1))
+    out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len,
+                                          scale, gate_fn, xg)
     if xg is None:
         return out, None
     if xg == "token":
         return out, extra
-    real = query_is_real(key_padding_mask, B, T, S, q.device)
-    return out, _xg_sample_stats(extra.view(B, Hkv, Hq // Hkv, causal_len), av, real)
+    return out, _xg_sample_stats(extra.view(B, Hkv, Hq // Hkv, causal_len), av, members)
 
 
 class _TritonDCAFunction(torch.autograd.Function):
@@ -309,16 +381,18 @@ class _TritonDCAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, causal_len, scale, gate_fn, xg):
+    def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len, scale, gate_fn, xg):
         from fastdca.kernels.dca_attention import dca_forward
 
         out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
-                                      key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
+                                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens,
+                                      gate_fn=gate_fn, xg=xg)
         if extra is None:
             extra = out.new_empty(0)
             ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(q, k, v, ak, av, gate, out, lse)
         ctx.key_padding_mask = key_padding_mask
+        ctx.cu_seqlens = cu_seqlens
         ctx.args = dict(causal_len=causal_len, scale=scale, gate_fn=gate_fn, xg=xg)
         ctx.set_materialize_grads(False)
         return out, extra
@@ -331,5 +405,5 @@ class _TritonDCAFunction(torch.autograd.Function):
         if ctx.args["xg"] is None:
             dextra = None
         grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
-                             key_padding_mask=ctx.key_padding_mask, **ctx.args)
-        return (*grads, None, None, None, None, None)
+                             key_padding_mask=ctx.key_padding_mask, cu_seqlens=ctx.cu_seqlens, **ctx.args)
+        return (*grads, None, None, None, None, None, None)

@@ -18,6 +18,12 @@ How the pieces are hooked, without copying any modeling code:
   the causal mask it sees every real key and no padding key (bool masks: True = visible; additive
   float masks: 0 = visible). A mask of None means no padding. This stays aligned with the KV cache
   (S = past + T) without tracking the 2-D mask ourselves.
+- Packed sequences: several sequences laid end to end in one row (B = 1), told apart by the
+  `cu_seq_lens_q` that transformers' DataCollatorWithFlattening passes down, or by position_ids that
+  restart, with no padding. Read once per forward (one host read of the boundaries), every layer then
+  attends within each sequence: adapted layers through the op's `cu_seqlens`, the others through
+  `fastdca.ops.packed_causal_attention` instead of the base implementation, which would attend across
+  sequences. Each sequence is one sample of the causal loss.
 - Causal loss: a forward pre-hook on the top-level model decides, per forward, whether X_G
   statistics are collected (alpha > 0 and labels given or the model in training mode) and starts
   recording; the attention function stores the statistics of the top L' adapted layers; a forward
@@ -50,7 +56,7 @@ from fastdca.config import DCAConfig
 from fastdca.io import atomic_write_all
 from fastdca.loss import causal_loss as _causal_loss
 from fastdca.loss import layer_causal_loss
-from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention
+from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention, packed_causal_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
@@ -119,6 +125,7 @@ class _State:
         self.recording = False
         self.stats = {}
         self.padding_cache = None
+        self.packing_cache = None
         self.grad_enabled = False
         self.handles = []
         self.attn_modules = {}                      # layer_idx -> attention module
@@ -192,6 +199,10 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
         attn.dca._state = state
         attn.dca._shape = (num_kv_heads, head_dim)
         state.attn_modules[i] = attn
+    # Layers without an adapter still attend within each packed sequence, and need the state for it.
+    state.plain_attn_modules = [layer.self_attn for i, layer in enumerate(layers) if i not in state.attn_modules]
+    for attn in state.plain_attn_modules:
+        setattr(attn, _STATE_ATTR, state)
 
     # A private copy of the HF config for the patched model: configs are often shared between model
     # instances (from_config keeps the object it is given), and switching the attention implementation
@@ -220,6 +231,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for attn in state.attn_modules.values():
         if hasattr(attn, "dca"):
             del attn.dca
+    for attn in state.plain_attn_modules:
+        delattr(attn, _STATE_ATTR)
     _swap_config(model, model.config, state.orig_config)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
@@ -462,25 +475,33 @@ def _base_function(base_impl: str, module: nn.Module):
 def _make_attention_function(base_impl: str):
     def fastdca_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
         adapter = getattr(module, "dca", None)
+        state = adapter._state if isinstance(adapter, DCAAdapter) else getattr(module, _STATE_ATTR, None)
+        packing = _packing(state, query, key, attention_mask, kwargs)
         if not isinstance(adapter, DCAAdapter):
-            return _base_function(base_impl, module)(module, query, key, value, attention_mask,
-                                                     dropout=dropout, scaling=scaling, **kwargs)
+            if packing is None:
+                return _base_function(base_impl, module)(module, query, key, value, attention_mask,
+                                                         dropout=dropout, scaling=scaling, **kwargs)
+            if dropout > 0:
+                raise NotImplementedError(f"fastdca's attention for packed sequences has no dropout (asked for "
+                                          f"{dropout}); set the model config's attention_dropout to 0")
+            out = packed_causal_attention(query, key.to(query.dtype), value.to(query.dtype), packing[0], scaling)
+            return out.transpose(1, 2), None
         if dropout > 0:
             raise NotImplementedError(f"fastdca adapted layers do not implement attention dropout (layer "
                                       f"{adapter.layer_idx} was asked for {dropout}); set the model config's "
                                       "attention_dropout to 0")
-        return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kwargs)
+        return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
+                            kwargs.get("sliding_window"))
 
     fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"
     return fastdca_attention_forward
 
 
-def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kwargs):
+def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing, window):
     state = adapter._state
     cfg = state.config
     B, Hq, T, D = query.shape
     S = key.shape[2]
-    window = kwargs.get("sliding_window")
     if window is not None and S > window:
         raise NotImplementedError(f"fastdca adapted layers do not implement sliding-window attention; layer "
                                   f"{adapter.layer_idx} got {S} keys with a window of {window}")
@@ -490,16 +511,12 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kw
     num_kv_heads, head_dim = adapter._shape
     ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
     # Every layer of one forward gets the same mask object: derive the padding once per forward.
-    cached = state.padding_cache
-    if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
-        key_padding = cached[2]
-    else:
-        key_padding = _key_padding_mask(attention_mask, B, T, S)
-        state.padding_cache = (attention_mask, (B, T, S), key_padding)
+    key_padding = None if packing is not None else _padding(state, attention_mask, B, T, S)
+    cu_seqlens = None if packing is None else packing[0]
     xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
     out, stats = dca_attention(query, key, value, ak, av, adapter.gate.to(dtype), causal_len=cfg.causal_len,
-                               scale=scaling, key_padding_mask=key_padding, gate_fn=cfg.gate_fn, xg=xg,
-                               backend=state.backend)
+                               scale=scaling, key_padding_mask=key_padding, cu_seqlens=cu_seqlens,
+                               gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
     if stats is not None and state.recording:
         if state.grad_enabled and not torch.is_grad_enabled():
             # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
@@ -508,8 +525,80 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, kw
                                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
                                "False}) (the default), or set DCAConfig(alpha=0)")
         real = None if key_padding is None else key_padding[:, S - T:]
+        if packing is not None and xg == "token":
+            stats, real = _unpack_tokens(stats, *packing)
         state.stats[adapter.layer_idx] = (stats, real, module.o_proj if cfg.xg_space == "hidden" else None, dtype)
     return out, None
+
+
+def _padding(state, attention_mask, B, T, S):
+    """The key padding mask; every layer of one forward gets the same mask object, so it is derived once."""
+    cached = state.padding_cache
+    if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
+        return cached[2]
+    key_padding = _key_padding_mask(attention_mask, B, T, S)
+    state.padding_cache = (attention_mask, (B, T, S), key_padding)
+    return key_padding
+
+
+def _packing(state, query, key, attention_mask, kwargs):
+    """(cu_seqlens (N + 1,) int32, lengths as a list) when this call's row holds N >= 2 packed
+    sequences, else None. Derived once per forward: every layer gets the same position_ids object."""
+    cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    source = cu if cu is not None else position_ids
+    if source is None or state is None:
+        return None
+    cached = state.packing_cache
+    if cached is not None and cached[0] is source and cached[1] == tuple(query.shape):
+        return cached[2]
+    packing = _read_packing(cu, kwargs.get("cu_seq_lens_k"), position_ids, query, key, attention_mask)
+    state.packing_cache = (source, tuple(query.shape), packing)
+    return packing
+
+
+def _read_packing(cu_q, cu_k, position_ids, query, key, attention_mask):
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    if cu_q is not None:
+        if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.cpu(), cu_q.cpu()):
+            raise NotImplementedError("fastdca attends packed sequences with the same boundaries for queries and "
+                                      "keys; got different cu_seq_lens_q and cu_seq_lens_k")
+        if B != 1 or T != S:
+            raise NotImplementedError(f"fastdca reads cu_seq_lens_q for sequences packed in one row with no KV "
+                                      f"cache (B = 1, T = S); got B={B}, T={T}, S={S}")
+        cu = cu_q.to(device=query.device, dtype=torch.int32)
+        lengths = cu.diff().tolist()
+        if cu.numel() < 2 or cu[0] != 0 or cu[-1] != T or min(lengths) < 1:
+            raise ValueError(f"cu_seq_lens_q must run from 0 to the row's {T} tokens in increasing steps, got "
+                             f"{cu.tolist()}")
+        return (cu, lengths) if len(lengths) > 1 else None
+    # Restarting position_ids mean packing only for one row without padding or cache: left-padded
+    # generation batches give their pads position 1, which would read as restarts.
+    if B != 1 or T != S or T < 2 or position_ids.shape[-1] != T or _padding_of(attention_mask, T):
+        return None
+    positions = position_ids.reshape(-1)
+    starts = torch.ones(T, dtype=torch.bool, device=positions.device)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([T], device=positions.device)]).to(torch.int32)
+    if cu.numel() <= 2:
+        return None
+    return cu.to(query.device), cu.diff().tolist()
+
+
+def _padding_of(attention_mask, S) -> bool:
+    return attention_mask is not None and _key_padding_mask(attention_mask, 1, S, S) is not None
+
+
+def _unpack_tokens(x_g, cu_seqlens, lengths):
+    """X_G of a packed row (1, S, Hq, D) laid out as right-padded samples (N, max length, Hq, D), with the
+    (N, max length) mask of real tokens: the token variance compares the t-th tokens of the samples."""
+    S = x_g.shape[1]
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=x_g.device),
+                                  torch.tensor(lengths, device=x_g.device), output_size=S)
+    offsets = torch.arange(S, device=x_g.device) - cu_seqlens.to(torch.long)[ids]
+    samples = x_g.new_zeros(len(lengths), max(lengths), *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
+    real = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=x_g.device)
+    return samples, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=x_g.device))
 
 
 def _key_padding_mask(attention_mask, B, T, S):
@@ -567,7 +656,7 @@ def _post_hook(model, args, kwargs, output):
         return None
     stats, state.stats = state.stats, {}
     if not torch.is_grad_enabled() or not model.training:
-        state.padding_cache = None
+        state.padding_cache = state.packing_cache = None
     collected, state.recording = state.recording, False
     labels, state.labels = state.labels, None
     if output is None or not collected or not stats:

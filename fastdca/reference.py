@@ -16,6 +16,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def sequence_ids(cu_seqlens: torch.Tensor, S: int) -> torch.Tensor:
+    """(S,) int64: the index n of the packed sequence each position belongs to, cu_seqlens[n] <= t < cu_seqlens[n + 1]."""
+    positions = torch.arange(S, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
+
+
 def query_is_real(key_padding_mask, batch: int, T: int, S: int, device) -> torch.Tensor:
     """(B, T) bool: query i sits at key position S - T + i and is real where that key is."""
     if key_padding_mask is None:
@@ -27,9 +33,11 @@ def gate_values(gate: torch.Tensor, gate_fn: str) -> torch.Tensor:
     return torch.tanh(gate) if gate_fn == "tanh" else gate
 
 
-def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None) -> torch.Tensor:
+def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None,
+                 cu_seqlens=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) (B, Hq, T, S) with q (B, Hq, T, D), k (B, Hq, S, D) (kv heads already
-    repeated for grouped-query attention), bottom-right causal; a row with no visible key is all 0."""
+    repeated for grouped-query attention), bottom-right causal, and with packed sequences (cu_seqlens)
+    each query sees only keys of its own sequence; a row with no visible key is all 0."""
     T, S = q.shape[2], k.shape[2]
     scores = q @ k.transpose(-1, -2) * scale
     query_pos = torch.arange(S - T, S, device=q.device)
@@ -37,6 +45,9 @@ def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mas
     visible = (key_pos[None, :] <= query_pos[:, None])[None, None]               # (1, 1, T, S)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
+    if cu_seqlens is not None:
+        ids = sequence_ids(cu_seqlens, S)
+        visible = visible & (ids[S - T:, None] == ids[None, :])[None, None]
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
 
@@ -47,12 +58,14 @@ def adapter_probs(q: torch.Tensor, ak: torch.Tensor, scale: float) -> torch.Tens
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
-                  gate_fn="tanh", xg="sample"):
+                  cu_seqlens=None, gate_fn="tanh", xg="sample"):
     """out = softmax(q k^T * scale + mask) v + g * softmax(q ak^T * scale) av, plus the X_G statistics.
 
-    q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool.
+    q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool;
+    or, for N sequences packed in one row (B = 1, T = S), cu_seqlens (N + 1,) int32, their boundaries.
     Returns out (B, T, Hq, D) in q's dtype and, by `xg`: "sample" -> (sum of X_G over each sample's
-    real tokens (B, Hq, D), real-token count (B,)); "token" -> X_G (B, T, Hq, D); None -> None.
+    real tokens (B, Hq, D), real-token count (B,)), a sample being a row, or a sequence when packed
+    ((N, Hq, D), (N,)); "token" -> X_G (B, T, Hq, D); None -> None.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -67,7 +80,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     akf = ak.to(ct).repeat_interleave(group, dim=0)
     avf = av.to(ct).repeat_interleave(group, dim=0)
 
-    probs = prompt_probs(qf, kf, scale, key_padding_mask)                       # (B, Hq, T, S)
+    probs = prompt_probs(qf, kf, scale, key_padding_mask, cu_seqlens)           # (B, Hq, T, S)
     g = gate_values(gate.to(ct), gate_fn)
     gated_probs = g[None, :, None, None] * adapter_probs(qf, akf, scale)          # (B, Hq, T, M)
 
@@ -79,6 +92,10 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     x_g = (gated_probs[..., :causal_len] @ avf[:, :causal_len]).transpose(1, 2)  # (B, T, Hq, D)
     if xg == "token":
         return out, x_g.to(q.dtype)
+    if cu_seqlens is not None:
+        members = sequence_ids(cu_seqlens, S)[None, :] == torch.arange(len(cu_seqlens) - 1, device=q.device)[:, None]
+        sums = torch.einsum("nt,thd->nhd", members.to(ct), x_g[0])              # (N, Hq, D)
+        return out, (sums, members.sum(dim=1))
     real = query_is_real(key_padding_mask, B, T, S, q.device)
     sums = (x_g * real[:, :, None, None].to(ct)).sum(dim=1)                      # (B, Hq, D)
     return out, (sums, real.sum(dim=1))

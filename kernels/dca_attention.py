@@ -1,7 +1,10 @@
 """Fused DCA attention kernels (DESIGN.md sections 1 and 2) and their launch functions.
 
 Notation (per batch b and query head h, kv head kh = h // GROUP):
-    s   = q k^T * scale      (T, S) prompt scores, bottom-right causal + key padding mask
+    s   = q k^T * scale      (T, S) prompt scores, bottom-right causal + key padding mask; or, for
+                             sequences packed in one row (T = S), causal within each sequence:
+                             query i sees key j iff start(i) <= j <= i, start(i) the first position
+                             of i's sequence
     P   = softmax(s)         rows with no visible key are 0
     sa  = q ak^T * scale     (T, M) adapter scores, no mask
     Pa  = softmax(sa),  A = g * Pa,  g = tanh(gate[h]) or gate[h]
@@ -112,17 +115,35 @@ def _key_ok(KPM, b, stride_mb, offs_n, S, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, key_ok, T, S, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr):
+def _visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+             CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask: query i (absolute position S - T + i) sees key j <= that position that
-    the padding mask keeps (key_ok); out-of-range rows and columns are invisible. Without CAUSAL the
-    block is known to lie wholly below the diagonal, so only the padding mask is applied."""
+    the padding mask keeps (key_ok) and, with packed sequences, that is not before row_start[i], the
+    start of i's sequence; out-of-range rows and columns are invisible. Without CAUSAL the block is
+    known to lie wholly below the diagonal, so only the padding and sequence masks are applied."""
     if CAUSAL:
         vis = (offs_n[None, :] <= (S - T + offs_m)[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < T)
         if HAS_KPM:
             vis = vis & key_ok[None, :]
     else:
         vis = key_ok[None, :] & (offs_m[:, None] >= 0)
+    if HAS_SEQ:
+        vis = vis & (offs_n[None, :] >= row_start[:, None])
     return vis
+
+
+@triton.jit
+def _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """(row_start, lo): each query row's sequence start and the first key block any row of the block
+    can see (0 without packed sequences). Starts never decrease, so the block's first row has the
+    smallest."""
+    if HAS_SEQ:
+        row_start = tl.load(SEQ_START + offs_m, mask=m_ok, other=0)
+        lo = tl.load(SEQ_START + tl.min(offs_m, 0)) // BLOCK_N * BLOCK_N
+    else:
+        row_start = offs_m
+        lo = 0
+    return row_start, lo
 
 
 @triton.jit
@@ -147,8 +168,9 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 @triton.jit
 def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
-                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
-                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, hi, T, S, K, V,
+                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
+                    IEEE: tl.constexpr):
     """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc)."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     # the padding mask is loaded one key block ahead: Triton pipelines only the loads that feed dots
@@ -159,8 +181,9 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, 
         kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
-        if CAUSAL or HAS_KPM:
-            s = tl.where(_visible(offs_m, offs_n, key_ok, T, S, HAS_KPM, CAUSAL), s, float("-inf"))
+        if CAUSAL or HAS_KPM or HAS_SEQ:
+            s = tl.where(_visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM, HAS_SEQ, CAUSAL), s,
+                         float("-inf"))
         key_ok = _key_ok(KPM, b, stride_mb, offs_n + BLOCK_N, S, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
@@ -218,7 +241,7 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
 
 @triton.jit
 def _dca_fwd_kernel(
-    Q, K, V, AK, AV, GATE, KPM, OUT, LSE, XG, COLSUM,
+    Q, K, V, AK, AV, GATE, KPM, SEQ_START, OUT, LSE, XG, COLSUM,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -228,13 +251,14 @@ def _dca_fwd_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
     Hq, T, S, M, D, H,
-    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, GATE_TANH: tl.constexpr,
+    XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Forward for one (query block, b * Hq + h) program.
 
     Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8;
+    SEQ_START (S,) int32, the start of each position's packed sequence (HAS_SEQ: B = 1, T = S);
     OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
     COLSUM (B * Hq, cdiv(T, BLOCK_M), BLOCK_A) float32: this block's sum over its real query rows of
     A[:, j] for j < H, else 0 (sample mode only).
@@ -268,13 +292,15 @@ def _dca_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     # Key blocks wholly at or below the block's first query position need no causal mask; the ones
     # up to the last query row's position straddle the diagonal; later ones are never visible.
+    # With packed sequences, key blocks before the first row's sequence are never visible.
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
+    row_start, lo = _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N, HAS_SEQ)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, 0,
-                                    full_hi, T, S, K, V, False, HAS_KPM, UPCAST, IEEE)
+                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start,
+                                    lo, full_hi, T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi,
-                                    hi, T, S, K, V, True, HAS_KPM, UPCAST, IEEE)
+                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start,
+                                    full_hi, hi, T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
 
     g, _ = _gate(GATE, h, GATE_TANH)
     a = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
@@ -339,8 +365,8 @@ def _dca_decode_split_kernel(
     lo = split * CHUNK
     m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
                                     KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i, acc,
-                                    qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo, tl.minimum(lo + CHUNK, S),
-                                    T, S, K, V, True, HAS_KPM, UPCAST, IEEE)
+                                    qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, t, lo,
+                                    tl.minimum(lo + CHUNK, S), T, S, K, V, True, HAS_KPM, False, UPCAST, IEEE)
     part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
     tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(M_PART + part * ROWS + rows, m_i)
@@ -406,9 +432,11 @@ def _dca_decode_combine_kernel(
 
 @triton.jit
 def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_scale, stride_qt, stride_qd,
-                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, lo, hi, T, S, Q, DOUT,
-                       CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv)."""
+                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T, S, Q,
+                       DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv). With
+    packed sequences key j is seen only by the queries before key_end[j], the end of its sequence."""
     BLOCK_M: tl.constexpr = offs_m0.shape[0]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -426,6 +454,8 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
             pt = tl.where((offs_n[:, None] <= (S - T + offs_m)[None, :]) & key_ok[:, None], pt, 0.0)
         elif HAS_KPM:
             pt = tl.where(key_ok[:, None], pt, 0.0)
+        if HAS_SEQ:
+            pt = tl.where(offs_m[None, :] < key_end[:, None], pt, 0.0)
         dv += _dot(_operand(pt, DOUT, UPCAST), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
@@ -435,8 +465,9 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
 
 @triton.jit
 def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                   stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
-                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                   stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, hi, T, S, K, V,
+                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
+                   IEEE: tl.constexpr):
     """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     for start_n in range(lo, hi, BLOCK_N):
@@ -449,8 +480,8 @@ def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, str
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         v = _operand(v, V, UPCAST)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-        if CAUSAL or HAS_KPM:
-            p = tl.where(_visible(offs_m, offs_n, key_ok, T, S, HAS_KPM, CAUSAL), p, 0.0)
+        if CAUSAL or HAS_KPM or HAS_SEQ:
+            p = tl.where(_visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM, HAS_SEQ, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(_operand(ds, K, UPCAST), k, IEEE)
@@ -557,7 +588,7 @@ def _dca_bwd_adapter_kernel(
 
 @triton.jit
 def _dca_bwd_dkdv_kernel(
-    Q, K, V, KPM, DOUT, LSE, DELTA, DK, DV,
+    Q, K, V, KPM, SEQ_END, DOUT, LSE, DELTA, DK, DV,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -565,10 +596,11 @@ def _dca_bwd_dkdv_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
     Hq, Hkv, T, S, D,
-    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous.
+    """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
+    int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S).
 
     With P^T recomputed from the saved lse, for each query head h of the kv group and each query block:
         dv += P^T dout;  dP^T = v dout^T;  dS^T = P^T * (dP^T - delta);  dk += dS^T q * scale
@@ -602,6 +634,14 @@ def _dca_bwd_dkdv_kernel(
     lo = (tl.maximum(pid_n * BLOCK_N - (S - T), 0) // BLOCK_M) * BLOCK_M
     full_lo = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - (S - T), 0), BLOCK_M) * BLOCK_M
     full_lo = tl.maximum(tl.minimum(full_lo, T), lo)
+    # with packed sequences no query at or past the end of the block's last key's sequence sees it
+    if HAS_SEQ:
+        key_end = tl.load(SEQ_END + offs_n, mask=n_ok, other=0)
+        hi = tl.max(key_end, 0)
+        full_lo = tl.minimum(full_lo, hi)
+    else:
+        key_end = offs_n
+        hi = T
     for gi in range(GROUP):
         h = (kh * GROUP + gi).to(tl.int64)
         q_base = Q + b * stride_qb + h * stride_qh
@@ -609,10 +649,12 @@ def _dca_bwd_dkdv_kernel(
         row_base = (b * Hq + h) * T
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, lo, full_lo, T, S, Q, DOUT, True, HAS_KPM, UPCAST, IEEE)
+                                    key_ok, key_end, lo, full_lo, T, S, Q, DOUT, True, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE)
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, full_lo, T, T, S, Q, DOUT, False, HAS_KPM, UPCAST, IEEE)
+                                    key_ok, key_end, full_lo, hi, T, S, Q, DOUT, False, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -622,7 +664,7 @@ def _dca_bwd_dkdv_kernel(
 
 @triton.jit
 def _dca_bwd_dq_kernel(
-    Q, K, V, KPM, DOUT, LSE, DELTA, DQ_ACC, DQ,
+    Q, K, V, KPM, SEQ_START, DOUT, LSE, DELTA, DQ_ACC, DQ,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -630,10 +672,11 @@ def _dca_bwd_dq_kernel(
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
     Hq, T, S, D,
-    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype.
+    """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
+    SEQ_START as in the forward.
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
     """
@@ -665,12 +708,13 @@ def _dca_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
+    row_start, lo = _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N, HAS_SEQ)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, 0, full_hi, T, S, K, V,
-                        False, HAS_KPM, UPCAST, IEEE)
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, full_hi,
+                        T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi, T, S, K, V,
-                        True, HAS_KPM, UPCAST, IEEE)
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, full_hi, hi,
+                        T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -814,6 +858,16 @@ def _kpm_arg(key_padding_mask, q):
     return kpm, kpm.stride(0), True
 
 
+def _seq_arg(cu_seqlens, q, edge: str):
+    """(SEQ_START or SEQ_END (S,) int32, HAS_SEQ) for packed sequences; a placeholder without."""
+    if cu_seqlens is None:
+        return torch.empty(1, dtype=torch.int32, device=q.device), False
+    S = q.shape[2]
+    ids = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(S, device=q.device, dtype=torch.int32),
+                             right=True)
+    return cu_seqlens[ids + (edge == "end")].contiguous(), True
+
+
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "
@@ -824,12 +878,13 @@ def _check_dtype(q):
 # launchers
 
 
-def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, gate_fn="tanh",
-                xg="sample", configs=None):
+def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
+                gate_fn="tanh", xg="sample", configs=None):
     """Run the forward kernel.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
-    or None. Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
+    or None; cu_seqlens (N + 1,) int32 boundaries of sequences packed in one row (B = 1, T = S) or None
+    (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
     input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
     """
@@ -840,7 +895,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     H = causal_len
     cfgs = _configs(D, T, q.dtype, q.device, configs, ("fwd", "decode"))
     group = Hq // Hkv
-    if T <= 16 and group * T <= DECODE_MAX_ROWS:
+    if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg,
                                cfgs["decode"])
     cfg = cfgs["fwd"]
@@ -853,15 +908,16 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     colsum = torch.empty(B * Hq, n_mblocks, block_a, dtype=torch.float32, device=q.device) \
         if mode == XG_SAMPLE else lse
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
+    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start")
     gate = gate.contiguous()
     with _on_device(q):
         _dca_fwd_kernel[(n_mblocks, B * Hq)](
-            q, k, v, ak, av, gate, kpm, out, lse, xg_out, colsum,
+            q, k, v, ak, av, gate, kpm, seq_start, out, lse, xg_out, colsum,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
             Hq, T, S, M, D, H,
-            GROUP=Hq // Hkv, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
+            GROUP=Hq // Hkv, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
             UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), BLOCK_A=block_a,
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
         )
@@ -944,7 +1000,7 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 gate_fn="tanh", xg="sample", configs=None):
+                 cu_seqlens=None, gate_fn="tanh", xg="sample", configs=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
@@ -1011,26 +1067,28 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     if not prompt_grads:
         return (dq_acc.to(q.dtype), None, None, *adapter_grads)
 
+    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start")
+    seq_end, _ = _seq_arg(cu_seqlens, q, "end")
     dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=dev)
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=dev)
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
     with _on_device(q):
         _dca_bwd_dkdv_kernel[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, kpm, dout, lse, delta, dk, dv,
+            q, k, v, kpm, seq_end, dout, lse, delta, dk, dv,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
             Hq, Hkv, T, S, D,
-            GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
+            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
         _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
-            q, k, v, kpm, dout, lse, delta, dq_acc, dq,
+            q, k, v, kpm, seq_start, dout, lse, delta, dq_acc, dq,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
             Hq, T, S, D,
-            GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast, IEEE=ieee,
+            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee,
             **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
         )
     return (dq, dk, dv, *adapter_grads)

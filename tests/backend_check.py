@@ -6,7 +6,7 @@ import random
 import torch
 
 from fastdca import reference
-from fastdca.ops import dca_attention
+from fastdca.ops import dca_attention, sequence_members
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -39,7 +39,9 @@ def fresh_seed():
 
 
 def make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, seed=None):
-    """Random inputs in `dtype` and a padding mask; the gate is non-zero so the adapter term counts."""
+    """Random inputs in `dtype` and their layout: a padding mask (padding "left"/"right"), None, or for
+    `padding` a tuple of sequence lengths packed in one row (B = 1, T = S = their sum), cu_seqlens
+    int32. The gate is non-zero so the adapter term counts."""
     gen = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
 
     def randn(*shape):
@@ -48,7 +50,10 @@ def make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, seed=None):
     inputs = dict(q=randn(B, Hq, T, D), k=randn(B, Hkv, S, D), v=randn(B, Hkv, S, D),
                   ak=randn(Hkv, M, D), av=randn(Hkv, M, D), gate=randn(Hq))
     mask = None
-    if padding is not None:
+    if isinstance(padding, tuple):
+        assert B == 1 and T == S == sum(padding), "packed sequences fill one row"
+        mask = torch.tensor([0, *padding], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
+    elif padding is not None:
         mask = torch.ones(B, S, dtype=torch.bool)
         lengths = torch.randint(1, S, (B,), generator=gen)
         lengths[0] = S // 2  # with T < S some queries of sample 0 see no real key
@@ -61,10 +66,16 @@ def make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, seed=None):
     return inputs, mask
 
 
+def layout(mask) -> dict:
+    """The op's keyword for what make_inputs returned: a padding mask or cu_seqlens."""
+    if mask is not None and mask.dtype == torch.int32:
+        return {"cu_seqlens": mask}
+    return {"key_padding_mask": mask}
+
+
 def run(backend, inputs, mask, causal_len, xg, grads_out, dtype=None, **kwargs):
     leaves = {n: t.detach().clone().to(dtype or t.dtype).requires_grad_(True) for n, t in inputs.items()}
-    out, stats = dca_attention(**leaves, causal_len=causal_len, key_padding_mask=mask, xg=xg,
-                               backend=backend, **kwargs)
+    out, stats = dca_attention(**leaves, causal_len=causal_len, xg=xg, backend=backend, **layout(mask), **kwargs)
     xg_tensor = stats[0] if xg == "sample" else stats
     loss = 0.0
     if grads_out[0] is not None:
@@ -82,10 +93,11 @@ def relative_error(actual, expected):
     return ((actual.to(torch.float64).cpu() - expected).abs().max() / expected.abs().max().clamp(min=1e-30)).item()
 
 
-def upstream(B, T, Hq, D, xg, dtype, seed=None):
-    """Upstream gradients representable in `dtype`, so both backends receive the same values."""
+def upstream(B, T, Hq, D, xg, dtype, seed=None, samples=None):
+    """Upstream gradients representable in `dtype`, so both backends receive the same values; `samples`
+    X_G sums in sample mode (default B, one per row)."""
     gen = torch.Generator().manual_seed(fresh_seed() if seed is None else seed)
-    shape = (B, Hq, D) if xg == "sample" else (B, T, Hq, D)
+    shape = (samples or B, Hq, D) if xg == "sample" else (B, T, Hq, D)
     return tuple(torch.randn(s, generator=gen).to(dtype).to(torch.float64).to(DEVICE)
                  for s in ((B, T, Hq, D), shape))
 
@@ -94,7 +106,8 @@ def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=Non
     B, Hq, Hkv, T, S, D, M, H, padding = shape
     seed = fresh_seed()
     inputs, mask = make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, seed=seed)
-    grads_out = upstream(B, T, Hq, D, xg, dtype, seed=seed + 1)
+    grads_out = upstream(B, T, Hq, D, xg, dtype, seed=seed + 1,
+                         samples=len(padding) if isinstance(padding, tuple) else None)
     if not with_dout:
         grads_out = (None, grads_out[1])
     kw = dict(gate_fn=gate_fn, scale=scale)
@@ -147,14 +160,14 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
     """
     f64 = {n: t.detach().to(torch.float64).cpu() for n, t in inputs.items()}
     q, k, v, ak, av, gate = (f64[n] for n in ("q", "k", "v", "ak", "av", "gate"))
-    mask = None if mask is None else mask.cpu()
+    placement = {n: None if t is None else t.cpu() for n, t in layout(mask).items()}
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     group = Hq // Hkv
     scale = 1 / D**0.5 if scale is None else scale
     kf, vf = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     akf, avf = ak.repeat_interleave(group, dim=0), av.repeat_interleave(group, dim=0)
-    probs = reference.prompt_probs(q, kf, scale, mask)                              # (B, Hq, T, S)
+    probs = reference.prompt_probs(q, kf, scale, **placement)                       # (B, Hq, T, S)
     prompt_out = probs @ vf                                                          # (B, Hq, T, D)
     adapter_out = expected["out"].detach().cpu().transpose(1, 2) - prompt_out
     dout = torch.zeros_like(q) if grads_out[0] is None else grads_out[0].cpu().transpose(1, 2)
@@ -169,9 +182,9 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
     terms = pa * (dout.abs() @ avf.abs().transpose(-1, -2))
     if expected["xg"] is not None:
         dxg = grads_out[1].cpu()
-        if dxg.dim() == 3:                       # sample: one gradient per sample, for each real token
-            real = reference.query_is_real(mask, B, T, S, "cpu")
-            dxg = dxg[:, :, None, :] * real[:, None, :, None]
+        if dxg.dim() == 3:                       # sample: one gradient per sample, for each of its tokens
+            members = sequence_members(**placement, B=B, T=T, S=S, device="cpu").to(dxg.dtype)  # (B, N, T)
+            dxg = torch.einsum("bnt,bnhd->bhtd", members, dxg.view(B, -1, Hq, D))
         else:
             dxg = dxg.transpose(1, 2)
         H = causal_len
