@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -54,6 +54,7 @@ class TrainSettings:
     fp16: bool = False
     dataloader_workers: int = 0
     nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
+    packing: bool = False          # each micro-batch's examples end to end in one row, no padding
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -107,6 +108,13 @@ class PadCollator:
             batch["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
             batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
         return {k: torch.tensor(v) for k, v in batch.items()}
+
+
+def packing_collator():
+    """transformers' DataCollatorWithFlattening: a micro-batch's examples end to end in one row, position_ids
+    restarting at 0 for each and the boundaries as cu_seq_lens_q/k, which fastdca.patch reads; the first
+    label of each example is masked, so no example is trained to predict the next one's first token."""
+    return DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
 
 class DCATrainer(Trainer):
@@ -257,7 +265,11 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
                          "`torchrun --nproc-per-node N -m fastdca.cli train ...` instead")
     # The token variance compares positions across ranks: every rank's batches get one length.
     same_length = config.variance == "token" and config.variance_scope == "global" and args.world_size > 1
-    collator = PadCollator(tokenizer.pad_token_id, settings.max_length if same_length else None)
+    if settings.packing and same_length:
+        raise ValueError("packing cannot give every rank's batches one length, which variance='token' over the "
+                         "global batch needs; use variance='sample', variance_scope='rank', or no packing")
+    collator = packing_collator() if settings.packing else \
+        PadCollator(tokenizer.pad_token_id, settings.max_length if same_length else None)
     trainer = DCATrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

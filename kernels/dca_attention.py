@@ -115,12 +115,14 @@ def _key_ok(KPM, b, stride_mb, offs_n, S, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+def _visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
              CAUSAL: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask: query i (absolute position S - T + i) sees key j <= that position that
-    the padding mask keeps (key_ok) and, with packed sequences, that is not before row_start[i], the
-    start of i's sequence; out-of-range rows and columns are invisible. Without CAUSAL the block is
-    known to lie wholly below the diagonal, so only the padding and sequence masks are applied."""
+    the padding mask keeps (key_ok) and, with packed sequences (T = S), that belongs to i's sequence:
+    for j <= i that is i < key_end[j], the end of j's sequence (a key-side test, so that no per-row
+    vector stays live through the key loop); out-of-range rows and columns are invisible. Without
+    CAUSAL the block is known to lie wholly below the diagonal, so only the padding and sequence masks
+    are applied."""
     if CAUSAL:
         vis = (offs_n[None, :] <= (S - T + offs_m)[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < T)
         if HAS_KPM:
@@ -128,22 +130,29 @@ def _visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM: tl.constexpr, HAS
     else:
         vis = key_ok[None, :] & (offs_m[:, None] >= 0)
     if HAS_SEQ:
-        vis = vis & (offs_n[None, :] >= row_start[:, None])
+        vis = vis & (offs_m[:, None] < key_end[None, :])
     return vis
 
 
 @triton.jit
-def _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr):
-    """(row_start, lo): each query row's sequence start and the first key block any row of the block
-    can see (0 without packed sequences). Starts never decrease, so the block's first row has the
-    smallest."""
+def _key_end(SEQ_END, offs_n, S, HAS_SEQ: tl.constexpr):
+    """(BLOCK_N,) the end of each key's packed sequence (placeholder without packing)."""
     if HAS_SEQ:
-        row_start = tl.load(SEQ_START + offs_m, mask=m_ok, other=0)
-        lo = tl.load(SEQ_START + tl.min(offs_m, 0)) // BLOCK_N * BLOCK_N
+        end = tl.load(SEQ_END + offs_n, mask=offs_n < S, other=0)
     else:
-        row_start = offs_m
+        end = offs_n
+    return end
+
+
+@triton.jit
+def _first_key_block(SEQ_START, m0, BLOCK_N: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The first key block any query row from m0 on can see: the block holding the start of row m0's
+    sequence (sequence starts never decrease), or 0 without packed sequences."""
+    if HAS_SEQ:
+        lo = tl.load(SEQ_START + m0) // BLOCK_N * BLOCK_N
+    else:
         lo = 0
-    return row_start, lo
+    return lo
 
 
 @triton.jit
@@ -167,8 +176,8 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 
 @triton.jit
-def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
-                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, hi, T, S, K, V,
+def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
+                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
                     IEEE: tl.constexpr):
     """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc)."""
@@ -182,7 +191,8 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, 
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
         if CAUSAL or HAS_KPM or HAS_SEQ:
-            s = tl.where(_visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM, HAS_SEQ, CAUSAL), s,
+            key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
+            s = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM, HAS_SEQ, CAUSAL), s,
                          float("-inf"))
         key_ok = _key_ok(KPM, b, stride_mb, offs_n + BLOCK_N, S, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -241,7 +251,7 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
 
 @triton.jit
 def _dca_fwd_kernel(
-    Q, K, V, AK, AV, GATE, KPM, SEQ_START, OUT, LSE, XG, COLSUM,
+    Q, K, V, AK, AV, GATE, KPM, SEQ_START, SEQ_END, OUT, LSE, XG, COLSUM,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -258,7 +268,8 @@ def _dca_fwd_kernel(
     """Forward for one (query block, b * Hq + h) program.
 
     Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8;
-    SEQ_START (S,) int32, the start of each position's packed sequence (HAS_SEQ: B = 1, T = S);
+    SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence (HAS_SEQ: B = 1,
+    T = S);
     OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
     COLSUM (B * Hq, cdiv(T, BLOCK_M), BLOCK_A) float32: this block's sum over its real query rows of
     A[:, j] for j < H, else 0 (sample mode only).
@@ -294,12 +305,12 @@ def _dca_fwd_kernel(
     # up to the last query row's position straddle the diagonal; later ones are never visible.
     # With packed sequences, key blocks before the first row's sequence are never visible.
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    row_start, lo = _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N, HAS_SEQ)
-    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start,
+    lo = _first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ)
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
                                     lo, full_hi, T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
-    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                                    stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start,
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
                                     full_hi, hi, T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
 
     g, _ = _gate(GATE, h, GATE_TANH)
@@ -364,8 +375,8 @@ def _dca_decode_split_kernel(
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     lo = split * CHUNK
     m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
-                                    KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i, acc,
-                                    qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, t, lo,
+                                    KPM, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i,
+                                    acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo,
                                     tl.minimum(lo + CHUNK, S), T, S, K, V, True, HAS_KPM, False, UPCAST, IEEE)
     part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
     tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
@@ -464,8 +475,8 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
 
 
 @triton.jit
-def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs,
-                   stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, hi, T, S, K, V,
+def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
                    IEEE: tl.constexpr):
     """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
@@ -481,7 +492,8 @@ def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, str
         v = _operand(v, V, UPCAST)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
         if CAUSAL or HAS_KPM or HAS_SEQ:
-            p = tl.where(_visible(offs_m, offs_n, key_ok, row_start, T, S, HAS_KPM, HAS_SEQ, CAUSAL), p, 0.0)
+            key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
+            p = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM, HAS_SEQ, CAUSAL), p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(_operand(ds, K, UPCAST), k, IEEE)
@@ -664,7 +676,7 @@ def _dca_bwd_dkdv_kernel(
 
 @triton.jit
 def _dca_bwd_dq_kernel(
-    Q, K, V, KPM, SEQ_START, DOUT, LSE, DELTA, DQ_ACC, DQ,
+    Q, K, V, KPM, SEQ_START, SEQ_END, DOUT, LSE, DELTA, DQ_ACC, DQ,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -676,7 +688,7 @@ def _dca_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
-    SEQ_START as in the forward.
+    SEQ_START, SEQ_END as in the forward.
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
     """
@@ -708,12 +720,12 @@ def _dca_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    row_start, lo = _sequence_rows(SEQ_START, offs_m, m_ok, BLOCK_N, HAS_SEQ)
-    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, lo, full_hi,
+    lo = _first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ)
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi,
                         T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
-    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, row_start, full_hi, hi,
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi,
                         T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
@@ -909,10 +921,11 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
         if mode == XG_SAMPLE else lse
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
     seq_start, has_seq = _seq_arg(cu_seqlens, q, "start")
+    seq_end, _ = _seq_arg(cu_seqlens, q, "end")
     gate = gate.contiguous()
     with _on_device(q):
         _dca_fwd_kernel[(n_mblocks, B * Hq)](
-            q, k, v, ak, av, gate, kpm, seq_start, out, lse, xg_out, colsum,
+            q, k, v, ak, av, gate, kpm, seq_start, seq_end, out, lse, xg_out, colsum,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
@@ -1083,7 +1096,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
         _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
-            q, k, v, kpm, seq_start, dout, lse, delta, dq_acc, dq,
+            q, k, v, kpm, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
