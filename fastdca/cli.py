@@ -1,4 +1,4 @@
-"""The `fastdca` command: train, eval and demo."""
+"""The `fastdca` command: train, eval, inspect, demo, sweep and check."""
 
 from __future__ import annotations
 
@@ -80,7 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl "
                           "in the adapter directory, else in the current directory)")
+    evaluate.add_argument("--xg-stats", action="store_true",
+                          help="also measure Var(X_G) across the evaluated samples per adapted layer (needs "
+                               "--adapter): the unbiased variance over samples of each sample's X_G (before "
+                               "o_proj) averaged over its prompt tokens, then averaged over heads and dims, i.e. "
+                               "the causal loss's variance='sample' over the whole split; printed as a table and "
+                               "written beside the predictions as <name>.xg_stats.json")
     evaluate.set_defaults(run=run_eval)
+
+    maps = commands.add_parser(
+        "inspect", help="the DCA paper's Fig. 3: each token's attention to the adapter tokens, for one or two "
+                        "prompts, and how far X_G differs between them")
+    _model_arguments(maps)
+    maps.add_argument("--adapter", default=None,
+                         help="adapter directory written by `fastdca train` (default: a freshly patched model "
+                              "with the default DCAConfig, whose zero gates make every probability 0)")
+    maps.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                         help="a prompt; give it twice to compare two prompts side by side")
+    maps.add_argument("--template", action="store_true",
+                         help="wrap each prompt in the instruction template the tasks use")
+    maps.add_argument("--layer", type=int, default=None,
+                         help="decoder layer index to draw, an adapted one (default: the last adapted layer)")
+    maps.add_argument("--head", type=int, default=None,
+                         help="query head to draw, its signed A = g * softmax(...) on a red-blue scale (default: "
+                              "the mean over heads of |A|, one map that reads at a glance and in which heads "
+                              "whose gates differ in sign do not cancel; the JSON holds every head)")
+    maps.add_argument("--output", default="fastdca-inspect", metavar="PREFIX",
+                         help="writes PREFIX.png (the heatmaps) and PREFIX.json (every head's probabilities, "
+                              "the gates, and per adapted layer the X_G difference); default fastdca-inspect")
+    maps.set_defaults(run=run_inspect)
 
     demo = commands.add_parser("demo", help="SmolLM2-135M on Letter Concatenation, before and after DCA")
     demo.add_argument("--model", default="smollm2", help="model directory (default: the embedded SmolLM2-135M)")
@@ -195,13 +223,49 @@ def run_eval(args) -> int:
     examples = task.examples(args.split)
     if args.limit is not None:
         examples = examples[: args.limit]
+    if args.xg_stats and args.adapter is None:
+        raise ValueError("--xg-stats needs --adapter: a model without an adapter has no X_G")
     model, tokenizer = load(args)
     if args.adapter is not None:
         load_adapter(model, args.adapter)  # patches the model with the adapter's own config
     output = args.output or str(Path(args.adapter or ".") / "predictions.jsonl")
     result = evaluate(model, tokenizer, task, examples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, predictions_path=output)
-    print(json.dumps({"task": task.name, "split": args.split, **result, "predictions": output}))
+    summary = {"task": task.name, "split": args.split, **result, "predictions": output}
+    if args.xg_stats:
+        from fastdca.eval import write_json, xg_variance, xg_variance_table
+
+        stats = xg_variance(model, tokenizer, [ex.prompt for ex in examples], batch_size=args.batch_size)
+        stats_path = str(Path(output).with_suffix(".xg_stats.json"))
+        write_json(stats_path, {"task": task.name, "split": args.split, "adapter": args.adapter, **stats})
+        print(xg_variance_table(stats))
+        summary["xg_stats"] = stats_path
+    print(json.dumps(summary))
+    return 0
+
+
+def run_inspect(args) -> int:
+    from fastdca.attention_maps import adapter_attention_maps, write_attention_maps, xg_difference_table
+    from fastdca.config import DCAConfig
+    from fastdca.patch import load_adapter, patch
+    from fastdca.tasks import format_prompt
+
+    if not 1 <= len(args.prompt) <= 2:
+        raise ValueError(f"--prompt: give one or two prompts, got {len(args.prompt)}")
+    prompts = [format_prompt(p) if args.template else p for p in args.prompt]
+    model, tokenizer = load(args)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+    else:
+        layers = min(DCAConfig().adapter_layers, model.config.num_hidden_layers)
+        patch(model, DCAConfig(adapter_layers=layers))
+        print("no --adapter: a freshly patched model, whose zero gates make every adapter probability 0")
+    maps = adapter_attention_maps(model, tokenizer, prompts, layer=args.layer, head=args.head)
+    png, json_path = write_attention_maps(maps, args.output)
+    if maps["xg_difference"]:
+        print("X_G (mean over tokens) of prompt 1 vs prompt 2, per adapted layer:")
+        print(xg_difference_table(maps))
+    print(json.dumps({"layer": maps["layer"], "head": maps["head"], "png": str(png), "json": str(json_path)}))
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Accuracy on a task from batched greedy generation with the KV cache."""
+"""Accuracy on a task from batched greedy generation with the KV cache, and the spread of X_G across the
+evaluated samples (`fastdca eval --xg-stats`)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,118 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_siz
         write_jsonl(predictions_path, rows)
     correct = sum(r["correct"] for r in rows)
     return {"accuracy": correct / len(rows) if rows else 0.0, "correct": correct, "total": len(rows)}
+
+
+XG_VARIANCE_DEFINITION = (
+    "per adapted layer: x_n = the mean of X_G (before o_proj) over the tokens of prompt n, (Hq, D); variance = "
+    "the unbiased variance over the prompts of x_n, averaged over (head, dim), the causal loss's "
+    "variance='sample', xg_space='head'; mean_square = the mean over (prompt, head, dim) of x_n^2; "
+    "relative_variance = variance / mean_square")
+
+
+@torch.no_grad()
+def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progress: bool = True) -> dict:
+    """Var(X_G) across `prompts`, per adapted layer of a patched `model`, as the causal loss measures it.
+
+    x_n = the mean of X_G (before o_proj) over the real tokens of prompt n, (Hq, D), from one forward over
+    the prompts (right-padded batches, the tokenizer's special tokens included, as generation reads them);
+    variance = mean over (h, d) of the unbiased Var_n(x_n), i.e. the causal loss's variance="sample",
+    xg_space="head" over the whole set instead of one batch. mean_square = mean over (n, h, d) of x_n^2 puts
+    it on X_G's own scale (an adapter can lower the variance by shrinking X_G): relative_variance =
+    variance / mean_square (None when X_G is 0, e.g. zero gates). The moments are accumulated per batch
+    in float64 (Chan et al.'s pairwise update), so the memory does not grow with the number of prompts.
+
+    Returns {"definition", "samples", "layers": [{"layer", "causal_layer" (one of the top L' layers the
+    causal loss averages), "variance", "mean_square", "relative_variance"}, ...]} (variance None with
+    fewer than two prompts).
+    """
+    from fastdca.patch import adapted_layers, get_config, record_adapter_attention
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    layers = adapted_layers(model)
+    causal = set(layers[len(layers) - get_config(model).causal_layers:])
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    moments = {i: _RunningMoments() for i in layers}
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="X_G statistics", disable=not progress, dynamic_ncols=True):
+            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
+            with record_adapter_attention(model) as records:
+                model(**batch)
+            for i, record in records.items():
+                real = record.real.to(record.xg.dtype)[:, :, None, None]                 # (B, T, 1, 1)
+                counts = real.sum(1)
+                means = (record.xg * real).sum(1) / counts.clamp(min=1)                  # (B, Hq, D)
+                # a prompt with no real token has no mean, as in the causal loss
+                moments[i].add(means[counts.flatten() > 0].flatten(1).to("cpu", torch.float64))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    rows = []
+    for i in layers:
+        m = moments[i]
+        variance = m.variance()
+        mean_square = m.mean_square()
+        rows.append({"layer": i, "causal_layer": i in causal, "variance": variance, "mean_square": mean_square,
+                     "relative_variance": variance / mean_square if variance is not None and mean_square else None})
+    return {"definition": XG_VARIANCE_DEFINITION, "samples": moments[layers[0]].count, "layers": rows}
+
+
+def xg_variance_table(stats: dict) -> str:
+    """`xg_variance`'s rows as a text table; * marks the top L' layers the causal loss averages."""
+    def number(x):
+        return "-" if x is None else f"{x:.4g}"
+
+    lines = [f"Var(X_G) across {stats['samples']} samples (x_n = prompt n's token-mean X_G)",
+             f"{'layer':>6}  {'Var(X_G)':>10}  {'mean x^2':>10}  {'Var / mean x^2':>14}"]
+    for row in stats["layers"]:
+        mark = "*" if row["causal_layer"] else " "
+        lines.append(f"{row['layer']:>5}{mark}  {number(row['variance']):>10}  {number(row['mean_square']):>10}  "
+                     f"{number(row['relative_variance']):>14}")
+    return "\n".join(lines)
+
+
+class _RunningMoments:
+    """Count, mean and sum of squared deviations of rows (n, F) added a chunk at a time, float64."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = self.squared_deviations = self.sum_of_squares = None
+
+    def add(self, rows: torch.Tensor) -> None:
+        n = rows.shape[0]
+        if n == 0:
+            return
+        mean = rows.mean(0)
+        squared_deviations = (rows - mean).square().sum(0)
+        if self.count == 0:
+            self.mean, self.squared_deviations, self.sum_of_squares = mean, squared_deviations, rows.square().sum(0)
+        else:
+            total = self.count + n
+            delta = mean - self.mean
+            self.mean = self.mean + delta * (n / total)
+            self.squared_deviations = (self.squared_deviations + squared_deviations
+                                       + delta.square() * (self.count * n / total))
+            self.sum_of_squares = self.sum_of_squares + rows.square().sum(0)
+        self.count += n
+
+    def variance(self) -> Optional[float]:
+        """The unbiased variance over the rows, averaged over the F columns; None with fewer than two rows."""
+        return float((self.squared_deviations / (self.count - 1)).mean()) if self.count >= 2 else None
+
+    def mean_square(self) -> Optional[float]:
+        return float(self.sum_of_squares.mean() / self.count) if self.count else None
+
+
+def write_json(path, data) -> None:
+    """`data` as indented JSON, written atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False))
 
 
 def write_jsonl(path, rows) -> None:

@@ -34,10 +34,14 @@ How the pieces are hooked, without copying any modeling code:
 - Generation: with gradients off, each adapter's keys and values are cached keyed on the prompt
   parameter's version counter (and the k/v projection weights' versions and the dtype), so one
   generate call computes them once; they are never written to the KV cache.
+- Inspection: under `record_adapter_attention` the attention function also keeps, per adapted layer,
+  the gated adapter probabilities and X_G per token, recomputed with `fastdca.reference` from the op's
+  own inputs (`fastdca inspect`, `fastdca eval --xg-stats`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -51,6 +55,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from fastdca import reference
 from fastdca.errors import AdapterError
 from fastdca.config import DCAConfig
 from fastdca.io import atomic_write_all
@@ -130,6 +135,8 @@ class _State:
         self.handles = []
         self.attn_modules = {}                      # layer_idx -> attention module
         self.model_info = {}
+        self.attention_records = None               # layer_idx -> AdapterAttentionRecord while recording
+        self.recorded_layers = frozenset()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -425,6 +432,55 @@ def describe(model: nn.Module) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterAttentionRecord:
+    """What one adapted layer computed in a forward, from the reference equations (DESIGN.md section 1),
+    detached, in float32 (float64 for a float64 model):
+
+    gates: g = tanh(gate) (gate_fn="identity": gate), (Hq,);
+    probs: A = g * softmax(q ak^T * scale), the gated adapter probabilities, (B, Hq, T, M);
+    xg: X_G = A[..., :H] av[:, :H] per query token, (B, T, Hq, D);
+    real: (B, T) bool, True where the query token is real (not padding).
+    """
+
+    gates: torch.Tensor
+    probs: torch.Tensor
+    xg: torch.Tensor
+    real: torch.Tensor
+
+
+@contextlib.contextmanager
+def record_adapter_attention(model: nn.Module, layers=None):
+    """Record, while the context is open, the adapter attention of the patched `model`'s adapted layers.
+
+    Yields a dict {decoder layer index: AdapterAttentionRecord}, filled by each forward for the layers in
+    `layers` (decoder layer indices, each an adapted one; None = every adapted layer); a layer's entry is
+    replaced at its next call, so after a `generate` it holds the last decoding step. The records are
+    computed with `fastdca.reference` beside the op, from the very q, ak, av and gate the op receives,
+    whatever backend runs the op: one extra (B, Hq, T, M) softmax per recorded layer and call. Outside
+    the context the forward is unchanged.
+    """
+    state = _state(model)
+    layers = state.layer_ids if layers is None else list(layers)
+    not_adapted = [i for i in layers if i not in state.layer_ids]
+    if not_adapted:
+        raise ValueError(f"layers must be adapted decoder layers ({state.layer_ids[0]}-{state.layer_ids[-1]}); "
+                         f"{not_adapted} have no DCA adapter")
+    if state.attention_records is not None:
+        raise RuntimeError("record_adapter_attention is already active on this model")
+    records = {}
+    state.attention_records, state.recorded_layers = records, frozenset(layers)
+    try:
+        yield records
+    finally:
+        state.attention_records, state.recorded_layers = None, frozenset()
+
+
+def adapted_layers(model: nn.Module) -> list:
+    """The decoder layer indices that carry a DCA adapter, ascending."""
+    return list(_state(model).layer_ids)
+
+
 def trainable_parameter_count(num_layers_adapted: int, adapter_len: int, hidden_size: int, num_heads: int) -> int:
     """DCA parameters for L adapted layers: L * (M * hidden + num_attention_heads)."""
     return num_layers_adapted * (adapter_len * hidden_size + num_heads)
@@ -514,9 +570,10 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     key_padding = None if packing is not None else _padding(state, attention_mask, B, T, S)
     cu_seqlens = None if packing is None else packing[0]
     xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
-    out, stats = dca_attention(query, key, value, ak, av, adapter.gate.to(dtype), causal_len=cfg.causal_len,
-                               scale=scaling, key_padding_mask=key_padding, cu_seqlens=cu_seqlens,
-                               gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
+    gate = adapter.gate.to(dtype)
+    out, stats = dca_attention(query, key, value, ak, av, gate, causal_len=cfg.causal_len, scale=scaling,
+                               key_padding_mask=key_padding, cu_seqlens=cu_seqlens, gate_fn=cfg.gate_fn, xg=xg,
+                               backend=state.backend)
     if stats is not None and state.recording:
         if state.grad_enabled and not torch.is_grad_enabled():
             # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
@@ -528,6 +585,9 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
         if packing is not None and xg == "token":
             stats, real = _unpack_tokens(stats, *packing)
         state.stats[adapter.layer_idx] = (stats, real, module.o_proj if cfg.xg_space == "hidden" else None, dtype)
+    if state.attention_records is not None and adapter.layer_idx in state.recorded_layers:
+        state.attention_records[adapter.layer_idx] = _adapter_attention_record(
+            query, ak, av, gate, cfg, scaling, key_padding, S)
     return out, None
 
 
@@ -623,6 +683,23 @@ def _key_padding_mask(attention_mask, B, T, S):
     if bool(row.all()):
         return None
     return row.contiguous()
+
+
+def _adapter_attention_record(query, ak, av, gate, cfg, scaling, key_padding, S) -> AdapterAttentionRecord:
+    """The reference equations on the op's own inputs: query (B, Hq, T, D), ak/av (Hkv, M, D), gate (Hq,)."""
+    B, Hq, T, D = query.shape
+    ct = reference.compute_dtype(query.dtype)
+    group = Hq // ak.shape[0]
+    scale = 1 / math.sqrt(D) if scaling is None else scaling
+    H = cfg.causal_len
+    with torch.no_grad():
+        g = reference.gate_values(gate.detach().to(ct), cfg.gate_fn)
+        probs = g[None, :, None, None] * reference.adapter_probs(
+            query.detach().to(ct), ak.detach().to(ct).repeat_interleave(group, dim=0), scale)
+        av_heads = av.detach().to(ct).repeat_interleave(group, dim=0)
+        xg = (probs[..., :H] @ av_heads[:, :H]).transpose(1, 2)
+    return AdapterAttentionRecord(gates=g, probs=probs, xg=xg,
+                                  real=reference.query_is_real(key_padding, B, T, S, query.device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -749,4 +826,5 @@ def _numel(p) -> int:
 
 
 __all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "describe", "is_patched", "get_config",
-           "adapter_state_dict", "DCAAdapter", "SUPPORTED_MODEL_TYPES"]
+           "adapter_state_dict", "adapted_layers", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
+           "SUPPORTED_MODEL_TYPES"]
