@@ -78,6 +78,57 @@ def test_global_variance_over_two_ranks_equals_one_process(variance):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"d{name}: {m}")
 
 
+LENGTHS = (3, 5, 1, 7, 4, 6)    # packed: three sequences in each rank's row
+
+
+def packed_row(seed, sequences):
+    """The given sequences of one random set, end to end in one row, and their cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    every = [dict(q=torch.randn(1, Hq, n, D, generator=g), k=torch.randn(1, Hkv, n, D, generator=g),
+                  v=torch.randn(1, Hkv, n, D, generator=g)) for n in LENGTHS]
+    shared = dict(ak=torch.randn(Hkv, M, D, generator=g), av=torch.randn(Hkv, M, D, generator=g),
+                  gate=torch.randn(Hq, generator=g))
+    row = {n: torch.cat([every[i][n] for i in sequences], dim=2) for n in ("q", "k", "v")}
+    cu = torch.tensor([0] + [LENGTHS[i] for i in sequences]).cumsum(0).to(torch.int32)
+    return {**row, **shared}, cu
+
+
+def packed_loss_and_adapter_grads(inputs, cu_seqlens, distributed):
+    leaves = {n: t.clone().requires_grad_(n in ("ak", "av", "gate")) for n, t in inputs.items()}
+    _, stats = dca_attention(**leaves, causal_len=H, cu_seqlens=cu_seqlens, backend="torch")
+    loss = layer_causal_loss(stats, variance="sample", distributed=distributed)
+    loss.backward()
+    return loss.detach(), [leaves[n].grad for n in ("ak", "av", "gate")]
+
+
+def packed_worker(rank, port, seed, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        inputs, cu = packed_row(seed, range(rank * 3, rank * 3 + 3))
+        loss, grads = packed_loss_and_adapter_grads(inputs, cu, distributed=True)
+        for grad in grads:
+            dist.all_reduce(grad)
+            grad /= WORLD
+        results[rank] = (loss, grads)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_packed_ranks_count_sequences_not_rows():
+    """Each rank packs three sequences in one row: the global variance is over the six sequences, as
+    one process with all six packed in its row computes it."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    expected_loss, expected_grads = packed_loss_and_adapter_grads(*packed_row(seed, range(6)), distributed=False)
+    results = mp.Manager().dict()
+    mp.spawn(packed_worker, args=(free_port(), seed, results), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        loss, grads = results[rank]
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
+
+
 def unequal_length_worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -112,12 +163,13 @@ def test_rank_scope_keeps_each_ranks_own_variance():
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
 
 
-def test_fastdca_train_under_torchrun_with_two_processes(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("packing", [[], ["--packing"]], ids=["padded", "packed"])
+def test_fastdca_train_under_torchrun_with_two_processes(tiny_model_dir, tmp_path, packing):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), "-m", "fastdca.cli", "train", "--model", str(tiny_model_dir), "--task",
                "letter_concat", "--output", str(out), "--adapter-layers", "2", "--adapter-len", "4",
-               "--max-steps", "3", "--batch-size", "2", "--limit", "16", "--logging-steps", "1"]
+               "--max-steps", "3", "--batch-size", "2", "--limit", "16", "--logging-steps", "1", *packing]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("adapter saved in") == 1, "only rank 0 reports and saves"

@@ -200,3 +200,48 @@ def test_cu_seq_lens_that_disagree_are_refused():
     batch["cu_seq_lens_k"] = torch.tensor([0, 5, 10], dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="same boundaries for queries and keys"):
         model(**batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# fastdca train --packing
+
+
+def _train(tiny_model_dir, output, packing, variance):
+    from transformers import PreTrainedTokenizerFast
+
+    from fastdca.tasks import LetterConcatenation
+    from fastdca.train import TrainSettings, train
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+    config = fastdca.DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2, variance=variance)
+    torch.manual_seed(0)
+    fastdca.patch(model, config, backend="torch")
+    settings = TrainSettings(max_steps=4, batch_size=3, grad_accum=2, learning_rate=5e-2, logging_steps=1,
+                             save_steps=4, packing=packing)
+    examples = LetterConcatenation(n_train=48, train_variants=("second_last",)).examples("train")
+    history = train(model, tokenizer, examples, output, config=config, settings=settings, progress=False)
+    return history, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("variance", ["sample", "token"])
+def test_train_packing_follows_the_padded_run(tiny_model_dir, tmp_path, variance):
+    """Same examples, same steps, with gradient accumulation: packed training logs the same CE and
+    causal loss and ends with the same adapter as padded training, to float32 rounding."""
+    padded, padded_params = _train(tiny_model_dir, tmp_path / "padded", False, variance)
+    packed, packed_params = _train(tiny_model_dir, tmp_path / "packed", True, variance)
+    assert [h["step"] for h in packed] == [1, 2, 3, 4]
+    for a, b in zip(padded, packed):
+        assert b["ce"] == pytest.approx(a["ce"], rel=1e-4)
+        assert b["causal_loss"] == pytest.approx(a["causal_loss"], rel=1e-3, abs=1e-9)
+    for name, value in padded_params.items():
+        torch.testing.assert_close(packed_params[name], value, rtol=1e-3, atol=1e-5)
+    assert (tmp_path / "packed" / "adapter.safetensors").is_file()
+
+
+def test_packing_with_token_variance_over_ranks_is_refused(tiny_model_dir, tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="packing cannot give every rank's batches one length"):
+        _train(tiny_model_dir, tmp_path / "run", True, "token")
