@@ -61,6 +61,7 @@ from fastdca.config import DCAConfig
 from fastdca.io import atomic_write_all
 from fastdca.loss import causal_loss as _causal_loss
 from fastdca.loss import layer_causal_loss
+from fastdca.quantized import Linear4bitGradients
 from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM, dca_attention, packed_causal_attention
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -197,6 +198,7 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     state = _State(config, base_impl, layer_ids, causal_ids, requires_grad, backend)
     state.model_info = info
+    state.linear_4bit = Linear4bitGradients(model)
     for p in model.parameters():
         p.requires_grad_(False)
     for i in layer_ids:
@@ -240,6 +242,7 @@ def unpatch(model: nn.Module) -> nn.Module:
             del attn.dca
     for attn in state.plain_attn_modules:
         delattr(attn, _STATE_ATTR)
+    state.linear_4bit.restore()
     _swap_config(model, model.config, state.orig_config)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
@@ -722,6 +725,7 @@ def _pre_hook(model, args, kwargs):
     state.stats = {}
     state.recording = collect
     state.grad_enabled = torch.is_grad_enabled()
+    state.linear_4bit.before_forward(builds_graph=state.grad_enabled)
     state.labels = labels
     state.num_items = bound.get("num_items_in_batch", kwargs.get("num_items_in_batch"))
     state.shift_labels = kwargs.get("shift_labels")

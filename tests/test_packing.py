@@ -245,3 +245,31 @@ def test_packing_with_token_variance_over_ranks_is_refused(tiny_model_dir, tmp_p
     monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="packing cannot give every rank's batches one length"):
         _train(tiny_model_dir, tmp_path / "run", True, "token")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packing_on_quantised_models(bits, tmp_path):
+    """bitsandbytes 4-bit (nf4) and 8-bit base weights: packed and padded batches agree."""
+    pytest.importorskip("bitsandbytes")
+    import transformers
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)   # nf4 blocks of 64 on the CPU
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    qc = (transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.float32) if bits == 4
+          else transformers.BitsAndBytesConfig(load_in_8bit=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu")
+    fastdca.patch(model, fastdca.DCAConfig(adapter_layers=1, adapter_len=4, causal_len=2, causal_layers=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    rows = _examples((7, 2, 11))
+    padded, padded_grads = _loss_and_grads(model, _padded(rows))
+    packed, packed_grads = _loss_and_grads(model, DataCollatorWithFlattening()(rows))
+    torch.testing.assert_close(packed.ce_loss, padded.ce_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(packed.causal_loss, padded.causal_loss, rtol=1e-4, atol=0)
+    for got, expected in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())

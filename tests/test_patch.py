@@ -315,6 +315,32 @@ def _save_tiny(tmp_path, model_type="llama"):
     return path
 
 
+def test_4bit_gradients_survive_an_eval_forward_on_the_cpu(tmp_path):
+    """bitsandbytes repacks 4-bit weights for CPU inference at the first eval-mode forward, and that layout
+    passes no gradient: the patched model must undo it before a forward that trains."""
+    pytest.importorskip("bitsandbytes")
+    path = _save_tiny(tmp_path)
+    qc = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                         bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, quantization_config=qc, device_map="cpu")
+    fastdca.patch(model, DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_()
+    ids, mask, labels = padded_batch(T=6)
+    model.eval()
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    k_proj = model.model.layers[1].self_attn.k_proj
+    if not getattr(k_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    model.train()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    prompt_grads = [m.dca.prompt.grad for m in model.modules() if hasattr(m, "dca")]
+    assert all(g is not None and g.abs().sum() > 0 for g in prompt_grads)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_bitsandbytes_training_lowers_loss(bits, tmp_path):
     pytest.importorskip("bitsandbytes")
