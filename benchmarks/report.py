@@ -41,6 +41,7 @@ def main(argv=None):
         else:
             sections.append(render(data, steps, op_rows(data), None))
         sections.append(render_gpu(data))
+        sections.append(render_packing(data))
     atomic_write_text(output, "\n".join(s for s in sections if s))
     print(f"wrote {output}" + (f" and {chart}" if charted else ""))
 
@@ -120,6 +121,43 @@ def render(data, steps, ops, chart_name):
             cells = [f"{times[i] * 1e3:.1f} ms" if i in times else "-" for i in OP_ORDER]
             ratio = f"{times['fastdca'] / times['separate']:.2f}" if {"fastdca", "separate"} <= set(times) else "-"
             lines.append(f"| {heads} | {T} | {mode} | {' | '.join(cells)} | {ratio} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_packing(data):
+    """benchmarks/test_packing.py: padded vs packed training, and the packed attention of the torch backend."""
+    training = [b["extra_info"] for b in data["benchmarks"] if b["extra_info"].get("packing_task")]
+    attention = _grouped(data["benchmarks"], "packed_attention",
+                         lambda b, i: (b["group"], i["packed_attention"], b["stats"]["min"]))
+    if not training and not attention:
+        return ""
+    lines = [f"# Padded vs packed training: {machine_name(data)}", "",
+             f"Measured {data.get('datetime', '')[:10]}; regenerate with `pytest benchmarks/test_packing.py "
+             "--benchmark-only --benchmark-json=packing.json` and `python benchmarks/report.py ... packing.json`.", ""]
+    if training:
+        lines += ["## Training (SmolLM2-135M-Instruct, fastdca alpha=1, L=20, M=10, torch backend)", "",
+                  "The same real training examples in micro-batches of 8, forward and backward on each: padded "
+                  "(`PadCollator`, to the longest example of the micro-batch) or packed (`--packing`, one row per "
+                  "micro-batch), timed alternately pass by pass (fastest pass of each). Tokens/s count real tokens "
+                  "only; saved bytes are those autograd keeps for backward, averaged over the micro-batches.", "",
+                  "| data | layout | real tokens | computed tokens | padding | tokens/s | x padded | saved for backward "
+                  "| x padded |", "|---|---|---|---|---|---|---|---|---|"]
+        for info in training:
+            base = info["padded"]
+            for layout in ("padded", "packed"):
+                row = info[layout]
+                rate = info["real_tokens"] / row["seconds"]
+                pad = 1 - info["real_tokens"] / row["computed_tokens"]
+                lines.append(f"| {info['packing_task']} | {layout} | {info['real_tokens']} | {row['computed_tokens']} | "
+                             f"{pad:.0%} | {rate:.0f} | {base['seconds'] / row['seconds']:.2f} | "
+                             f"{row['saved_bytes_mean'] / 2**20:.0f} MiB | "
+                             f"{row['saved_bytes_mean'] / base['saved_bytes_mean']:.2f} |")
+        lines.append("")
+    for group, times in attention.items():
+        lines += [f"## {group}", "", "| implementation | time | x per-sequence |", "|---|---|---|"]
+        for impl, seconds in times.items():
+            lines.append(f"| {impl} | {seconds * 1e3:.1f} ms | {seconds / times['per-sequence']:.2f} |")
         lines.append("")
     return "\n".join(lines)
 
