@@ -339,9 +339,9 @@ def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
 
 def _packed_prompt_attention(q, k, v, scale, cu_seqlens):
     """softmax(q k^T * scale + mask) v for sequences packed in one row, causal within each sequence:
-    one SDPA call per sequence. On the CPU that is 12x faster than one call with a block-diagonal
-    (S, S) mask, which computes every cross-sequence score only to mask it (8 sequences of the
-    word-problem mix, fwd+bwd, benchmarks/results/packing.md). Reads the lengths on the host."""
+    one SDPA call per sequence. On the CPU that is 6x faster than one call with a block-diagonal
+    (S, S) mask, which computes every cross-sequence score only to mask it, and 2x faster than the
+    padded batch (8 word-problem-like lengths, fwd+bwd, BENCHMARKS.md). Reads the lengths on the host."""
     lengths = cu_seqlens.diff().tolist()
     gqa = q.shape[1] != k.shape[1]
     pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
