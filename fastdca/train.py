@@ -55,6 +55,7 @@ class TrainSettings:
     dataloader_workers: int = 0
     nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
     packing: bool = False          # each micro-batch's examples end to end in one row, no padding
+    compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -257,6 +258,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         dataloader_num_workers=settings.dataloader_workers,
         disable_tqdm=True,
         logging_nan_inf_filter=False,      # log what was optimised, NaN included, not a stand-in
+        torch_compile=settings.compile,
         **settings.extra,
     )
     if args.n_gpu > 1:
