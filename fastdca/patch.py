@@ -37,6 +37,13 @@ How the pieces are hooked, without copying any modeling code:
 - Inspection: under `record_adapter_attention` the attention function also keeps, per adapted layer,
   the gated adapter probabilities and X_G per token, recomputed with `fastdca.reference` from the op's
   own inputs (`fastdca inspect`, `fastdca eval --xg-stats`).
+- torch.compile: the hooks and the attention function trace without a graph break or a host read.
+  What eager calls decide by reading tensors or by object identity is, while compiling, either kept
+  general or taken outside the graph: the padding mask is passed to the op even when every key is
+  real (eager calls drop it for SDPA's unmasked path), the per-forward padding cache and the
+  generation cache of adapter keys and values are eager-only (their keys are tensor identities,
+  storage addresses and version counters), the output class with `causal_loss` is made at patch
+  time, and packed sequences (single rows only) are read in a function torch.compile leaves out.
 """
 
 from __future__ import annotations
@@ -612,10 +619,11 @@ def _packing(state, query, key, attention_mask, kwargs):
     """(cu_seqlens (N + 1,) int32, lengths as a list) when this call's row holds N >= 2 packed
     sequences, else None. Derived once per forward: every layer gets the same position_ids object.
 
-    Only a single row with no cache can hold packed sequences, and that is decided from shapes alone.
-    For such a row the boundaries are read on the host (they decide shapes: one SDPA call and one
-    causal-loss sample per sequence), which under torch.compile is a graph break, taken outside
-    the graph; batches of two or more rows, and decoding, never read anything."""
+    Only a single row with no cache, in a forward given position_ids or cu_seq_lens_q, can hold packed
+    sequences, and that is decided from shapes and arguments alone. For such a row the boundaries are
+    read on the host (they decide shapes: one SDPA call and one causal-loss sample per sequence),
+    which under torch.compile is a graph break, taken outside the graph; batches of two or more rows,
+    forwards without position_ids, and decoding never read anything."""
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
     if state is None or not state.packing_possible or (cu is None and not _may_hold_restarts(position_ids, query, key)):
