@@ -8,6 +8,7 @@ the cross-entropy and the causal loss separately.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -286,7 +287,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     interrupt = InterruptGuard()
     trainer.add_callback(interrupt)
     try:
-        with interrupt:
+        with interrupt, _compiled_backward_retains_graph(settings.compile):
             trainer.train(resume_from_checkpoint=checkpoint)
     except TrainingDiverged as diverged:
         _write_history(trainer, output_dir)
@@ -299,6 +300,15 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     if trainer.is_world_process_zero():
         save_adapter(model, output_dir)
     return history
+
+
+def _compiled_backward_retains_graph(compiled: bool):
+    """The gradient share (fastdca.grad_share) takes two extra backward passes through the retained graph,
+    which a compiled backward allows only when its inputs' buffers are not donated to its outputs (AOTAutograd's
+    donated_buffer, a memory saving): off while a compiled model trains."""
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")

@@ -230,3 +230,43 @@ def test_opcheck_fused_kernel_operators(xg, layout):
     torch.library.opcheck(torch.ops.fastdca.dca_attention_backward.default,
                           (torch.randn_like(out), dextra, *(t.detach() for t in (q, k, v, ak, av, gate, out, lse)),
                            key_padding_mask, cu_seqlens, 2, 0.25, "tanh", xg))
+
+
+# --------------------------------------------------------------------------------------------------
+# fastdca train --compile
+
+
+def test_compiled_trainer_follows_eager_training(tiny_model_dir, tmp_path):
+    """Trainer's torch_compile (what `fastdca train --compile` sets) gives the eager run's losses, gradient
+    shares and adapter; aot_eager here, Inductor being the subject of test_inductor_training_step_equals_eager."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from fastdca.patch import adapter_state_dict
+    from fastdca.tasks import LetterConcatenation
+    from fastdca.train import TrainSettings, train
+
+    examples = LetterConcatenation(n_train=16, n_test=2, train_variants=("second_last",)).examples("train")
+    config = fastdca.DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2)
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = LlamaForCausalLM.from_pretrained(tiny_model_dir)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tiny_model_dir)
+        torch.manual_seed(0)  # the same adapter prompts for both runs
+        fastdca.patch(model, config)
+        settings = TrainSettings(max_steps=3, batch_size=4, learning_rate=5e-2, logging_steps=1, compile=compiled,
+                                 extra={"torch_compile_backend": "aot_eager"} if compiled else {})
+        torch._dynamo.utils.counters.clear()
+        history = train(model, tokenizer, examples, tmp_path / str(compiled), config=config, settings=settings,
+                        progress=False)
+        compiled_graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert compiled_graphs >= 1 if compiled else compiled_graphs == 0
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
+        runs[compiled] = history, {name: p.detach().clone() for name, p in adapter_state_dict(model).items()}
+    (eager_history, eager_adapter), (history, adapter) = runs[False], runs[True]
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h, e in zip(history, eager_history):
+        for key in ("loss", "ce", "causal_loss", "grad_share"):
+            assert h[key] == pytest.approx(e[key], rel=1e-4), key
+    for name in eager_adapter:
+        assert_fp32_close(adapter[name], eager_adapter[name])
