@@ -6,6 +6,11 @@
 - "reference": `fastdca.reference`, the literal equations.
 "auto" picks triton for fp16/bf16 CUDA tensors (and float32 where torch allows TF32) and torch otherwise;
 FASTDCA_BACKEND overrides the choice.
+
+While torch.compile traces a call, the triton backend's kernels and the torch backend's adapter half
+run as the operators `fastdca.custom_ops` registers (torch.ops.fastdca.*), which the compilers can
+place in one graph; eager calls take the autograd.Functions below, on the same launchers and maths,
+since a trip through the dispatcher costs more than the adapter half itself on small inputs.
 """
 
 from __future__ import annotations
