@@ -42,6 +42,7 @@ def main(argv=None):
             sections.append(render(data, steps, op_rows(data), None))
         sections.append(render_gpu(data))
         sections.append(render_packing(data))
+        sections.append(render_compiled(data))
     atomic_write_text(output, "\n".join(s for s in sections if s))
     print(f"wrote {output}" + (f" and {chart}" if charted else ""))
 
@@ -240,6 +241,29 @@ def render_gpu(data):
         for variant, (seconds, peak) in variants.items():
             lines.append(f"| {variant} | {seconds * 1e3:.1f} ms | {seconds / floor_time:.3f} | {peak / 2**20:.0f} MiB | "
                          f"{peak / floor_peak:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_compiled(data):
+    """The compiled-against-eager training step (benchmarks/test_compiled_training_step.py)."""
+    rows = _grouped(data["benchmarks"], "step_variant",
+                    lambda b, i: (b["group"], (i["step_variant"], i["compiled"]), b["stats"]["min"]))
+    lines = []
+    for group, times in rows.items():
+        lines += [f"## torch.compile: {group}", "",
+                  "Each variant eager and compiled with torch.compile's default backend (Inductor), as "
+                  "`fastdca train --compile` does; the compiled rounds run after compilation. compiled / eager is "
+                  "the step's speed-up from compiling; x floor compares with the floor run the same way.", "",
+                  "| variant | eager | compiled | compiled / eager | eager x floor | compiled x floor |",
+                  "|---|---|---|---|---|---|"]
+        for variant in ("floor", "fastdca-alpha1"):
+            eager, compiled = times.get((variant, False)), times.get((variant, True))
+            if eager is None or compiled is None:
+                continue
+            floor_eager, floor_compiled = times.get(("floor", False)), times.get(("floor", True))
+            lines.append(f"| {variant} | {eager * 1e3:.0f} ms | {compiled * 1e3:.0f} ms | {compiled / eager:.3f} | "
+                         f"{eager / floor_eager:.3f} | {compiled / floor_compiled:.3f} |")
         lines.append("")
     return "\n".join(lines)
 

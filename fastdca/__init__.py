@@ -7,6 +7,7 @@ dependency_notices.install()   # before anything imports bitsandbytes
 from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.ops import dca_attention
+from fastdca import custom_ops  # noqa: F401  (registers torch.ops.fastdca.*, which ops.py calls under torch.compile)
 from fastdca.patch import describe, load_adapter, patch, save_adapter, unpatch
 
 __all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "describe",

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--packing", action="store_true",
                      help="no padding: each micro-batch's --batch-size examples end to end in one row, attended "
                           "separately (the same examples and loss as padded batches, fewer tokens computed)")
+    opt.add_argument("--compile", action="store_true",
+                     help="torch.compile the model (Trainer's torch_compile, Inductor): the patched model compiles "
+                          "without graph breaks; the first steps pay the compilation")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--save-steps", type=int, default=500)
     opt.add_argument("--logging-steps", type=int, default=10)
@@ -202,7 +205,7 @@ def run_train(args) -> int:
                              grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
                              seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
                              bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16", nonfinite=args.nonfinite,
-                             packing=args.packing)
+                             packing=args.packing, compile=args.compile)
     model, tokenizer = load(args)
     patch(model, config)
     print(describe(model))

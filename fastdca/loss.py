@@ -81,8 +81,10 @@ def _token_variance(x_g, real, project, distributed):
 def _weighted_variance(x, weight, distributed):
     """Unbiased variance over dim 0 of the rows of x with weight 1 (weights are 0 or 1); 0 where
     fewer than two rows count. Two passes (mean, then squared deviations) to avoid cancellation."""
-    # decided from the shape, not from the weights: reading them would stall the GPU once per layer
-    if x.shape[0] < 2 and not _is_distributed(distributed):
+    # decided from the shape, not from the weights: reading them would stall the GPU once per layer.
+    # The flag is tested here, not only in the function: torch.compile cannot trace warnings.warn, so
+    # a compiled forward breaks its graph for the warning once, and is traced again without it.
+    if x.shape[0] < 2 and not _is_distributed(distributed) and not _warned_single_sample:
         _warn_single_sample()
     n = _all_reduce_sum(weight.sum(0), distributed)
     mean = _all_reduce_sum((x * weight).sum(0), distributed) / n.clamp(min=1)

@@ -6,6 +6,11 @@
 - "reference": `fastdca.reference`, the literal equations.
 "auto" picks triton for fp16/bf16 CUDA tensors (and float32 where torch allows TF32) and torch otherwise;
 FASTDCA_BACKEND overrides the choice.
+
+While torch.compile traces a call, the triton backend's kernels and the torch backend's adapter half
+run as the operators `fastdca.custom_ops` registers (torch.ops.fastdca.*), which the compilers can
+place in one graph; eager calls take the autograd.Functions below, on the same launchers and maths,
+since a trip through the dispatcher costs more than the adapter half itself on small inputs.
 """
 
 from __future__ import annotations
@@ -181,8 +186,9 @@ def _check_cu_seqlens(cu_seqlens, key_padding_mask, B, T, S, device):
                          f"got B={B}, T={T}, S={S}")
     valid = (cu_seqlens[0] == 0) & (cu_seqlens[-1] == S) & (cu_seqlens[1:] > cu_seqlens[:-1]).all()
     message = f"cu_seqlens must start at 0, end at S={S} and increase strictly (every sequence non-empty)"
-    if cu_seqlens.is_cuda:
-        torch._assert_async(valid, message)      # reading the values here would stall the GPU every call
+    if cu_seqlens.is_cuda or torch.compiler.is_compiling():
+        # reading the values here would stall the GPU every call, and break a compiled graph
+        torch._assert_async(valid, message)
     elif not bool(valid):
         raise ValueError(f"{message}, got {cu_seqlens.tolist()}")
 
@@ -208,7 +214,7 @@ def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddin
     else:
         prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens)
     members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
-    adapter_out, causal_stat = _AdapterAttention.apply(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+    adapter_out, causal_stat = _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     out = (prompt_out + adapter_out).transpose(1, 2)
     if xg is None:
         return out, None
@@ -227,78 +233,100 @@ def _xg_sample_stats(column_sums, av, members):
     return sums, members.sum(dim=-1).reshape(samples)
 
 
-class _AdapterAttention(torch.autograd.Function):
-    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic.
+def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
+    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic:
+    the torch backend's adapter half, forward.
 
     Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
-    of a row make up each of its N samples). Outputs A av (B, Hq, T, D) in q's dtype and, by xg:
-    "sample" -> the column sums over each sample's tokens of A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the
-    compute dtype; "token" -> X_G = A[..., :H] av[:H], (B, T, Hq, D) in q's
-    dtype; None -> None. Scores and softmax run in float32 (float64 for float64 inputs). Saved for
-    backward: q (which SDPA saves too, so no new storage), ak, av, gate and the adapter probabilities,
-    (B, Hq, T, M) float32: M/D of q's size in fp32, and cheaper to keep than to recompute.
+    of a row make up each of its N samples). Returns (A av (B, Hq, T, D) in q's dtype, the adapter
+    probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the compute dtype (what the
+    backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
+    A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H],
+    (B, T, Hq, D) in q's dtype; None -> None. Scores and softmax run in float32 (float64 for float64
+    inputs). The probabilities are M/D of q's size in fp32, and cheaper to keep than to recompute.
 
     The probabilities are kept M-major, (B, Hkv, M, Hq/Hkv * T): the query heads of a kv group are
     folded into columns (no repeated ak), and a softmax or sum over a short leading dim is several
     times faster on CPUs than over a trailing dim of 10.
     """
+    B, Hq, T, D = q.shape
+    Hkv = ak.shape[0]
+    ct = compute_dtype(q.dtype)
+    q_cols = q.reshape(B, Hkv, -1, D).to(ct)                                    # (B, Hkv, G*T, D)
+    # q ak^T, then transposed: the small (M-wide) scores are copied, never q.
+    scores = torch.matmul(q_cols, ak.to(ct).transpose(-1, -2)).transpose(-1, -2).contiguous()
+    probs = torch.softmax(scores * scale, dim=-2)
+    gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)                            # (1, Hkv, 1, G*T)
+    weights = probs * gates                                                      # (B, Hkv, M, G*T)
+    avf = av.to(ct)
+    adapter_out = torch.matmul(weights.transpose(-1, -2), avf).view(B, Hq, T, D).to(q.dtype)
+    causal = weights[:, :, :causal_len]                                          # (B, Hkv, H, G*T)
+    if xg == "sample":
+        per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T)
+        stat = torch.einsum("bkjgt,bnt->bnkgj", per_token, members.to(ct))
+        stat = stat.reshape(B * members.shape[1], Hkv, Hq // Hkv, causal_len)  # (B * N, Hkv, G, H)
+    elif xg == "token":
+        stat = torch.matmul(causal.transpose(-1, -2), avf[:, :causal_len])
+        stat = stat.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
+    else:
+        stat = None
+    return adapter_out, probs, stat
+
+
+def adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
+    """The backward of adapter_attention_forward: (dq, dak, dav, dgate) in the inputs' dtypes, from the
+    gradients of A av (B, Hq, T, D) and of the statistic (None: no gradient reaches it)."""
+    B, Hq, T, D = q.shape
+    Hkv = ak.shape[0]
+    ct = probs.dtype
+    gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
+    weights = probs * gates
+    avf = av.to(ct)
+    d_out = d_out.reshape(B, Hkv, -1, D).to(ct)                                 # (B, Hkv, G*T, D)
+    d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
+    d_av = torch.matmul(weights, d_out).sum(0)                                  # (Hkv, M, D)
+    if xg == "sample" and d_stat is not None:
+        d_stat = d_stat.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
+        d_causal = torch.einsum("bnkgj,bnt->bkjgt", d_stat, members.to(ct))
+        d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
+    elif xg == "token" and d_stat is not None:
+        d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
+        d_weights[:, :, :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
+        d_av[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], d_xg).sum(0)
+    d_g = (d_weights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
+    d_gate = d_g * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else d_g
+    d_probs = d_weights * gates
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-2, keepdim=True)) * scale
+    d_q = torch.matmul(d_scores.transpose(-1, -2), ak.to(ct)).view(B, Hq, T, D)
+    d_ak = torch.matmul(d_scores, q.reshape(B, Hkv, -1, D).to(ct)).sum(0)
+    return d_q.to(q.dtype), d_ak.to(ak.dtype), d_av.to(av.dtype), d_gate.to(gate.dtype)
+
+
+def _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
+    """(A av, stat) of adapter_attention_forward, differentiable: through the registered operator while
+    torch.compile traces (one node it can place in its graph), else through the autograd.Function."""
+    if torch.compiler.is_compiling():
+        adapter_out, _, stat = torch.ops.fastdca.adapter_attention(q, ak, av, gate, members, causal_len, scale,
+                                                                   gate_fn, xg)
+        return adapter_out, None if xg is None else stat
+    return _AdapterAttention.apply(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+
+
+class _AdapterAttention(torch.autograd.Function):
+    """Autograd around adapter_attention_forward/backward for eager calls. Outputs (A av, stat).
+    Saved for backward: q (which SDPA saves too, so no new storage), ak, av, gate, members and the
+    adapter probabilities."""
 
     @staticmethod
     def forward(ctx, q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
-        B, Hq, T, D = q.shape
-        Hkv = ak.shape[0]
-        ct = compute_dtype(q.dtype)
-        q_cols = q.reshape(B, Hkv, -1, D).to(ct)                                # (B, Hkv, G*T, D)
-        # q ak^T, then transposed: the small (M-wide) scores are copied, never q.
-        scores = torch.matmul(q_cols, ak.to(ct).transpose(-1, -2)).transpose(-1, -2).contiguous()
-        probs = torch.softmax(scores * scale, dim=-2)
-        gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)                        # (1, Hkv, 1, G*T)
-        weights = probs * gates                                                  # (B, Hkv, M, G*T)
-        avf = av.to(ct)
-        adapter_out = torch.matmul(weights.transpose(-1, -2), avf).view(B, Hq, T, D).to(q.dtype)
+        adapter_out, probs, stat = adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
         ctx.save_for_backward(q, ak, av, gate, members, probs)
         ctx.args = (causal_len, scale, gate_fn, xg)
-        causal = weights[:, :, :causal_len]                                      # (B, Hkv, H, G*T)
-        if xg == "sample":
-            per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T)
-            stat = torch.einsum("bkjgt,bnt->bnkgj", per_token, members.to(ct))
-            stat = stat.reshape(B * members.shape[1], Hkv, Hq // Hkv, causal_len)  # (B * N, Hkv, G, H)
-        elif xg == "token":
-            stat = torch.matmul(causal.transpose(-1, -2), avf[:, :causal_len])
-            stat = stat.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
-        else:
-            stat = None
         return adapter_out, stat
 
     @staticmethod
     def backward(ctx, d_out, d_stat):
-        q, ak, av, gate, members, probs = ctx.saved_tensors
-        causal_len, scale, gate_fn, xg = ctx.args
-        B, Hq, T, D = q.shape
-        Hkv = ak.shape[0]
-        ct = probs.dtype
-        gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
-        weights = probs * gates
-        avf = av.to(ct)
-        d_out = d_out.reshape(B, Hkv, -1, D).to(ct)                             # (B, Hkv, G*T, D)
-        d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
-        d_av = torch.matmul(weights, d_out).sum(0)                              # (Hkv, M, D)
-        if xg == "sample" and d_stat is not None:
-            d_stat = d_stat.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
-            d_causal = torch.einsum("bnkgj,bnt->bkjgt", d_stat, members.to(ct))
-            d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
-        elif xg == "token" and d_stat is not None:
-            d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
-            d_weights[:, :, :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
-            d_av[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], d_xg).sum(0)
-        d_g = (d_weights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
-        d_gate = d_g * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else d_g
-        d_probs = d_weights * gates
-        d_scores = probs * (d_probs - (d_probs * probs).sum(-2, keepdim=True)) * scale
-        d_q = torch.matmul(d_scores.transpose(-1, -2), ak.to(ct)).view(B, Hq, T, D)
-        d_ak = torch.matmul(d_scores, q.reshape(B, Hkv, -1, D).to(ct)).sum(0)
-        return (d_q.to(q.dtype), d_ak.to(ak.dtype), d_av.to(av.dtype), d_gate.to(gate.dtype),
-                None, None, None, None, None)
+        return (*adapter_attention_backward(d_out, d_stat, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
 
 
 def _grouped_gates(gate, gate_fn, Hkv, T, dtype):
@@ -341,9 +369,16 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens):
     """softmax(q k^T * scale + mask) v for sequences packed in one row, causal within each sequence:
     one SDPA call per sequence. On the CPU that is 6x faster than one call with a block-diagonal
     (S, S) mask, which computes every cross-sequence score only to mask it, and 2x faster than the
-    padded batch (8 word-problem-like lengths, fwd+bwd, BENCHMARKS.md). Reads the lengths on the host."""
-    lengths = cu_seqlens.diff().tolist()
+    padded batch (8 word-problem-like lengths, fwd+bwd, BENCHMARKS.md). Reads the lengths on the host;
+    under torch.compile, where that read would break the graph, one call with the block-diagonal mask."""
     gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():
+        S = q.shape[2]
+        ids = sequence_ids(cu_seqlens, S)
+        positions = torch.arange(S, device=q.device)
+        visible = (ids[:, None] == ids[None, :]) & (positions[None, :] <= positions[:, None])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    lengths = cu_seqlens.diff().tolist()
     pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
               for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
     return torch.cat(pieces, dim=2)
@@ -360,17 +395,27 @@ def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddi
     if cu_seqlens is not None and xg == "sample":
         # The kernels sum A[..., :H] per query block, and blocks straddle sequences: take X_G per token
         # (one more output the size of out, not kept for backward) and sum it per sequence.
-        out, x_g = _TritonDCAFunction.apply(q, k, v, ak, av, gate, None, cu_seqlens, causal_len, scale,
-                                            gate_fn, "token")
+        out, x_g = _fused_dca_attention(q, k, v, ak, av, gate, None, cu_seqlens, causal_len, scale, gate_fn, "token")
         sums = torch.einsum("nt,thd->nhd", members[0].to(torch.float32), x_g[0].to(torch.float32))
         return out, (sums, members.sum(dim=-1).reshape(-1))
-    out, extra = _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len,
-                                          scale, gate_fn, xg)
+    out, extra = _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len, scale,
+                                      gate_fn, xg)
     if xg is None:
         return out, None
     if xg == "token":
         return out, extra
     return out, _xg_sample_stats(extra.view(B, Hkv, Hq // Hkv, causal_len), av, members)
+
+
+def _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len, scale, gate_fn, xg):
+    """(out, extra) of the fused kernels, differentiable: through the registered operator while torch.compile
+    traces (Inductor then sees the kernels themselves), else through the autograd.Function."""
+    if torch.compiler.is_compiling():
+        out, _, extra = torch.ops.fastdca.dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens,
+                                                        causal_len, scale, gate_fn, xg)
+        return out, extra
+    return _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, causal_len, scale,
+                                    gate_fn, xg)
 
 
 class _TritonDCAFunction(torch.autograd.Function):

@@ -37,6 +37,13 @@ How the pieces are hooked, without copying any modeling code:
 - Inspection: under `record_adapter_attention` the attention function also keeps, per adapted layer,
   the gated adapter probabilities and X_G per token, recomputed with `fastdca.reference` from the op's
   own inputs (`fastdca inspect`, `fastdca eval --xg-stats`).
+- torch.compile: the hooks and the attention function trace without a graph break or a host read.
+  What eager calls decide by reading tensors or by object identity is, while compiling, either kept
+  general or taken outside the graph: the padding mask is passed to the op even when every key is
+  real (eager calls drop it for SDPA's unmasked path), the per-forward padding cache and the
+  generation cache of adapter keys and values are eager-only (their keys are tensor identities,
+  storage addresses and version counters), the output class with `causal_loss` is made at patch
+  time, and packed sequences (single rows only) are read in a function torch.compile leaves out.
 """
 
 from __future__ import annotations
@@ -44,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import inspect
 import json
 import math
@@ -86,29 +92,30 @@ class DCAAdapter(nn.Module):
         self.gate = nn.Parameter(torch.zeros(num_heads, dtype=torch.float32, device=device))
         self.layer_idx = layer_idx
         self._kv_cache = None
-        self.kv_computations = 0  # how many times the adapter keys/values were computed (not cache hits)
+        self.kv_computations = 0  # how many times eager calls computed the adapter keys/values (not cache hits)
 
     def extra_repr(self):
         return f"layer={self.layer_idx}, adapter_len={self.prompt.shape[0]}, hidden={self.prompt.shape[1]}"
 
     def adapter_kv(self, attn: nn.Module, num_kv_heads: int, head_dim: int, dtype: torch.dtype):
         """ak, av (Hkv, M, D) in `dtype`: the prompt through the layer's own k_proj and v_proj."""
-        grad = torch.is_grad_enabled() and self.prompt.requires_grad
+        # The cache is an eager-mode saving: its key reads storage addresses and version counters, which
+        # a compiled graph cannot guard on, and a compiled graph recomputes the two small projections.
+        cached = not (torch.is_grad_enabled() and self.prompt.requires_grad) and not torch.compiler.is_compiling()
         key = None
-        if not grad:
+        if cached:
             key = (self.prompt._version, self.prompt.data_ptr(), dtype, self.prompt.device,
                    _version(attn.k_proj), _version(attn.v_proj))
             if self._kv_cache is not None and self._kv_cache[0] == key:
                 return self._kv_cache[1]
         M = self.prompt.shape[0]
-        self.kv_computations += 1
         x = self.prompt.to(dtype)[None]                                          # (1, M, hidden)
         ak = attn.k_proj(x).to(dtype).view(M, num_kv_heads, head_dim).transpose(0, 1)
         av = attn.v_proj(x).to(dtype).view(M, num_kv_heads, head_dim).transpose(0, 1)
-        if not grad:
-            self._kv_cache = (key, (ak, av))
-        else:
-            self._kv_cache = None
+        if torch.compiler.is_compiling():
+            return ak, av
+        self.kv_computations += 1
+        self._kv_cache = (key, (ak, av)) if cached else None
         return ak, av
 
 
@@ -132,6 +139,7 @@ class _State:
         self.stats = {}
         self.padding_cache = None
         self.packing_cache = None
+        self.packing_possible = True                # False for a forward given neither position_ids nor cu_seq_lens_q
         self.grad_enabled = False
         self.handles = []
         self.attn_modules = {}                      # layer_idx -> attention module
@@ -224,6 +232,9 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     state.handles.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     state.forward_signature = inspect.signature(type(model).forward)
+    output_class = _declared_output_class(model)
+    if output_class is not None:
+        _with_dca_losses(output_class)
     # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out.
     ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or [])
     hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
@@ -595,7 +606,10 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
 
 
 def _padding(state, attention_mask, B, T, S):
-    """The key padding mask; every layer of one forward gets the same mask object, so it is derived once."""
+    """The key padding mask; every layer of one forward gets the same mask object, so eager calls derive it
+    once (an identity-keyed cache a compiled graph cannot guard on: compiled, each layer derives it)."""
+    if torch.compiler.is_compiling():
+        return _key_padding_mask(attention_mask, B, T, S)
     cached = state.padding_cache
     if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
         return cached[2]
@@ -606,18 +620,40 @@ def _padding(state, attention_mask, B, T, S):
 
 def _packing(state, query, key, attention_mask, kwargs):
     """(cu_seqlens (N + 1,) int32, lengths as a list) when this call's row holds N >= 2 packed
-    sequences, else None. Derived once per forward: every layer gets the same position_ids object."""
+    sequences, else None. Derived once per forward: every layer gets the same position_ids object.
+
+    Only a single row with no cache, in a forward given position_ids or cu_seq_lens_q, can hold packed
+    sequences, and that is decided from shapes and arguments alone. For such a row the boundaries are
+    read on the host (they decide shapes: one SDPA call and one causal-loss sample per sequence),
+    which under torch.compile is a graph break, taken outside the graph; batches of two or more rows,
+    forwards without position_ids, and decoding never read anything."""
     cu = kwargs.get("cu_seq_lens_q")
     position_ids = kwargs.get("position_ids")
-    source = cu if cu is not None else position_ids
-    if source is None or state is None:
+    if state is None or not state.packing_possible or (cu is None and not _may_hold_restarts(position_ids, query, key)):
         return None
+    if torch.compiler.is_compiling():
+        return _read_packing_outside_graph(state, query, key, attention_mask, kwargs)
+    return _cached_packing(state, query, key, attention_mask, kwargs)
+
+
+def _may_hold_restarts(position_ids, query, key) -> bool:
+    """Restarting position_ids can mean packing only for one row of T >= 2 queries and no cache."""
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    return position_ids is not None and B == 1 and T == S and T >= 2 and position_ids.shape[-1] == T
+
+
+def _cached_packing(state, query, key, attention_mask, kwargs):
+    cu = kwargs.get("cu_seq_lens_q")
+    source = cu if cu is not None else kwargs.get("position_ids")
     cached = state.packing_cache
     if cached is not None and cached[0] is source and cached[1] == tuple(query.shape):
         return cached[2]
-    packing = _read_packing(cu, kwargs.get("cu_seq_lens_k"), position_ids, query, key, attention_mask)
+    packing = _read_packing(cu, kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids"), query, key, attention_mask)
     state.packing_cache = (source, tuple(query.shape), packing)
     return packing
+
+
+_read_packing_outside_graph = torch.compiler.disable(_cached_packing)
 
 
 def _read_packing(cu_q, cu_k, position_ids, query, key, attention_mask):
@@ -637,7 +673,7 @@ def _read_packing(cu_q, cu_k, position_ids, query, key, attention_mask):
         return (cu, lengths) if len(lengths) > 1 else None
     # Restarting position_ids mean packing only for one row without padding or cache: left-padded
     # generation batches give their pads position 1, which would read as restarts.
-    if B != 1 or T != S or T < 2 or position_ids.shape[-1] != T or _padding_of(attention_mask, T):
+    if not _may_hold_restarts(position_ids, query, key) or _padding_of(attention_mask, T):
         return None
     positions = position_ids.reshape(-1)
     starts = torch.ones(T, dtype=torch.bool, device=positions.device)
@@ -683,7 +719,9 @@ def _key_padding_mask(attention_mask, B, T, S):
                          "sliding caches are not supported by fastdca adapted layers; use the default DynamicCache)")
     if row.shape[0] != B:
         row = row.expand(B, S)
-    if bool(row.all()):
+    # An all-real mask means no padding, and eager calls drop it for SDPA's unmasked causal path. The
+    # test reads the mask on the host: compiled, the mask is kept (the op gives the same answer with it).
+    if not torch.compiler.is_compiling() and bool(row.all()):
         return None
     return row.contiguous()
 
@@ -729,6 +767,8 @@ def _pre_hook(model, args, kwargs):
     state.labels = labels
     state.num_items = bound.get("num_items_in_batch", kwargs.get("num_items_in_batch"))
     state.shift_labels = kwargs.get("shift_labels")
+    # Without position_ids the model numbers the tokens 0, 1, ... itself: no restart, nothing to read.
+    state.packing_possible = bound.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
 
 
 def _post_hook(model, args, kwargs, output):
@@ -739,6 +779,7 @@ def _post_hook(model, args, kwargs, output):
     if not torch.is_grad_enabled() or not model.training:
         state.padding_cache = state.packing_cache = None
     collected, state.recording = state.recording, False
+    state.packing_possible = True
     labels, state.labels = state.labels, None
     if output is None or not collected or not stats:
         return None
@@ -763,13 +804,29 @@ def _post_hook(model, args, kwargs, output):
     return _with_dca_losses(type(output))(**fields, causal_loss=lc, ce_loss=ce)
 
 
-@functools.cache
+_OUTPUT_CLASSES = {}   # a transformers output class -> the same with causal_loss and ce_loss
+
+
 def _with_dca_losses(output_class):
     """`output_class` (a transformers ModelOutput dataclass) with `causal_loss` (L_causal) and `ce_loss`
-    (the model's own loss, before alpha * L_causal was added) fields."""
-    return dataclasses.make_dataclass(output_class.__name__, [("causal_loss", Optional[torch.Tensor], None),
-                                                              ("ce_loss", Optional[torch.Tensor], None)],
-                                      bases=(output_class,), namespace={"__module__": __name__})
+    (the model's own loss, before alpha * L_causal was added) fields. `patch` makes the class of the
+    model's declared output ahead of time: creating a class inside a compiled forward breaks the graph."""
+    derived = _OUTPUT_CLASSES.get(output_class)
+    if derived is None:
+        derived = _OUTPUT_CLASSES[output_class] = dataclasses.make_dataclass(
+            output_class.__name__, [("causal_loss", Optional[torch.Tensor], None),
+                                    ("ce_loss", Optional[torch.Tensor], None)],
+            bases=(output_class,), namespace={"__module__": __name__})
+    return derived
+
+
+def _declared_output_class(model):
+    """The ModelOutput dataclass `model.forward` declares it returns, or None."""
+    try:
+        returned = inspect.signature(type(model).forward, eval_str=True).return_annotation
+    except (NameError, TypeError, ValueError):
+        return None
+    return returned if isinstance(returned, type) and dataclasses.is_dataclass(returned) else None
 
 
 def _share(state, labels):

@@ -8,6 +8,7 @@ the cross-entropy and the causal loss separately.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -55,6 +56,7 @@ class TrainSettings:
     dataloader_workers: int = 0
     nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
     packing: bool = False          # each micro-batch's examples end to end in one row, no padding
+    compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -257,6 +259,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         dataloader_num_workers=settings.dataloader_workers,
         disable_tqdm=True,
         logging_nan_inf_filter=False,      # log what was optimised, NaN included, not a stand-in
+        torch_compile=settings.compile,
         **settings.extra,
     )
     if args.n_gpu > 1:
@@ -284,7 +287,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     interrupt = InterruptGuard()
     trainer.add_callback(interrupt)
     try:
-        with interrupt:
+        with interrupt, _compiled_backward_retains_graph(settings.compile):
             trainer.train(resume_from_checkpoint=checkpoint)
     except TrainingDiverged as diverged:
         _write_history(trainer, output_dir)
@@ -297,6 +300,15 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     if trainer.is_world_process_zero():
         save_adapter(model, output_dir)
     return history
+
+
+def _compiled_backward_retains_graph(compiled: bool):
+    """The gradient share (fastdca.grad_share) takes two extra backward passes through the retained graph,
+    which a compiled backward allows only when its inputs' buffers are not donated to its outputs (AOTAutograd's
+    donated_buffer, a memory saving): off while a compiled model trains."""
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch._functorch.config.patch(donated_buffer=False)
 
 
 CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")

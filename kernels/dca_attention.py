@@ -880,6 +880,10 @@ def _seq_arg(cu_seqlens, q, edge: str):
     return cu_seqlens[ids + (edge == "end")].contiguous(), True
 
 
+def _direct(kernel):
+    return kernel
+
+
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "
@@ -891,7 +895,7 @@ def _check_dtype(q):
 
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
-                gate_fn="tanh", xg="sample", configs=None):
+                gate_fn="tanh", xg="sample", configs=None, launch=None):
     """Run the forward kernel.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
@@ -899,7 +903,10 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
     input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
+    `launch` wraps each kernel before its launch (torch.library.wrap_triton, for fastdca.custom_ops);
+    None launches the kernels directly.
     """
+    launch = launch or _direct
     _check_dtype(q)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -909,7 +916,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     group = Hq // Hkv
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg,
-                               cfgs["decode"])
+                               cfgs["decode"], launch)
     cfg = cfgs["fwd"]
     block_a = adapter_block(M)
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
@@ -924,7 +931,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     seq_end, _ = _seq_arg(cu_seqlens, q, "end")
     gate = gate.contiguous()
     with _on_device(q):
-        _dca_fwd_kernel[(n_mblocks, B * Hq)](
+        launch(_dca_fwd_kernel)[(n_mblocks, B * Hq)](
             q, k, v, ak, av, gate, kpm, seq_start, seq_end, out, lse, xg_out, colsum,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
@@ -946,7 +953,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 DECODE_MAX_ROWS = 64   # the query rows of one kv group (Hq / Hkv * T) the flash-decoding path takes
 
 
-def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg, cfg):
+def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg, cfg, launch):
     """Flash-decoding for T <= 16: the keys split into chunks over enough programs to fill the GPU,
     each kv head's query group as the rows of one tile, then one pass merging the chunks. Returns what
     dca_forward returns."""
@@ -973,7 +980,7 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
     flags = dict(GROUP=group, HAS_KPM=has_kpm, UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), ROWS=rows,
                  BLOCK_D=cfg["BLOCK_D"])
     with _on_device(q):
-        _dca_decode_split_kernel[(splits, B * Hkv)](
+        launch(_dca_decode_split_kernel)[(splits, B * Hkv)](
             q, k, v, kpm, acc_part, m_part, l_part,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(),
@@ -981,7 +988,7 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
             Hkv, T, S, D, chunk,
             BLOCK_N=block_n, **flags, **_launch_opts(cfg),
         )
-        _dca_decode_combine_kernel[(B * Hkv,)](
+        launch(_dca_decode_combine_kernel)[(B * Hkv,)](
             q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, colsum,
             float(scale),
             *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
@@ -1013,14 +1020,15 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 cu_seqlens=None, gate_fn="tanh", xg="sample", configs=None):
+                 cu_seqlens=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
     forward's `extra` ((B, Hq, H) column sums in sample mode, (B, T, Hq, D) in token mode) or None. The
     per-block partials of dak, dav and dgate are summed over batch, query blocks and the query heads of
-    each kv group with torch sums of fixed shape: deterministic.
+    each kv group with torch sums of fixed shape: deterministic. `launch` as for dca_forward.
     """
+    launch = launch or _direct
     _check_dtype(q)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -1061,7 +1069,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     # sums over batch, the query heads of each kv group and the query blocks: deterministic, no atomics
     gate = gate.contiguous()
     with _on_device(q):
-        _dca_bwd_adapter_kernel[(n_mblocks, B * Hq)](
+        launch(_dca_bwd_adapter_kernel)[(n_mblocks, B * Hq)](
             q, ak, av, gate, kpm, out, dout, dxg_t, dcol,
             delta, dq_acc, dak_part, dav_part, dgate_part,
             float(scale),
@@ -1086,7 +1094,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=dev)
     dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
     with _on_device(q):
-        _dca_bwd_dkdv_kernel[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
+        launch(_dca_bwd_dkdv_kernel)[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
             q, k, v, kpm, seq_end, dout, lse, delta, dk, dv,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -1095,7 +1103,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
-        _dca_bwd_dq_kernel[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
+        launch(_dca_bwd_dq_kernel)[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
             q, k, v, kpm, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
