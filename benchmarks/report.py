@@ -25,13 +25,17 @@ OP_ORDER = ["fastdca", "fastdca-triton", "separate", "reference"]
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json), one per machine")
+    parser.add_argument("json", nargs="+", help="pytest-benchmark JSON files (--benchmark-json), one per machine, "
+                        "or .txt files a benchmark script printed (included as they are)")
     parser.add_argument("--output", default="BENCHMARKS.md")
     args = parser.parse_args(argv)
     output = Path(args.output)
     chart = output.with_suffix(".png")
     sections, charted = [], False
     for path in args.json:
+        if path.endswith(".txt"):     # a script's printed results (benchmarks/test_compiled_training_step.py)
+            sections.append(f"# {Path(path).name}\n\n```\n{Path(path).read_text().strip()}\n```\n")
+            continue
         data = json.loads(Path(path).read_text())
         steps = training_steps(data)
         if steps and not charted:
