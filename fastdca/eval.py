@@ -18,27 +18,34 @@ def generate_responses(model, tokenizer, prompts: list[str], *, batch_size: int 
                        max_new_tokens: int = 32, progress: bool = True, desc: str = "eval") -> list[str]:
     """Greedy continuations of `prompts`, in batches, left-padded so every prompt ends where generation
     starts. Returns the decoded new tokens of each prompt."""
+    responses = []
+    for batch in prompt_batches(model, tokenizer, prompts, batch_size, "left", desc, progress):
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        new_tokens = generated[:, batch["input_ids"].shape[1]:]
+        responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return responses
+
+
+def prompt_batches(model, tokenizer, prompts: list[str], batch_size: int, padding_side: str, desc: str,
+                   progress: bool):
+    """The prompts tokenized in batches, padded on `padding_side`, on the model's device, with the model in
+    eval mode; the model's mode and the tokenizer's padding side are restored afterwards."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    saved_side, tokenizer.padding_side = tokenizer.padding_side, padding_side
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    responses = []
     try:
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc=desc, disable=not progress, dynamic_ncols=True):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                       pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]
-            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            yield tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
     finally:
-        tokenizer.padding_side = padding_side
+        tokenizer.padding_side = saved_side
         model.train(was_training)
-    return responses
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_size: int = 16,
@@ -80,32 +87,18 @@ def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, p
     """
     from fastdca.patch import adapted_layers, get_config, record_adapter_attention
 
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     layers = adapted_layers(model)
     causal = set(layers[len(layers) - get_config(model).causal_layers:])
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     moments = {i: _RunningMoments() for i in layers}
-    try:
-        starts = range(0, len(prompts), batch_size)
-        for start in tqdm(starts, desc="X_G statistics", disable=not progress, dynamic_ncols=True):
-            batch = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True).to(device)
-            with record_adapter_attention(model) as records:
-                model(**batch)
-            for i, record in records.items():
-                real = record.real.to(record.xg.dtype)[:, :, None, None]                 # (B, T, 1, 1)
-                counts = real.sum(1)
-                means = (record.xg * real).sum(1) / counts.clamp(min=1)                  # (B, Hq, D)
-                # a prompt with no real token has no mean, as in the causal loss
-                moments[i].add(means[counts.flatten() > 0].flatten(1).to("cpu", torch.float64))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    for batch in prompt_batches(model, tokenizer, prompts, batch_size, "right", "X_G statistics", progress):
+        with record_adapter_attention(model) as records:
+            model(**batch)
+        for i, record in records.items():
+            real = record.real.to(record.xg.dtype)[:, :, None, None]                     # (B, T, 1, 1)
+            counts = real.sum(1)
+            means = (record.xg * real).sum(1) / counts.clamp(min=1)                      # (B, Hq, D)
+            # a prompt with no real token has no mean, as in the causal loss
+            moments[i].add(means[counts.flatten() > 0].flatten(1).to("cpu", torch.float64))
     rows = []
     for i in layers:
         m = moments[i]

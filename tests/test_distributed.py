@@ -46,12 +46,17 @@ def worker(rank, port, variance, scope, seed, results):
         shard = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
         local = {n: (t[shard] if t.shape[0] == B else t) for n, t in inputs.items()}
         loss, grads = loss_and_adapter_grads(local, mask[shard], variance, distributed=scope == "global")
-        for grad in grads:  # what DistributedDataParallel does to parameter gradients
-            dist.all_reduce(grad)
-            grad /= WORLD
-        results[rank] = (loss, grads)
+        results[rank] = (loss, averaged_over_ranks(grads))
     finally:
         dist.destroy_process_group()
+
+
+def averaged_over_ranks(grads):
+    """What DistributedDataParallel does to parameter gradients: their mean over the ranks."""
+    for grad in grads:
+        dist.all_reduce(grad)
+        grad /= WORLD
+    return grads
 
 
 def free_port():
@@ -107,10 +112,7 @@ def packed_worker(rank, port, seed, results):
     try:
         inputs, cu = packed_row(seed, range(rank * 3, rank * 3 + 3))
         loss, grads = packed_loss_and_adapter_grads(inputs, cu, distributed=True)
-        for grad in grads:
-            dist.all_reduce(grad)
-            grad /= WORLD
-        results[rank] = (loss, grads)
+        results[rank] = (loss, averaged_over_ranks(grads))
     finally:
         dist.destroy_process_group()
 
