@@ -6,6 +6,8 @@ counts are needed, so the memory is O(B * Hq * D), independent of T.
 
 variance="token": per position t, the unbiased variance of X_G[:, t] over the samples that are real at
 t, averaged over the positions with at least two real samples and over every (head, dim) entry.
+Positions are counted from the start of each (right-padded) row, so ranks whose rows differ in
+length compare them as one right-padded global batch would.
 
 With xg_space="hidden" the caller passes `project`, o_proj as a function of float32 (or float64)
 (..., Hq * D) -> (..., hidden), and X_G is measured after it; for variance="sample" it is applied to
@@ -72,7 +74,10 @@ def _token_variance(x_g, real, project, distributed):
     weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=x_g.device) if real is None
               else real.to(flat.dtype)[..., None])
     if _is_distributed(distributed):
-        _check_same_length_on_every_rank(T, x_g.device)
+        # positions are compared across ranks: a rank with shorter rows holds padding at the rest
+        longest = _longest_over_ranks(T, x_g.device)
+        flat = torch.nn.functional.pad(flat, (0, 0, 0, longest - T))
+        weight = torch.nn.functional.pad(weight, (0, 0, 0, longest - T))
     per_position = _weighted_variance(flat, weight, distributed)                 # (T, F)
     counted = (_all_reduce_sum(weight.sum(0), distributed) >= 2).to(flat.dtype)         # (T, 1)
     return (per_position * counted).sum() / (counted.sum() * flat.shape[-1]).clamp(min=1)
@@ -101,14 +106,10 @@ def _all_reduce_sum(tensor, distributed):
     return _AllReduceSum.apply(tensor) if _is_distributed(distributed) else tensor
 
 
-def _check_same_length_on_every_rank(T, device):
-    extremes = torch.tensor([T, -T], device=device)
-    torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
-    longest, shortest = int(extremes[0]), -int(extremes[1])
-    if longest != shortest:
-        raise ValueError(f"variance='token' over the global batch needs the same sequence length on every rank "
-                         f"(positions are compared across ranks), got lengths from {shortest} to {longest}; pad "
-                         "every batch to one length, or use variance='sample' or variance_scope='rank'")
+def _longest_over_ranks(T, device):
+    longest = torch.tensor([T], device=device)
+    torch.distributed.all_reduce(longest, op=torch.distributed.ReduceOp.MAX)
+    return int(longest)
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -94,15 +94,14 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> li
 
 
 class PadCollator:
-    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask;
-    to the longest row of the batch, or to `length` when given."""
+    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask, to
+    the longest row of the batch."""
 
-    def __init__(self, pad_token_id: int, length: Optional[int] = None):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.length = length
 
     def __call__(self, rows):
-        width = self.length or max(len(r["input_ids"]) for r in rows)
+        width = max(len(r["input_ids"]) for r in rows)
         batch = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             pad = width - len(r["input_ids"])
@@ -266,13 +265,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         raise ValueError(f"{args.n_gpu} GPUs in one process would run torch.nn.DataParallel, whose replicas "
                          "would share the adapter's loss bookkeeping; launch one process per GPU with "
                          "`torchrun --nproc-per-node N -m fastdca.cli train ...` instead")
-    # The token variance compares positions across ranks: every rank's batches get one length.
-    same_length = config.variance == "token" and config.variance_scope == "global" and args.world_size > 1
-    if settings.packing and same_length:
-        raise ValueError("packing cannot give every rank's batches one length, which variance='token' over the "
-                         "global batch needs; use variance='sample', variance_scope='rank', or no packing")
-    collator = packing_collator() if settings.packing else \
-        PadCollator(tokenizer.pad_token_id, settings.max_length if same_length else None)
+    collator = packing_collator() if settings.packing else PadCollator(tokenizer.pad_token_id)
     trainer = DCATrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -131,28 +131,45 @@ def test_packed_ranks_count_sequences_not_rows():
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-def unequal_length_worker(rank, port, results):
+SHORTER = 4   # rank 1's rows end after this many positions
+
+
+def right_padded_batch(seed):
+    """full_batch with right padding: every row of rank 1's shard is real for at most SHORTER positions."""
+    inputs, _ = full_batch(seed)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, 5:] = False
+    mask[B // WORLD:, SHORTER:] = False
+    mask[B - 1, 2:] = False
+    return inputs, mask
+
+
+def unequal_length_worker(rank, port, seed, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        inputs, mask = full_batch(rank)
-        T_rank = T - rank  # rank 1 has one position fewer
-        local = dict(inputs, q=inputs["q"][:, :, -T_rank:])
-        _, x_g = dca_attention(**local, causal_len=H, key_padding_mask=mask, xg="token", backend="torch")
-        try:
-            layer_causal_loss(x_g, variance="token", real=mask[:, -T_rank:])
-            results[rank] = "no error"
-        except ValueError as error:
-            results[rank] = str(error)
+        inputs, mask = right_padded_batch(seed)
+        shard = slice(rank * B // WORLD, (rank + 1) * B // WORLD)
+        length = T if rank == 0 else SHORTER   # rank 1 pads only to its own longest row
+        local = {n: (t[shard, :, :length] if t.shape[0] == B else t) for n, t in inputs.items()}
+        loss, grads = loss_and_adapter_grads(local, mask[shard, :length], "token", distributed=True)
+        results[rank] = (loss, averaged_over_ranks(grads))
     finally:
         dist.destroy_process_group()
 
 
-def test_token_variance_refuses_ranks_with_different_lengths():
+def test_token_variance_over_ranks_with_different_lengths_equals_one_process():
+    """Rank 0's rows are T long, rank 1's SHORTER: the token variance compares position t across ranks
+    as one process does on the whole batch right-padded to T."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    expected_loss, expected_grads = loss_and_adapter_grads(*right_padded_batch(seed), "token", distributed=False)
     results = mp.Manager().dict()
-    mp.spawn(unequal_length_worker, args=(free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(unequal_length_worker, args=(free_port(), seed, results), nprocs=WORLD, join=True)
     for rank in range(WORLD):
-        assert "same sequence length on every rank" in results[rank], results[rank]
+        loss, grads = results[rank]
+        torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+        for name, g, e in zip(("ak", "av", "gate"), grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7, msg=lambda m, name=name: f"d{name}: {m}")
 
 
 def test_rank_scope_keeps_each_ranks_own_variance():
@@ -165,7 +182,7 @@ def test_rank_scope_keeps_each_ranks_own_variance():
         torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("packing", [[], ["--packing"]], ids=["padded", "packed"])
+@pytest.mark.parametrize("packing", [[], ["--packing", "--variance", "token"]], ids=["padded", "packed"])
 def test_fastdca_train_under_torchrun_with_two_processes(tiny_model_dir, tmp_path, packing):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
