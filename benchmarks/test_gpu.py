@@ -150,6 +150,8 @@ STEP_VARIANTS = {
     "floor": _floor,
     "fastdca": lambda model: fastdca.patch(model, fastdca.DCAConfig(adapter_layers=STEP_L, adapter_len=M,
                                                                     causal_len=H, alpha=1.0)),
+    "fastdca-sample-head": lambda model: fastdca.patch(model, fastdca.DCAConfig(
+        adapter_layers=STEP_L, adapter_len=M, causal_len=H, alpha=1.0, variance="sample", xg_space="head")),
     "peft-adaption-prompt": lambda model: __import__("peft").get_peft_model(
         model, __import__("peft").AdaptionPromptConfig(adapter_len=M, adapter_layers=STEP_L, task_type="CAUSAL_LM")),
 }

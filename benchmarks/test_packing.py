@@ -33,7 +33,8 @@ def smollm2():
     from fastdca.models import load_smollm2
 
     model, tokenizer = load_smollm2(device="cpu")
-    fastdca.patch(model, fastdca.DCAConfig(adapter_layers=20, adapter_len=10, causal_len=2, alpha=1.0),
+    fastdca.patch(model, fastdca.DCAConfig(adapter_layers=20, adapter_len=10, causal_len=2, alpha=1.0,
+                                           variance="sample", xg_space="head"),
                   backend="torch")
     with torch.no_grad():
         for p in model.parameters():

@@ -2,7 +2,8 @@
 
 Side by side in one run (DESIGN.md section 6): the floor (the same frozen model with one trainable
 zero vector added to the hidden state entering the first adapted layer, so that the backward covers the
-same layers), fastdca with alpha = 1 (L' = L), fastdca with alpha = 0, and PEFT's AdaptionPrompt with
+same layers), fastdca with alpha = 1 (L' = L; the default causal loss, token/hidden, and the cheaper
+sample/head), fastdca with alpha = 0, and PEFT's AdaptionPrompt with
 the same L and M. Each records the bytes saved for backward (every storage counted once, parameters
 excluded) and, on CUDA, the peak memory; `python benchmarks/report.py` turns the times into ratios to
 the floor.
@@ -55,9 +56,10 @@ def floor(model):
     return model
 
 
-def fastdca_model(alpha):
+def fastdca_model(alpha, **definition):
     def build(model):
-        return fastdca.patch(model, fastdca.DCAConfig(adapter_layers=L, adapter_len=M, causal_len=2, alpha=alpha))
+        return fastdca.patch(model, fastdca.DCAConfig(adapter_layers=L, adapter_len=M, causal_len=2, alpha=alpha,
+                                                      **definition))
     return build
 
 
@@ -70,6 +72,7 @@ def peft_adaption_prompt(model):
 VARIANTS = {
     "floor": floor,
     "fastdca-alpha1": fastdca_model(1.0),
+    "fastdca-alpha1-sample-head": fastdca_model(1.0, variance="sample", xg_space="head"),
     "fastdca-alpha0": fastdca_model(0.0),
     "peft-adaption-prompt": peft_adaption_prompt,
 }

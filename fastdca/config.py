@@ -15,7 +15,10 @@ VARIANCE_SCOPES = ("global", "rank")
 
 @dataclass(frozen=True)
 class DCAConfig:
-    """DCA hyper-parameters (DESIGN.md section 1); the defaults are the paper's.
+    """DCA hyper-parameters (DESIGN.md section 1). L, M, H, L' and alpha default to the paper's values; the
+    paper leaves the variance's definition open, and the default (variance="token", xg_space="hidden",
+    the released DCA code's) is the one under which alpha = 1 measurably changes X_G (RESULTS.md,
+    "Which causal loss").
 
     adapter_layers (L): number of top decoder layers that get an adapter.
     adapter_len (M): adapter-prompt tokens per layer.
@@ -36,8 +39,8 @@ class DCAConfig:
     causal_layers: Optional[int] = None
     alpha: float = 1.0
     gate_fn: str = "tanh"
-    variance: str = "sample"
-    xg_space: str = "head"
+    variance: str = "token"
+    xg_space: str = "hidden"
     variance_scope: str = "global"
 
     def __post_init__(self):

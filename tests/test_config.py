@@ -5,11 +5,11 @@ import pytest
 from fastdca import DCAConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_with_the_studys_causal_loss():
     config = DCAConfig()
     assert (config.adapter_layers, config.adapter_len, config.causal_len, config.alpha) == (20, 10, 2, 1.0)
     assert config.causal_layers == 20
-    assert (config.gate_fn, config.variance, config.xg_space) == ("tanh", "sample", "head")
+    assert (config.gate_fn, config.variance, config.xg_space) == ("tanh", "token", "hidden")
 
 
 def test_round_trips_through_dict_and_json():

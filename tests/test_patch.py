@@ -241,10 +241,14 @@ def test_loss_is_ce_plus_alpha_causal_and_padding_invariant():
     torch.testing.assert_close(out3.loss, ce)
 
 
-def test_causal_loss_matches_definition():
-    """L_causal from the model equals the per-sample-mean variance of X_G computed from per-sample runs."""
+@pytest.mark.parametrize("variance, xg_space", [("sample", "head"), ("token", "hidden")])
+def test_causal_loss_matches_definition(variance, xg_space):
+    """L_causal from the model equals its definition computed directly from X_G: the variance over samples
+    of each sample's mean X_G (sample, head), or per position the variance over the samples real there
+    of o_proj(X_G), averaged over the positions with two or more (token, hidden)."""
     model = tiny_model("llama", layers=2)
-    fastdca.patch(model, DCAConfig(adapter_layers=1, adapter_len=4, causal_len=2))
+    fastdca.patch(model, DCAConfig(adapter_layers=1, adapter_len=4, causal_len=2, variance=variance,
+                                   xg_space=xg_space))
     randomize_gates(model)
     model.train()
     ids, mask, labels = padded_batch()
@@ -270,8 +274,15 @@ def test_causal_loss_matches_definition():
         patch_mod.dca_attention = orig
     assert torch.equal(captured["kpm"], mask.bool())
     xg = captured["xg"]                                              # (B, T, Hq, D)
-    means = torch.stack([xg[b][mask[b].bool()].mean(0) for b in range(3)])
-    expected = means.var(0, unbiased=True).mean()
+    real = mask.bool()
+    if variance == "sample":
+        means = torch.stack([xg[b][real[b]].mean(0) for b in range(3)])
+        expected = means.var(0, unbiased=True).mean()
+    else:
+        hidden = attn.o_proj(xg.flatten(2))                          # (B, T, hidden)
+        per_position = [hidden[real[:, t], t].var(0, unbiased=True).mean()
+                        for t in range(xg.shape[1]) if real[:, t].sum() >= 2]
+        expected = torch.stack(per_position).mean()
     torch.testing.assert_close(out.causal_loss.detach(), expected, rtol=1e-4, atol=1e-8)
     assert attn.dca.gate.requires_grad
 

@@ -1,0 +1,74 @@
+"""The tables of RESULTS.md's DCA study, from the sweep directories' results.jsonl and xg_stats.jsonl.
+
+    python studies/tables.py            # prints markdown for every study directory that has results
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+STUDIES = Path(__file__).resolve().parent
+DIRECTORIES = ("letters", "letters_h", "math401", "date_understanding")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def label(setting: dict) -> str:
+    if setting.get("alpha") == 0:
+        return "LLaMA-Adapter (alpha = 0)"
+    parts = [f"{setting['variance']}/{setting['xg_space']}", f"alpha {setting['alpha']:g}"]
+    if "causal_len" in setting:
+        parts.append(f"H {setting['causal_len']}")
+    return ", ".join(parts)
+
+
+def order(setting: dict):
+    return (setting.get("alpha") != 0, setting.get("variance", ""), setting.get("xg_space", ""),
+            setting.get("causal_len", 0), setting.get("alpha", 0))
+
+
+def mean_std(values, scale=1.0, digits=1):
+    values = [v * scale for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(directory: Path) -> str:
+    rows = read_jsonl(directory / "results.jsonl")
+    stats = {row["key"]: row for row in read_jsonl(directory / "xg_stats.jsonl")}
+    groups = {}
+    for row in rows:
+        groups.setdefault(json.dumps(row["setting"], sort_keys=True), []).append(row)
+    lines = ["| setting | seeds | accuracy per seed | accuracy % (mean ± std) | final CE | causal grad share "
+             "| held-out Var(X_G) | Var / mean x² |",
+             "|---|---|---|---|---|---|---|---|"]
+    for key in sorted(groups, key=lambda k: order(json.loads(k))):
+        runs = sorted(groups[key], key=lambda r: r["seed"])
+        measured = [stats[r["key"]] for r in runs if r["key"] in stats]
+        held_out = (f"{statistics.fmean(m['variance'] for m in measured):.2e} ({len(measured)})" if measured else "-")
+        relative = (f"{statistics.fmean(m['relative_variance'] for m in measured):.4f}" if measured else "-")
+        share = statistics.fmean(r["grad_share"] for r in runs)
+        seeds = ", ".join(str(r["seed"]) for r in runs)
+        per_seed = ", ".join(f"{100 * r['accuracy']:.0f}%" for r in runs)
+        lines.append(
+            f"| {label(json.loads(key))} | {seeds} | {per_seed} | {mean_std([r['accuracy'] for r in runs], 100)} "
+            f"| {statistics.fmean(r['ce'] for r in runs):.4f} | {share:.1e} | {held_out} | {relative} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    for name in DIRECTORIES:
+        directory = STUDIES / name
+        if (directory / "results.jsonl").is_file():
+            print(f"### studies/{name}\n\n{table(directory)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
