@@ -1,6 +1,7 @@
-"""The tables of RESULTS.md's DCA study, from the sweep directories' results.jsonl and xg_stats.jsonl.
+"""The tables and the X_G figure of RESULTS.md's DCA study, from the sweep directories' results.jsonl
+and xg_stats.jsonl (studies/xg_stats.py).
 
-    python studies/tables.py            # prints markdown for every study directory that has results
+    python studies/summarize.py     # markdown tables on stdout; studies/letters/xg.png
 """
 
 from __future__ import annotations
@@ -62,11 +63,56 @@ def table(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def plot_xg(directory: Path, path: Path) -> None:
+    """Against alpha, one line per definition: the causal grad share at the end of training, and the
+    held-out Var(X_G) and Var / mean x² (means over seeds), LLaMA-Adapter's as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastdca.io import atomic_write
+
+    rows = read_jsonl(directory / "results.jsonl")
+    stats = {row["key"]: row for row in read_jsonl(directory / "xg_stats.jsonl")}
+    lines, baseline = {}, {"variance": [], "relative_variance": []}
+    for row in rows:
+        setting, measured = row["setting"], stats.get(row["key"])
+        if setting["alpha"] == 0:
+            for name in baseline:
+                if measured:
+                    baseline[name].append(measured[name])
+            continue
+        point = lines.setdefault(f"{setting['variance']}/{setting['xg_space']}", {}).setdefault(setting["alpha"], [])
+        point.append((row["grad_share"], measured))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    panels = [("grad_share", "causal grad share (end of training)"), ("variance", "held-out Var(X_G)"),
+              ("relative_variance", "held-out Var(X_G) / mean x²")]
+    for ax, (name, title) in zip(axes, panels):
+        for definition, points in sorted(lines.items()):
+            xs, ys = [], []
+            for alpha, runs in sorted(points.items()):
+                values = [share if name == "grad_share" else (m[name] if m else None) for share, m in runs]
+                values = [v for v in values if v is not None]
+                if values:
+                    xs.append(alpha)
+                    ys.append(statistics.fmean(values))
+            ax.plot(xs, ys, marker="o", label=definition)
+        if name in baseline and baseline[name]:
+            ax.axhline(statistics.fmean(baseline[name]), color="gray", linestyle="--", label="alpha = 0")
+        ax.set(xscale="log", yscale="log", xlabel="alpha", title=title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
 def main() -> int:
     for name in DIRECTORIES:
         directory = STUDIES / name
         if (directory / "results.jsonl").is_file():
             print(f"### studies/{name}\n\n{table(directory)}\n")
+    plot_xg(STUDIES / "letters", STUDIES / "letters" / "xg.png")
     return 0
 
 
