@@ -72,7 +72,7 @@ def table(directory: Path) -> str:
         runs = sorted(groups[key], key=lambda r: r["seed"])
         measured = [stats[r["key"]] for r in runs if r["key"] in stats]
         held_out = (f"{statistics.fmean(m['variance'] for m in measured):.2e} ({len(measured)})" if measured else "-")
-        relative = (f"{statistics.fmean(m['relative_variance'] for m in measured):.4f}" if measured else "-")
+        relative = (f"{statistics.fmean(m['relative_variance'] for m in measured):.1e}" if measured else "-")
         share = statistics.fmean(r["grad_share"] for r in runs)
         seeds = ", ".join(str(r["seed"]) for r in runs)
         per_seed = ", ".join(f"{100 * r['accuracy']:.0f}%" for r in runs)
