@@ -1,7 +1,9 @@
 """The tables and the X_G figure of RESULTS.md's DCA study, from the sweep directories' results.jsonl
 and xg_stats.jsonl (studies/xg_stats.py).
 
-    python studies/summarize.py     # markdown tables on stdout; studies/letters/xg.png
+    python studies/summarize.py     # rewrites the tables in RESULTS.md and studies/letters/xg.png
+
+Each table stands in RESULTS.md between `<!-- studies/NAME -->` and `<!-- /studies/NAME -->`.
 """
 
 from __future__ import annotations
@@ -127,10 +129,17 @@ def plot_xg(directory: Path, path: Path) -> None:
 
 
 def main() -> int:
+    from fastdca.io import atomic_write_text
+
+    results = STUDIES.parent / "RESULTS.md"
+    text = results.read_text()
     for name in DIRECTORIES:
         directory = STUDIES / name
-        if (directory / "results.jsonl").is_file():
-            print(f"### studies/{name}\n\n{table(directory)}\n")
+        start, end = f"<!-- studies/{name} -->", f"<!-- /studies/{name} -->"
+        if (directory / "results.jsonl").is_file() and start in text:
+            before, rest = text.split(start, 1)
+            text = f"{before}{start}\n{table(directory)}\n{end}{rest.split(end, 1)[1]}"
+    atomic_write_text(results, text)
     plot_xg(STUDIES / "letters", STUDIES / "letters" / "xg.png")
     return 0
 
