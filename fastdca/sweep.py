@@ -8,10 +8,12 @@ field (the paper's Fig. 5), with alpha = 0 (LLaMA-Adapter) as the baseline line 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +22,7 @@ from fastdca.config import DCAConfig
 from fastdca.io import atomic_write, atomic_write_text
 
 RESULTS_FILE = "results.jsonl"
+LOCK_FILE = ".sweep.lock"
 
 
 def parse_grid(items) -> dict:
@@ -96,8 +99,42 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
 
     `model` is a model directory or "smollm2"; `task` a fastdca Task. The base DCAConfig is the
     paper's with the task's L' (`base` overrides fields), then each setting's fields. The optimisation
-    is the demo's: AdamW, cosine schedule with 5% warmup, `steps` steps of `batch_size`.
+    is the demo's: AdamW, cosine schedule with 5% warmup, `steps` steps of `batch_size`. One sweep at a
+    time per `output_dir`: a second one raises RuntimeError while the first runs.
     """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with _only_sweep_in(output_dir):
+        return _run_plan(model, task, grid, seeds, output_dir, base, steps, batch_size, learning_rate, max_length,
+                         test_limit, progress, log)
+
+
+@contextlib.contextmanager
+def _only_sweep_in(output_dir: Path):
+    """Holds an exclusive lock on `output_dir` while a sweep writes to it: a second sweep there would
+    train the same runs into the same folders and rewrite results.jsonl without the first one's rows."""
+    try:
+        import fcntl
+    except ImportError:     # not POSIX: no lock to take
+        yield
+        return
+    with open(output_dir / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RuntimeError(f"another fastdca sweep (pid {holder}) is writing to {output_dir}; wait for it to "
+                               "finish or give this one another --output") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+
+
+def _run_plan(model, task, grid, seeds, output_dir, base, steps, batch_size, learning_rate, max_length, test_limit,
+              progress, log):
     import torch
 
     from fastdca.eval import evaluate
@@ -105,8 +142,6 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
     from fastdca.patch import patch
     from fastdca.train import TrainSettings, train
 
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     rows = read_results(output_dir)
     done = {row["key"] for row in rows}
     test = task.examples("test")[:test_limit]

@@ -56,6 +56,28 @@ def test_sweep_runs_once_resumes_and_summarises(tiny_model_dir, tmp_path, monkey
     assert len(trained) == 4 and len(read_results(tmp_path / "sweep")) == 12
 
 
+def test_a_second_sweep_into_the_same_folder_is_refused(tiny_model_dir, tmp_path, capsys):
+    """While one sweep holds the folder, another would rewrite results.jsonl without the first one's rows."""
+    fcntl = pytest.importorskip("fcntl")
+    from fastdca.sweep import LOCK_FILE
+
+    output = tmp_path / "sweep"
+    output.mkdir()
+    argv = ["sweep", "--model", str(tiny_model_dir), "--task", "letter_concat", "--grid", "adapter_layers=2",
+            "--grid", "adapter_len=4", "--task-option", "n_train=8", "--steps", "1", "--batch-size", "2",
+            "--limit", "2", "--output", str(output)]
+    with open(output / LOCK_FILE, "w") as held:     # what a running sweep holds
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(SystemExit) as refused:
+            main(argv)
+        assert refused.value.code == 2
+        assert "another fastdca sweep (pid 4242) is writing to" in capsys.readouterr().err
+        assert read_results(output) == []
+    assert main(argv) == 0 and len(read_results(output)) == 1
+
+
 def test_summary_mean_and_std():
     rows = [dict(setting={"alpha": 1.0}, accuracy=a, grad_share=g) for a, g in ((0.1, 1e-3), (0.3, 3e-3))]
     rows.append(dict(setting={"alpha": 0.0}, accuracy=0.2, grad_share=0.0))
