@@ -26,7 +26,7 @@ from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
-from fastdca.grad_share import causal_gradient_share
+from fastdca.grad_share import causal_gradient_share, warn_if_causal_term_inert
 from fastdca.patch import ADAPTER_FILE, CONFIG_FILE, adapter_state_dict, load_adapter, save_adapter
 from fastdca.tasks import Example
 
@@ -292,6 +292,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
                                   get_last_checkpoint(str(output_dir)))
     if trainer.is_world_process_zero():
         save_adapter(model, output_dir)
+        warn_if_causal_term_inert(history, config.alpha)
     return history
 
 

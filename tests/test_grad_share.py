@@ -2,13 +2,14 @@
 and its place in fastdca train's history."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastdca import DCAConfig
-from fastdca.grad_share import causal_gradient_share
+from fastdca.grad_share import INERT_SHARE, causal_gradient_share, warn_if_causal_term_inert
 from fastdca.patch import adapter_state_dict, patch
 from fastdca.tasks import LetterConcatenation
 from fastdca.train import PadCollator, TrainSettings, tokenize_examples, train
@@ -65,3 +66,25 @@ def test_train_logs_the_share_at_every_logging_step(tiny_model_dir, tmp_path):
                     config=config, settings=settings, progress=False)
     assert [h["step"] for h in history] == [2, 4]
     assert all(h["grad_share"] is not None and 0 < h["grad_share"] < math.inf for h in history)
+
+
+def test_an_inert_causal_term_is_reported():
+    """The median share over the second half of the logged steps decides; alpha = 0 is never reported."""
+    history = [{"grad_share": g} for g in (1e-4, 5e-2, 5e-5, 6e-5)]
+    with pytest.warns(UserWarning, match=r"stayed near 5.5e-05 .*alpha=1 it barely changed training"):
+        assert warn_if_causal_term_inert(history, 1.0) == pytest.approx(5.5e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rising = [{"grad_share": g} for g in (1e-4, 2 * INERT_SHARE, 3 * INERT_SHARE)]   # small only at the start
+        assert warn_if_causal_term_inert(rising, 1.0) == pytest.approx(2.5 * INERT_SHARE)
+        assert warn_if_causal_term_inert([{"grad_share": 0.0}], 0.0) is None
+        assert warn_if_causal_term_inert([{"grad_share": None}], 1.0) is None
+
+
+def test_train_warns_when_alpha_does_nothing(tiny_model_dir, tmp_path):
+    config = DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2, alpha=1e-9)
+    model, tokenizer = tiny(tiny_model_dir, config)
+    settings = TrainSettings(max_steps=2, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50)
+    with pytest.warns(UserWarning, match="barely changed training"):
+        train(model, tokenizer, LetterConcatenation(n_train=16).examples("train"), tmp_path / "run",
+              config=config, settings=settings, progress=False)
