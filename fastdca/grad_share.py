@@ -17,6 +17,7 @@ import torch
 
 # In the Letter Concatenation study (RESULTS.md), settings whose share ended below this left the
 # held-out Var(X_G) where LLaMA-Adapter (alpha = 0) leaves it; from about 2e-2 up it fell measurably.
+# (A share can also end low because X_G was already shrunk to nothing, as on Math401 with L' = 1.)
 INERT_SHARE = 1e-2
 
 
@@ -51,6 +52,7 @@ def warn_if_causal_term_inert(history, alpha: float) -> float | None:
     median = statistics.median(shares[len(shares) // 2:])
     if median < INERT_SHARE:
         warnings.warn(f"the causal term's share of the adapter gradient stayed near {median:.1e} (below "
-                      f"{INERT_SHARE:g}): at alpha={alpha:g} it barely changed training. Raise alpha, or use "
+                      f"{INERT_SHARE:g}): at alpha={alpha:g} it barely pulled on the adapter. Unless "
+                      "`fastdca eval --xg-stats` shows X_G's held-out variance fell anyway, raise alpha or use "
                       "variance='token', xg_space='hidden' (README: Which causal loss).", stacklevel=2)
     return median

@@ -71,7 +71,7 @@ def test_train_logs_the_share_at_every_logging_step(tiny_model_dir, tmp_path):
 def test_an_inert_causal_term_is_reported():
     """The median share over the second half of the logged steps decides; alpha = 0 is never reported."""
     history = [{"grad_share": g} for g in (1e-4, 5e-2, 5e-5, 6e-5)]
-    with pytest.warns(UserWarning, match=r"stayed near 5.5e-05 .*alpha=1 it barely changed training"):
+    with pytest.warns(UserWarning, match=r"stayed near 5.5e-05 .*alpha=1 it barely pulled on the adapter"):
         assert warn_if_causal_term_inert(history, 1.0) == pytest.approx(5.5e-5)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -85,6 +85,6 @@ def test_train_warns_when_alpha_does_nothing(tiny_model_dir, tmp_path):
     config = DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2, alpha=1e-9)
     model, tokenizer = tiny(tiny_model_dir, config)
     settings = TrainSettings(max_steps=2, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50)
-    with pytest.warns(UserWarning, match="barely changed training"):
+    with pytest.warns(UserWarning, match="barely pulled on the adapter"):
         train(model, tokenizer, LetterConcatenation(n_train=16).examples("train"), tmp_path / "run",
               config=config, settings=settings, progress=False)
