@@ -102,11 +102,60 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
     is the demo's: AdamW, cosine schedule with 5% warmup, `steps` steps of `batch_size`. One sweep at a
     time per `output_dir`: a second one raises RuntimeError while the first runs.
     """
+    import torch
+
+    from fastdca.eval import evaluate
+    from fastdca.models import load_model, load_smollm2
+    from fastdca.patch import patch
+    from fastdca.train import TrainSettings, train
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with _only_sweep_in(output_dir):
-        return _run_plan(model, task, grid, seeds, output_dir, base, steps, batch_size, learning_rate, max_length,
-                         test_limit, progress, log)
+        rows = read_results(output_dir)
+        done = {row["key"] for row in rows}
+        test = task.examples("test")[:test_limit]
+        plan = [(setting, seed) for setting in settings_of(grid) for seed in seeds]
+        log(f"sweep: {len(plan)} runs, {sum(run_key(s, seed) in done for s, seed in plan)} already done")
+        for index, (setting, seed) in enumerate(plan):
+            key = run_key(setting, seed)
+            if key in done:
+                continue
+            started = time.perf_counter()
+            net, tokenizer = load_smollm2() if model == "smollm2" else load_model(model)
+            layers = net.config.num_hidden_layers
+            fields = {"adapter_layers": min(20, layers), **(base or {}), **setting}
+            if "causal_layers" not in fields:   # the task's L', within the adapted layers
+                fields["causal_layers"] = min(task.causal_layers or fields["adapter_layers"], fields["adapter_layers"])
+            config = DCAConfig(**fields)
+            torch.manual_seed(seed)          # the adapter's initial prompts
+            patch(net, config)
+            settings = TrainSettings(max_steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                     warmup=0.05, lr_scheduler="cosine", max_length=max_length,
+                                     save_steps=max(steps // 4, 1), logging_steps=max(steps // 10, 1))
+            folder = run_dir(output_dir, key)
+            history = train(net, tokenizer, task.examples("train"), folder, config=config, settings=settings,
+                            progress=progress)
+            result = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
+                              predictions_path=folder / "predictions.jsonl")
+            last = history[-1] if history else {}
+            row = dict(key=key, setting=setting, seed=seed, accuracy=result["accuracy"], correct=result["correct"],
+                       total=result["total"], ce=last.get("ce"), causal_loss=last.get("causal_loss"),
+                       grad_share=last.get("grad_share"), seconds=round(time.perf_counter() - started, 1),
+                       config=config.to_dict())
+            rows.append(row)
+            done.add(key)
+            atomic_write_text(output_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+            log(f"run {index + 1}/{len(plan)} {setting} seed {seed}: accuracy {result['accuracy']:.1%}")
+        atomic_write_text(output_dir / "summary.md", summary_table(rows))
+        plot_sweep(rows, output_dir / "sweep.png")
+        return rows
+
+
+def run_dir(output_dir, key: str) -> Path:
+    """The folder of the run `key` (run_key) in a sweep's `output_dir`: its adapter, checkpoints, loss
+    history and predictions."""
+    return Path(output_dir) / "runs" / f"run-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 
 
 @contextlib.contextmanager
@@ -131,55 +180,6 @@ def _only_sweep_in(output_dir: Path):
         handle.write(f"{os.getpid()}\n")
         handle.flush()
         yield
-
-
-def _run_plan(model, task, grid, seeds, output_dir, base, steps, batch_size, learning_rate, max_length, test_limit,
-              progress, log):
-    import torch
-
-    from fastdca.eval import evaluate
-    from fastdca.models import load_model, load_smollm2
-    from fastdca.patch import patch
-    from fastdca.train import TrainSettings, train
-
-    rows = read_results(output_dir)
-    done = {row["key"] for row in rows}
-    test = task.examples("test")[:test_limit]
-    plan = [(setting, seed) for setting in settings_of(grid) for seed in seeds]
-    log(f"sweep: {len(plan)} runs, {sum(run_key(s, seed) in done for s, seed in plan)} already done")
-    for index, (setting, seed) in enumerate(plan):
-        key = run_key(setting, seed)
-        if key in done:
-            continue
-        started = time.perf_counter()
-        net, tokenizer = load_smollm2() if model == "smollm2" else load_model(model)
-        layers = net.config.num_hidden_layers
-        fields = {"adapter_layers": min(20, layers), **(base or {}), **setting}
-        if "causal_layers" not in fields:   # the task's L', within the adapted layers
-            fields["causal_layers"] = min(task.causal_layers or fields["adapter_layers"], fields["adapter_layers"])
-        config = DCAConfig(**fields)
-        torch.manual_seed(seed)          # the adapter's initial prompts
-        patch(net, config)
-        settings = TrainSettings(max_steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                 warmup=0.05, lr_scheduler="cosine", max_length=max_length,
-                                 save_steps=max(steps // 4, 1), logging_steps=max(steps // 10, 1))
-        run_dir = output_dir / "runs" / f"run-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        history = train(net, tokenizer, task.examples("train"), run_dir, config=config, settings=settings,
-                        progress=progress)
-        result = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
-                          predictions_path=run_dir / "predictions.jsonl")
-        last = history[-1] if history else {}
-        row = dict(key=key, setting=setting, seed=seed, accuracy=result["accuracy"], correct=result["correct"],
-                   total=result["total"], ce=last.get("ce"), causal_loss=last.get("causal_loss"),
-                   grad_share=last.get("grad_share"), seconds=round(time.perf_counter() - started, 1),
-                   config=config.to_dict())
-        rows.append(row)
-        done.add(key)
-        atomic_write_text(output_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
-        log(f"run {index + 1}/{len(plan)} {setting} seed {seed}: accuracy {result['accuracy']:.1%}")
-    atomic_write_text(output_dir / "summary.md", summary_table(rows))
-    plot_sweep(rows, output_dir / "sweep.png")
-    return rows
 
 
 def summarize(rows) -> list[dict]:

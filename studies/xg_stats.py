@@ -11,7 +11,6 @@ runs already there are skipped, so the script resumes), and a table per setting 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -21,7 +20,7 @@ from fastdca.eval import xg_variance
 from fastdca.io import atomic_write_text
 from fastdca.models import load_smollm2
 from fastdca.patch import load_adapter
-from fastdca.sweep import parse_task_options, read_results
+from fastdca.sweep import parse_task_options, read_results, run_dir
 from fastdca.tasks import get_task
 
 STATS_FILE = "xg_stats.jsonl"
@@ -51,12 +50,12 @@ def main(argv=None) -> int:
     for result in read_results(args.sweep):
         if result["key"] in known:
             continue
-        run_dir = args.sweep / "runs" / f"run-{hashlib.sha1(result['key'].encode()).hexdigest()[:12]}"
-        if not (run_dir / "adapter.safetensors").is_file():
-            print(f"skipped {result['setting']} seed {result['seed']}: no adapter in {run_dir}", file=sys.stderr)
+        folder = run_dir(args.sweep, result["key"])
+        if not (folder / "adapter.safetensors").is_file():
+            print(f"skipped {result['setting']} seed {result['seed']}: no adapter in {folder}", file=sys.stderr)
             continue
         net, tokenizer = load_smollm2()
-        load_adapter(net, run_dir)
+        load_adapter(net, folder)
         stats = xg_variance(net, tokenizer, prompts, progress=False)
         done.append(dict(key=result["key"], setting=result["setting"], seed=result["seed"],
                          accuracy=result["accuracy"], **causal_layer_means(stats)))
@@ -69,9 +68,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for setting, rows in sorted(groups.items()):
         label = ", ".join(f"{k}={v}" for k, v in json.loads(setting).items())
-        print(f"| {label} | {len(rows)} | " + " | ".join(
-            f"{statistics.fmean(r[name] for r in rows):.3g}" for name in ("variance", "mean_square", "relative_variance"))
-              + " |")
+        means = [statistics.fmean(r[name] for r in rows) for name in ("variance", "mean_square", "relative_variance")]
+        print(f"| {label} | {len(rows)} | " + " | ".join(f"{m:.3g}" for m in means) + " |")
     return 0
 
 
