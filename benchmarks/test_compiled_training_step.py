@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_training_step import (SMOLLM2, B, DEVICE, L, M, T, base_state, batch, fastdca_model, floor,  # noqa: F401
-                                frozen_model)
+                                frozen_model, training_step_of)
 
 # the cheaper causal loss, as when these results were recorded: compiling, not the definition, is measured
 VARIANTS = {"floor": floor, "fastdca-alpha1-sample-head": fastdca_model(1.0, variance="sample", xg_space="head")}
@@ -29,16 +29,7 @@ def training_step(base_state, batch, variant, compiled):  # noqa: F811
     """One warmed-up training step of `variant`, eager or compiled, as a function."""
     model = VARIANTS[variant](frozen_model(base_state))
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    forward = torch.compile(model) if compiled else model
-
-    def step():
-        for p in trainable:
-            p.grad = None
-        forward(**batch).loss.backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
+    step = training_step_of(model, batch, torch.compile(model) if compiled else None)
     for _ in range(2):  # compilation (the backward compiles at its first call), then one cached run
         step()
     return step

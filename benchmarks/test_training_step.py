@@ -95,20 +95,29 @@ def saved_activation_bytes(model, step):
     return sum(storages.values())
 
 
+def training_step_of(model, batch, forward=None):
+    """One training step of `model` on `batch` as a function: gradients cleared, the loss's backward, a
+    CUDA synchronisation. `forward` runs the model (a compiled one, say); the model itself by default."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    forward = model if forward is None else forward
+
+    def step():
+        for p in trainable:
+            p.grad = None
+        forward(**batch).loss.backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    return step
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_training_step(benchmark, base_state, batch, variant):
     model = VARIANTS[variant](frozen_model(base_state))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert trainable, f"{variant} has no trainable parameter"
-
-    def step():
-        for p in trainable:
-            p.grad = None
-        model(**batch).loss.backward()
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
-
+    step = training_step_of(model, batch)
     step()  # warm-up, and the adapter's gradients become real
     benchmark.extra_info["saved_bytes"] = saved_activation_bytes(model, step)
     benchmark.extra_info["trainable_parameters"] = sum(p.numel() for p in trainable)
