@@ -76,8 +76,9 @@ def _token_variance(x_g, real, project, distributed):
     if _is_distributed(distributed):
         # positions are compared across ranks: a rank with shorter rows holds padding at the rest
         longest = _longest_over_ranks(T, x_g.device)
-        flat = torch.nn.functional.pad(flat, (0, 0, 0, longest - T))
-        weight = torch.nn.functional.pad(weight, (0, 0, 0, longest - T))
+        if longest > T:
+            flat = torch.nn.functional.pad(flat, (0, 0, 0, longest - T))
+            weight = torch.nn.functional.pad(weight, (0, 0, 0, longest - T))
     per_position = _weighted_variance(flat, weight, distributed)                 # (T, F)
     counted = (_all_reduce_sum(weight.sum(0), distributed) >= 2).to(flat.dtype)         # (T, 1)
     return (per_position * counted).sum() / (counted.sum() * flat.shape[-1]).clamp(min=1)
