@@ -235,8 +235,9 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     output_class = _declared_output_class(model)
     if output_class is not None:
         _with_dca_losses(output_class)
-    # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out.
-    ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or [])
+    # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out. A config
+    # without the attribute gets Trainer's own default for it.
+    ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or ["cache"])
     hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
     setattr(model, _STATE_ATTR, state)
     return model
@@ -596,9 +597,11 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
                                "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
                                "False}) (the default), or set DCAConfig(alpha=0)")
         real = None if key_padding is None else key_padding[:, S - T:]
-        if packing is not None and xg == "token":
-            stats, real = _unpack_tokens(stats, *packing)
-        state.stats[adapter.layer_idx] = (stats, real, module.o_proj if cfg.xg_space == "hidden" else None, dtype)
+        # A packed row's X_G is laid out per sample in the post-hook, outside the layer: under gradient
+        # checkpointing the recomputation, which records nothing, must save the very tensors the forward did.
+        unpack = packing if xg == "token" else None
+        state.stats[adapter.layer_idx] = (stats, real, unpack, module.o_proj if cfg.xg_space == "hidden" else None,
+                                          dtype)
     if state.attention_records is not None and adapter.layer_idx in state.recorded_layers:
         state.attention_records[adapter.layer_idx] = _adapter_attention_record(
             query, ak, av, gate, cfg, scaling, key_padding, S)
@@ -786,7 +789,9 @@ def _post_hook(model, args, kwargs, output):
     cfg = state.config
     losses = []
     for idx in sorted(stats):
-        xg_stats, real, o_proj, dtype = stats[idx]
+        xg_stats, real, unpack, o_proj, dtype = stats[idx]
+        if unpack is not None:
+            xg_stats, real = _unpack_tokens(xg_stats, *unpack)
         project = None if o_proj is None else _projector(o_proj, dtype)
         losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project,
                                         distributed=cfg.variance_scope == "global"))

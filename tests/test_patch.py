@@ -531,7 +531,8 @@ def test_unpatch_restores_model():
     assert model.config._attn_implementation == "eager"
     assert not any(".dca." in n for n, _ in model.named_parameters())
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before_flags
-    assert "causal_loss" not in model.config.keys_to_ignore_at_inference
+    # transformers >= 5.24 configs do not have the attribute until someone sets it
+    assert "causal_loss" not in (getattr(model.config, "keys_to_ignore_at_inference", None) or [])
     assert not model._forward_hooks and not model._forward_pre_hooks
     model.train()
     with torch.no_grad():
