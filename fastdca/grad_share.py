@@ -15,6 +15,8 @@ import warnings
 
 import torch
 
+from fastdca.causal_term import unchecked
+
 # In the Letter Concatenation study (RESULTS.md), settings whose share ended below this left the
 # held-out Var(X_G) where LLaMA-Adapter (alpha = 0) leaves it; from about 2e-2 up it fell measurably.
 # (A share can also end low because X_G was already shrunk to nothing, as on Math401 with L' = 1.)
@@ -32,10 +34,18 @@ def causal_gradient_share(outputs, params) -> float | None:
     if getattr(outputs, "causal_loss", None) is None or ce is None:
         return 0.0
     params = list(params)
-    causal_grads = torch.autograd.grad(total - ce, params, retain_graph=True, allow_unused=True)
-    ce_grads = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
+    with unchecked():   # the CE's backward leaves the causal term out on purpose
+        causal_grads = torch.autograd.grad(total - ce, params, retain_graph=True, allow_unused=True)
+        ce_grads = torch.autograd.grad(ce, params, retain_graph=True, allow_unused=True)
     ce_norm = _norm(ce_grads)
     return _norm(causal_grads) / ce_norm if ce_norm > 0 else math.inf
+
+
+def measurement_due(args, step: int, measured_step) -> bool:
+    """Whether a Trainer (TrainingArguments `args`) should measure the share now: on the first micro-batch
+    of each step that will be logged, `step` counting from 1. Not under several processes, whose gradient
+    synchronisation an extra backward would disturb."""
+    return step % args.logging_steps == 0 and measured_step != step and args.world_size <= 1
 
 
 def _norm(grads) -> float:

@@ -61,7 +61,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastdca import reference
+from fastdca import causal_term, reference
+from fastdca.integrations import trl as trl_integration
 from fastdca.errors import AdapterError
 from fastdca.config import DCAConfig
 from fastdca.io import atomic_write_all
@@ -796,30 +797,46 @@ def _post_hook(model, args, kwargs, output):
         losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project,
                                         distributed=cfg.variance_scope == "global"))
     lc = _causal_loss(losses)
+    # The term as added to the loss: alpha * L_causal, weighted by the micro-batch's share of the label
+    # tokens under Trainer's num_items_in_batch.
+    term = cfg.alpha * (1.0 if labels is None else _share(state, labels)) * lc
     if isinstance(output, tuple):
         if labels is not None and len(output) > 0 and isinstance(output[0], torch.Tensor) and output[0].dim() == 0:
-            return (output[0] + cfg.alpha * _share(state, labels) * lc.to(output[0].dtype),) + output[1:]
+            return (output[0] + term.to(output[0].dtype),) + output[1:]
         return None
     ce = getattr(output, "loss", None)
     if labels is not None and ce is not None:
-        output.loss = ce + cfg.alpha * _share(state, labels) * lc.to(ce.dtype)
+        output.loss = ce + term.to(ce.dtype)
     # Declared fields, not extra keys: DistributedDataParallel rebuilds the output as
     # type(output)(**fields), which refuses keys its dataclass does not declare.
     fields = {f.name: getattr(output, f.name) for f in dataclasses.fields(output)}
-    return _with_dca_losses(type(output))(**fields, causal_loss=lc, ce_loss=ce)
+    loss_source = fields.get("logits")
+    if trl_integration.is_fused_output(output):
+        # TRL's SFTTrainer takes its loss from these log-probabilities: the term rides on them.
+        trl_integration.fold_causal_term(fields, cfg.alpha * lc)
+        loss_source = fields["log_probs"]
+        if ce is not None and not torch.compiler.is_compiling():
+            trl_integration.follow_trainer(model, ce, term, lc, adapter_state_dict(model).values())
+    if (torch.is_grad_enabled() and lc.requires_grad and isinstance(loss_source, torch.Tensor)
+            and loss_source.requires_grad and not torch.compiler.is_compiling()):
+        causal_term.watch(lc, loss_source)
+    return _with_dca_losses(type(output))(**fields, causal_loss=lc, causal_term=term, ce_loss=ce)
 
 
 _OUTPUT_CLASSES = {}   # a transformers output class -> the same with causal_loss and ce_loss
 
 
 def _with_dca_losses(output_class):
-    """`output_class` (a transformers ModelOutput dataclass) with `causal_loss` (L_causal) and `ce_loss`
-    (the model's own loss, before alpha * L_causal was added) fields. `patch` makes the class of the
+    """`output_class` (a transformers ModelOutput dataclass) with `causal_loss` (L_causal), `causal_term`
+    (what was added to the loss for it, alpha * L_causal times the micro-batch's token share under
+    num_items_in_batch: the term a loop that computes its own loss adds) and `ce_loss` (the model's own
+    loss, before the term was added) fields. `patch` makes the class of the
     model's declared output ahead of time: creating a class inside a compiled forward breaks the graph."""
     derived = _OUTPUT_CLASSES.get(output_class)
     if derived is None:
         derived = _OUTPUT_CLASSES[output_class] = dataclasses.make_dataclass(
             output_class.__name__, [("causal_loss", Optional[torch.Tensor], None),
+                                    ("causal_term", Optional[torch.Tensor], None),
                                     ("ce_loss", Optional[torch.Tensor], None)],
             bases=(output_class,), namespace={"__module__": __name__})
     return derived

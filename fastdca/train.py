@@ -26,7 +26,7 @@ from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
-from fastdca.grad_share import causal_gradient_share, warn_if_causal_term_inert
+from fastdca.grad_share import causal_gradient_share, measurement_due, warn_if_causal_term_inert
 from fastdca.patch import ADAPTER_FILE, CONFIG_FILE, adapter_state_dict, load_adapter, save_adapter
 from fastdca.tasks import Example
 
@@ -164,7 +164,7 @@ class DCATrainer(Trainer):
         gradient on the DCA parameters (fastdca.grad_share). Not under several processes, whose
         gradient synchronisation an extra backward would disturb."""
         step = self.state.global_step + 1
-        if step % self.args.logging_steps or self._share["step"] == step or self.args.world_size > 1:
+        if not measurement_due(self.args, step, self._share["step"]):
             return
         params = adapter_state_dict(self.accelerator.unwrap_model(self.model)).values()
         self._share = {"step": step, "value": causal_gradient_share(outputs, params)}

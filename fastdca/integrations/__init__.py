@@ -1,0 +1,1 @@
+"""What fastdca knows about the libraries users train with besides transformers: TRL, PEFT."""
