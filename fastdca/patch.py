@@ -61,7 +61,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastdca import causal_term, reference
+from fastdca import causal_term, pretrained, reference
 from fastdca.integrations import trl as trl_integration
 from fastdca.errors import AdapterError
 from fastdca.config import DCAConfig
@@ -147,6 +147,7 @@ class _State:
         self.model_info = {}
         self.attention_records = None               # layer_idx -> AdapterAttentionRecord while recording
         self.recorded_layers = frozenset()
+        self.adapters_disabled = False              # inside disable_adapter: every layer attends as the base model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,6 +241,7 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     # without the attribute gets Trainer's own default for it.
     ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or ["cache"])
     hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
+    pretrained.install(model, base_impl)
     setattr(model, _STATE_ATTR, state)
     return model
 
@@ -256,6 +258,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for attn in state.plain_attn_modules:
         delattr(attn, _STATE_ATTR)
     state.linear_4bit.restore()
+    pretrained.remove(model)
     _swap_config(model, model.config, state.orig_config)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
@@ -428,8 +431,7 @@ def describe(model: nn.Module) -> str:
     """A short summary: the patched layers, the DCA config, the trainable parameters and their share."""
     state = _state(model)
     cfg = state.config
-    total = sum(_numel(p) for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable, total = trainable_parameters(model)
     dca = sum(p.numel() for p in adapter_state_dict(model).values())
     info = state.model_info
     first, last = state.layer_ids[0], state.layer_ids[-1]
@@ -492,6 +494,32 @@ def record_adapter_attention(model: nn.Module, layers=None):
         state.attention_records, state.recorded_layers = None, frozenset()
 
 
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module):
+    """While the context is open the patched `model` computes what the base model does: every layer
+    attends through the base implementation, no X_G statistics are collected and no causal term is added.
+    The adapter parameters are not touched (PEFT's `disable_adapter`)."""
+    state = _state(model)
+    previous, state.adapters_disabled = state.adapters_disabled, True
+    try:
+        yield model
+    finally:
+        state.adapters_disabled = previous
+
+
+def trainable_parameters(model: nn.Module) -> tuple:
+    """(trainable, total) parameter counts of `model`; a 4-bit weight counts as its unpacked elements."""
+    total = sum(_numel(p) for p in model.parameters())
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print PEFT's line: trainable params, all params and the trainable share."""
+    trainable, total = trainable_parameters(model)
+    print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")
+
+
 def adapted_layers(model: nn.Module) -> list:
     """The decoder layer indices that carry a DCA adapter, ascending."""
     return list(_state(model).layer_ids)
@@ -549,7 +577,7 @@ def _make_attention_function(base_impl: str):
         adapter = getattr(module, "dca", None)
         state = adapter._state if isinstance(adapter, DCAAdapter) else getattr(module, _STATE_ATTR, None)
         packing = _packing(state, query, key, attention_mask, kwargs)
-        if not isinstance(adapter, DCAAdapter):
+        if not isinstance(adapter, DCAAdapter) or state.adapters_disabled:
             if packing is None:
                 return _base_function(base_impl, module)(module, query, key, value, attention_mask,
                                                          dropout=dropout, scaling=scaling, **kwargs)
@@ -590,6 +618,8 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     out, stats = dca_attention(query, key, value, ak, av, gate, causal_len=cfg.causal_len, scale=scaling,
                                key_padding_mask=key_padding, cu_seqlens=cu_seqlens, gate_fn=cfg.gate_fn, xg=xg,
                                backend=state.backend)
+    if key_padding is not None and state.base_impl == "eager":
+        out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
     if stats is not None and state.recording:
         if state.grad_enabled and not torch.is_grad_enabled():
             # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
@@ -607,6 +637,17 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
         state.attention_records[adapter.layer_idx] = _adapter_attention_record(
             query, ak, av, gate, cfg, scaling, key_padding, S)
     return out, None
+
+
+def _as_eager_where_no_key_is_visible(out, value, key_padding, T):
+    """Eager attention gives a query that sees no real key (a left pad) the mean of v over every key: its
+    scores are all the mask's finfo.min. The op gives such a row 0 from the prompt part; this adds what eager
+    gives, so that the patched model equals the unpatched one at pads too (their logits enter an unmasked loss)."""
+    B, Hq = out.shape[0], out.shape[2]
+    S = key_padding.shape[1]
+    sees_no_key = key_padding.cumsum(-1)[:, S - T:] == 0                                   # (B, T)
+    mean_v = value.float().mean(dim=2).repeat_interleave(Hq // value.shape[1], dim=1)     # (B, Hq, D)
+    return torch.where(sees_no_key[:, :, None, None], out + mean_v[:, None].to(out.dtype), out)
 
 
 def _padding(state, attention_mask, B, T, S):
@@ -762,7 +803,7 @@ def _pre_hook(model, args, kwargs):
     past = bound.get("past_key_values")
     if past is not None and "Static" in type(past).__name__:
         raise NotImplementedError(f"fastdca adapted layers need a DynamicCache; got {type(past).__name__}")
-    collect = cfg.alpha > 0 and (labels is not None or model.training)
+    collect = cfg.alpha > 0 and (labels is not None or model.training) and not state.adapters_disabled
     state.xg_mode = cfg.variance if collect else None
     state.stats = {}
     state.recording = collect
@@ -908,6 +949,7 @@ def _numel(p) -> int:
     return p.numel()
 
 
-__all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "describe", "is_patched", "get_config",
+__all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "describe", "disable_adapter",
+           "print_trainable_parameters", "trainable_parameters", "is_patched", "get_config",
            "adapter_state_dict", "adapted_layers", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
            "SUPPORTED_MODEL_TYPES"]

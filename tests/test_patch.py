@@ -655,3 +655,54 @@ def test_matches_peft_adaption_prompt():
         plain = base(ids).logits
     assert (expected - plain).abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# disable_adapter, print_trainable_parameters, eager attention at pads
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_disable_adapter_gives_the_base_model(attn):
+    model = tiny_model("llama", attn=attn)
+    ids, mask, labels = padded_batch()
+    with torch.no_grad():
+        base = model(ids, attention_mask=mask, labels=labels)
+    fastdca.patch(model, CFG)
+    randomize_gates(model)
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    with fastdca.disable_adapter(model):
+        with torch.no_grad():
+            off = model(ids, attention_mask=mask, labels=labels)
+    with torch.no_grad():
+        on = model(ids, attention_mask=mask, labels=labels)
+    assert torch.equal(off.logits, base.logits) and torch.equal(off.loss, base.loss)
+    assert getattr(off, "causal_loss", None) is None
+    assert not torch.equal(on.logits, base.logits) and on.causal_loss > 0     # and on again after the context
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+
+
+def test_print_trainable_parameters(capsys):
+    model = tiny_model("llama")
+    total = sum(p.numel() for p in model.parameters())
+    fastdca.patch(model, CFG)
+    fastdca.print_trainable_parameters(model)
+    trainable = 2 * (5 * 64 + 4)       # L x (M x hidden + heads)
+    assert capsys.readouterr().out.strip() == (f"trainable params: {trainable:,} || all params: {total + trainable:,} "
+                                               f"|| trainable%: {100 * trainable / (total + trainable):.4f}")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_eager_left_padding_equals_the_unpatched_model_everywhere(model_type):
+    """Labels on every token, pads included (what a collator that does not mask pads gives): a query with
+    no real key to see gets eager's uniform average of v, so the loss equals the unpatched model's."""
+    model = tiny_model(model_type, attn="eager")
+    ids, mask, _ = padded_batch()
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask, labels=ids)
+    fastdca.patch(model, CFG)
+    with torch.no_grad():
+        after = model(ids, attention_mask=mask, labels=ids)
+    # eager materialises the scores itself, the op goes through SDPA: float32 rounding only
+    torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after.loss, before.loss, rtol=1e-6, atol=0)
