@@ -62,6 +62,7 @@ import torch
 from torch import nn
 
 from fastdca import causal_term, pretrained, reference
+from fastdca.integrations import peft as peft_integration
 from fastdca.integrations import trl as trl_integration
 from fastdca.errors import AdapterError
 from fastdca.config import DCAConfig
@@ -102,7 +103,11 @@ class DCAAdapter(nn.Module):
         """ak, av (Hkv, M, D) in `dtype`: the prompt through the layer's own k_proj and v_proj."""
         # The cache is an eager-mode saving: its key reads storage addresses and version counters, which
         # a compiled graph cannot guard on, and a compiled graph recomputes the two small projections.
-        cached = not (torch.is_grad_enabled() and self.prompt.requires_grad) and not torch.compiler.is_compiling()
+        # Only without gradients (a cached graph would be backpropagated twice) and only for projections whose
+        # output is a function of their weights alone: a PEFT-wrapped one also depends on its adapters and
+        # their switches.
+        cached = (not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                  and _plain_projection(attn.k_proj) and _plain_projection(attn.v_proj))
         key = None
         if cached:
             key = (self.prompt._version, self.prompt.data_ptr(), dtype, self.prompt.device,
@@ -118,6 +123,11 @@ class DCAAdapter(nn.Module):
         self.kv_computations += 1
         self._kv_cache = (key, (ak, av)) if cached else None
         return ak, av
+
+
+def _plain_projection(linear: nn.Module) -> bool:
+    """nn.Linear or a bitsandbytes quantised Linear, with no submodules: its output depends on its weight alone."""
+    return isinstance(linear, nn.Linear) and not any(True for _ in linear.children())
 
 
 def _version(linear: nn.Module) -> int:
@@ -148,6 +158,7 @@ class _State:
         self.attention_records = None               # layer_idx -> AdapterAttentionRecord while recording
         self.recorded_layers = frozenset()
         self.adapters_disabled = False              # inside disable_adapter: every layer attends as the base model
+        self.peft_wrapper = None                    # the PeftModel that was patched, if one was
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,6 +179,10 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     if not isinstance(config, DCAConfig):
         raise TypeError(f"config must be a fastdca.DCAConfig, got {type(config).__name__}")
     _check_transformers_version()
+    wrapper = model
+    if peft_integration.is_peft_model(model):
+        model = model.get_base_model()
+    under_peft = peft_integration.has_tuner_layers(model)
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched with fastdca; call fastdca.unpatch(model) before "
                            "patching it again")
@@ -209,8 +224,9 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     state = _State(config, base_impl, layer_ids, causal_ids, requires_grad, backend)
     state.model_info = info
     state.linear_4bit = Linear4bitGradients(model)
+    # Under PEFT the base is frozen already and what PEFT made trainable (LoRA) stays so.
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(p.requires_grad and under_peft)
     for i in layer_ids:
         attn = layers[i].self_attn
         device = attn.q_proj.weight.device
@@ -242,13 +258,18 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or ["cache"])
     hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
     pretrained.install(model, base_impl)
+    state.peft_wrapper = wrapper if wrapper is not model else None
+    if state.peft_wrapper is not None:
+        peft_integration.install(wrapper, model)
     setattr(model, _STATE_ATTR, state)
-    return model
+    return wrapper
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo `patch`: remove the adapters and hooks, restore the attention implementation and the
     parameters' requires_grad flags. Returns the model."""
+    wrapper = model
+    model = _unwrap(model)
     state = _state(model)
     for handle in state.handles:
         handle.remove()
@@ -259,12 +280,14 @@ def unpatch(model: nn.Module) -> nn.Module:
         delattr(attn, _STATE_ATTR)
     state.linear_4bit.restore()
     pretrained.remove(model)
+    if state.peft_wrapper is not None:
+        peft_integration.remove(state.peft_wrapper)
     _swap_config(model, model.config, state.orig_config)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])
     delattr(model, _STATE_ATTR)
-    return model
+    return wrapper
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -276,7 +299,9 @@ def get_config(model: nn.Module) -> DCAConfig:
 
 
 def adapter_state_dict(model: nn.Module) -> dict:
-    """The adapter parameters, keyed by their names in `model` (e.g. model.layers.3.self_attn.dca.prompt)."""
+    """The adapter parameters, keyed by their names in `model` (e.g. model.layers.3.self_attn.dca.prompt; in
+    the transformers model inside a PeftModel)."""
+    model = _unwrap(model)
     _state(model)
     return {name: p for name, p in model.named_parameters() if _is_dca_name(name)}
 
@@ -285,6 +310,7 @@ def save_adapter(model: nn.Module, directory) -> None:
     """Write `adapter.safetensors` and `dca_config.json` into `directory`, each atomically."""
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     state = _state(model)
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
                for name, p in adapter_state_dict(model).items()}
@@ -317,6 +343,8 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     A mismatch, or a damaged, truncated or incomplete file, raises fastdca.AdapterError (a ValueError)
     naming the file and what is wrong, and leaves the model as it was. Returns the model.
     """
+    wrapper = model
+    model = _unwrap(model)
     cfg_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, ADAPTER_FILE)
     for path in (cfg_path, weights_path):
@@ -341,7 +369,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    return model
+    return wrapper
 
 
 def _check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> None:
@@ -429,6 +457,7 @@ def _check_same_model(info: dict, saved_model: dict, directory) -> None:
 
 def describe(model: nn.Module) -> str:
     """A short summary: the patched layers, the DCA config, the trainable parameters and their share."""
+    model = _unwrap(model)
     state = _state(model)
     cfg = state.config
     trainable, total = trainable_parameters(model)
@@ -814,6 +843,8 @@ def _pre_hook(model, args, kwargs):
     state.shift_labels = kwargs.get("shift_labels")
     # Without position_ids the model numbers the tokens 0, 1, ... itself: no restart, nothing to read.
     state.packing_possible = bound.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
+    if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        peft_integration.check_not_frozen_by_peft(model, adapter_state_dict(model).values())
 
 
 def _post_hook(model, args, kwargs, output):
@@ -914,6 +945,11 @@ def _projector(o_proj, dtype):
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _unwrap(model):
+    """The transformers model inside a PeftModel; any other model as it is."""
+    return model.get_base_model() if peft_integration.is_peft_model(model) else model
 
 
 def _state(model) -> _State:
