@@ -8,10 +8,10 @@ from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.ops import dca_attention
 from fastdca import custom_ops  # noqa: F401  (registers torch.ops.fastdca.*, which ops.py calls under torch.compile)
-from fastdca.patch import (describe, disable_adapter, load_adapter, patch, print_trainable_parameters, save_adapter,
-                           unpatch)
-from fastdca.pretrained import from_pretrained
+from fastdca.patch import (describe, disable_adapter, from_pretrained, load_adapter, patch, print_trainable_parameters,
+                           save_adapter, unpatch)
 
-__all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "describe", "from_pretrained", "disable_adapter", "print_trainable_parameters",
-           "AdapterError", "TrainingDiverged", "TrainingInterrupted"]
+__all__ = ["DCAConfig", "dca_attention", "patch", "unpatch", "save_adapter", "load_adapter", "from_pretrained",
+           "describe", "disable_adapter", "print_trainable_parameters", "AdapterError", "TrainingDiverged",
+           "TrainingInterrupted"]
 __version__ = "0.1.0"

@@ -42,7 +42,7 @@ def adapter_attention_maps(model, tokenizer, prompts: list[str], *, layer: Optio
             |x1 - x2|, "relative": |x1 - x2| / ((|x1| + |x2|) / 2), None when both norms are 0}, where x_p is
             prompt p's X_G averaged over its tokens, (Hq, D), and |.| the Frobenius norm; [] with one prompt.
     """
-    from fastdca.patch import adapted_layers, get_config, record_adapter_attention
+    from fastdca.hf import adapted_layers, get_config, record_adapter_attention
 
     if isinstance(prompts, str) or not 1 <= len(prompts) <= 2 or not all(isinstance(p, str) and p for p in prompts):
         raise ValueError(f"prompts must be a list of one or two non-empty strings, got {prompts!r}")

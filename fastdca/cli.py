@@ -187,7 +187,7 @@ def load(args):
 
 def run_train(args) -> int:
     from fastdca.config import DCAConfig
-    from fastdca.patch import describe, patch
+    from fastdca.hf import describe, patch
     from fastdca.train import TrainSettings, train
 
     task = resolve_task(args)
@@ -220,7 +220,7 @@ def run_train(args) -> int:
 
 def run_eval(args) -> int:
     from fastdca.eval import evaluate
-    from fastdca.patch import load_adapter
+    from fastdca.hf import load_adapter
 
     task = resolve_task(args)
     examples = task.examples(args.split)
@@ -250,7 +250,7 @@ def run_eval(args) -> int:
 def run_inspect(args) -> int:
     from fastdca.attention_maps import adapter_attention_maps, write_attention_maps, xg_difference_table
     from fastdca.config import DCAConfig
-    from fastdca.patch import load_adapter, patch
+    from fastdca.hf import load_adapter, patch
     from fastdca.tasks import format_prompt
 
     if not 1 <= len(args.prompt) <= 2:

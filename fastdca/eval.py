@@ -85,7 +85,7 @@ def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, p
     causal loss averages), "variance", "mean_square", "relative_variance"}, ...]} (variance None with
     fewer than two prompts).
     """
-    from fastdca.patch import adapted_layers, get_config, record_adapter_attention
+    from fastdca.hf import adapted_layers, get_config, record_adapter_attention
 
     layers = adapted_layers(model)
     causal = set(layers[len(layers) - get_config(model).causal_layers:])

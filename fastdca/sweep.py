@@ -106,7 +106,7 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
 
     from fastdca.eval import evaluate
     from fastdca.models import load_model, load_smollm2
-    from fastdca.patch import patch
+    from fastdca.hf import patch
     from fastdca.train import TrainSettings, train
 
     output_dir = Path(output_dir)

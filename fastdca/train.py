@@ -27,7 +27,8 @@ from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
 from fastdca.grad_share import causal_gradient_share, measurement_due, warn_if_causal_term_inert
-from fastdca.patch import ADAPTER_FILE, CONFIG_FILE, adapter_state_dict, load_adapter, save_adapter
+from fastdca.adapter_file import ADAPTER_FILE, CONFIG_FILE
+from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
 from fastdca.tasks import Example
 
 IGNORE_INDEX = -100

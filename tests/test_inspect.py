@@ -16,6 +16,7 @@ from fastdca.eval import xg_variance
 from fastdca.patch import patch, record_adapter_attention, save_adapter
 
 patch_mod = importlib.import_module("fastdca.patch")  # the module; `fastdca.patch` is the function
+attention_mod = importlib.import_module("fastdca.hf.attention")  # where the attention function calls the op
 
 CFG = DCAConfig(adapter_layers=2, adapter_len=5, causal_len=2)  # the tiny model has 3 layers: 1 and 2 adapted
 PROMPTS = ['Take the last letters of the words in "ANNA BELL" and concatenate them.',
@@ -42,8 +43,8 @@ class OpSpy:
 
     def __init__(self, monkeypatch):
         self.calls = []
-        self.op = patch_mod.dca_attention
-        monkeypatch.setattr(patch_mod, "dca_attention", self)
+        self.op = attention_mod.dca_attention
+        monkeypatch.setattr(attention_mod, "dca_attention", self)
 
     def __call__(self, q, k, v, ak, av, gate, **kwargs):
         kwargs["xg"] = "token"
@@ -195,7 +196,7 @@ def direct_xg_variance(model, tokenizer, prompts, monkeypatch):
             model(**tokenizer(text, return_tensors="pt"))
         for layer, call in zip((1, 2), spy.calls):
             per_layer[layer].append(call["xg"][0].double().mean(0))
-    monkeypatch.setattr(patch_mod, "dca_attention", spy.op)
+    monkeypatch.setattr(attention_mod, "dca_attention", spy.op)
     return {layer: (torch.stack(x).var(0, unbiased=True).mean().item(), torch.stack(x).square().mean().item())
             for layer, x in per_layer.items()}
 

@@ -16,6 +16,7 @@ import fastdca  # noqa: E402
 from fastdca import DCAConfig  # noqa: E402
 
 patch_mod = importlib.import_module("fastdca.patch")  # the module; `fastdca.patch` is the function
+attention_mod = importlib.import_module("fastdca.hf.attention")  # where the attention function calls the op
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 VOCAB = 100
@@ -256,7 +257,7 @@ def test_causal_loss_matches_definition(variance, xg_space):
     # X_G per sample with the token variance's raw X_G from the reference op: rerun with variance="token"
     attn = model.model.layers[1].self_attn
     captured = {}
-    orig = patch_mod.dca_attention
+    orig = attention_mod.dca_attention
 
     def spy(*args, **kwargs):
         kwargs["xg"] = "token"
@@ -266,12 +267,12 @@ def test_causal_loss_matches_definition(variance, xg_space):
         return result
 
     model.eval()  # the hooks collect nothing; the spy captures X_G itself ("token")
-    patch_mod.dca_attention = spy
+    attention_mod.dca_attention = spy
     try:
         with torch.no_grad():
             model(ids, attention_mask=mask, position_ids=position_ids(mask))
     finally:
-        patch_mod.dca_attention = orig
+        attention_mod.dca_attention = orig
     assert torch.equal(captured["kpm"], mask.bool())
     xg = captured["xg"]                                              # (B, T, Hq, D)
     real = mask.bool()
@@ -311,7 +312,7 @@ def test_gradient_checkpointing_same_loss_and_grads(model_type):
     assert set(grads) == set(grads_gc) and len(grads) == 4
     for name in grads:
         torch.testing.assert_close(grads_gc[name], grads[name], rtol=1e-5, atol=1e-7)
-    assert patch_mod._state(model).stats == {}  # the recomputation recorded nothing
+    assert importlib.import_module("fastdca.hf.state").state_of(model).stats == {}  # the recomputation recorded nothing
     # Reentrant checkpointing would drop the causal loss's gradient: refused with a clear message.
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     with pytest.raises(RuntimeError, match="non-reentrant gradient checkpointing"):

@@ -1,0 +1,16 @@
+"""The model integration: the only package that knows the internals of transformers (and of TRL and
+PEFT, which users wrap around it). `api` puts the parts together; docs/DESIGN.md draws the layers."""
+
+from fastdca.hf.adapter import DCAAdapter
+from fastdca.hf.api import from_pretrained, load_adapter, patch, unpatch
+from fastdca.hf.architectures import SUPPORTED_MODEL_TYPES
+from fastdca.hf.patching import (describe, disable_adapter, print_trainable_parameters, trainable_parameter_count,
+                                 trainable_parameters)
+from fastdca.hf.records import AdapterAttentionRecord, record_adapter_attention
+from fastdca.hf.saving import save_adapter
+from fastdca.hf.state import adapted_layers, adapter_state_dict, get_config, is_patched
+
+__all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "from_pretrained", "describe", "disable_adapter",
+           "print_trainable_parameters", "trainable_parameters", "is_patched", "get_config", "adapter_state_dict",
+           "adapted_layers", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
+           "trainable_parameter_count", "SUPPORTED_MODEL_TYPES"]

@@ -1,0 +1,82 @@
+"""The integration's public functions that put its parts together: patch and unpatch (the model, then
+its save/load integrations), load_adapter (patching an unpatched model first) and from_pretrained."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from fastdca import adapter_file
+from fastdca.config import DCAConfig
+from fastdca.errors import AdapterError
+from fastdca.hf import pretrained
+from fastdca.hf.patching import model_info, patch_model, unpatch_model
+from fastdca.hf.saving import check_adapter_matches, check_same_model, copy_adapter
+from fastdca.hf.state import is_patched, state_of, unwrap
+
+
+def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Optional[str] = None) -> nn.Module:
+    """Add DCA adapters to the top `config.adapter_layers` decoder layers of `model`, in place.
+
+    Every base parameter is frozen (under PEFT: what PEFT made trainable stays so); each adapted attention
+    module gets a `dca` submodule with float32 `prompt` (M, hidden) ~ N(0, 1) and `gate`
+    (num_attention_heads,) = 0, so the patched model's logits equal the unpatched model's until training
+    moves the gates. A forward with labels returns CE + alpha * L_causal and sets `causal_loss` on the
+    output. `backend` ("torch", "triton", "reference", "auto") is passed to `fastdca.ops.dca_attention`;
+    None = FASTDCA_BACKEND or auto. `model` may be a PeftModel. Returns `model`.
+    """
+    config = DCAConfig() if config is None else config
+    if not isinstance(config, DCAConfig):
+        raise TypeError(f"config must be a fastdca.DCAConfig, got {type(config).__name__}")
+    base = patch_model(model, config, backend)
+    state = state_of(base)
+    pretrained.install(base, state.base_impl, state.peft_wrapper, load_adapter)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo `patch`: remove the adapters and hooks, restore the attention implementation and the
+    parameters' requires_grad flags. Returns the model."""
+    base = unwrap(model)
+    pretrained.remove(base, state_of(base).peft_wrapper)
+    unpatch_model(base)
+    return model
+
+
+def load_adapter(model: nn.Module, directory) -> nn.Module:
+    """Load an adapter written by `save_adapter` into `model`.
+
+    An unpatched model is patched first with the saved DCAConfig. A patched model must have the same
+    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes.
+    A mismatch, or a damaged, truncated or incomplete file, raises fastdca.AdapterError (a ValueError)
+    naming the file and what is wrong, and leaves the model as it was. Returns the model.
+    """
+    base = unwrap(model)
+    meta, tensors = adapter_file.read(directory)
+    saved_config = meta["dca_config"]
+    cfg_path = f"{directory}/{adapter_file.CONFIG_FILE}"
+    # The files and the architecture are checked before an unpatched model is patched, and a later
+    # mismatch unpatches it again: a refused adapter leaves the model as it was.
+    check_same_model(state_of(base).model_info if is_patched(base) else model_info(base), meta["model"], directory)
+    patched_here = not is_patched(base)
+    if patched_here:
+        patch(model, saved_config)
+    try:
+        check_adapter_matches(base, saved_config, tensors, directory, cfg_path)
+    except AdapterError:
+        if patched_here:
+            unpatch(model)
+        raise
+    copy_adapter(base, tensors)
+    return model
+
+
+def from_pretrained(directory, **kwargs):
+    """The patched model that `model.save_pretrained(directory)` saved: the base weights through
+    transformers' AutoModelForCausalLM.from_pretrained(directory, **kwargs), then the DCA adapter from
+    the same folder (checked as `load_adapter` checks it)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs.setdefault("attn_implementation", pretrained.base_attn_implementation(directory))
+    return load_adapter(AutoModelForCausalLM.from_pretrained(directory, **kwargs), directory)

@@ -1,0 +1,134 @@
+"""The attention function fastdca registers in transformers' AttentionInterface.
+
+`patch` registers "fastdca_sdpa" and "fastdca_eager" (and, in AttentionMaskInterface, the base
+implementation's own mask builder under the same name, so layers without an adapter get exactly the mask
+they always got). The function runs `fastdca.ops.dca_attention` for attention modules that carry a `dca`
+submodule and hands every other call to the base implementation unchanged, except rows of packed
+sequences, which every layer attends per sequence. The top L' adapted layers store their X_G statistics
+on the model's state for the loss hooks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from fastdca.hf.adapter import DCAAdapter
+from fastdca.hf.masks import key_padding_of_call, packing_of_call
+from fastdca.hf.records import adapter_attention_record
+from fastdca.hf.state import STATE_ATTR
+from fastdca.ops import dca_attention, packed_causal_attention
+
+
+SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
+
+
+IMPL_PREFIX = "fastdca_"
+
+
+def register(base_impl: str) -> str:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    name = IMPL_PREFIX + base_impl
+    AttentionInterface.register(name, _make_attention_function(base_impl))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base_impl])
+    return name
+
+
+def set_attn_implementation(model, name):
+    model.set_attn_implementation(name)
+    if model.config._attn_implementation != name:
+        raise RuntimeError(f"could not set the attention implementation of {type(model).__name__} to {name!r}")
+
+
+def _base_function(base_impl: str, module: nn.Module):
+    if base_impl == "eager":
+        # Each modeling file has its own eager_attention_forward (the default LlamaAttention passes).
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            from transformers.models.llama.modeling_llama import eager_attention_forward as fn
+        return fn
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[base_impl]
+
+
+def _make_attention_function(base_impl: str):
+    def fastdca_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        adapter = getattr(module, "dca", None)
+        state = adapter._state if isinstance(adapter, DCAAdapter) else getattr(module, STATE_ATTR, None)
+        packing = packing_of_call(state, query, key, attention_mask, kwargs)
+        if not isinstance(adapter, DCAAdapter) or state.adapters_disabled:
+            if packing is None:
+                return _base_function(base_impl, module)(module, query, key, value, attention_mask,
+                                                         dropout=dropout, scaling=scaling, **kwargs)
+            if dropout > 0:
+                raise NotImplementedError(f"fastdca's attention for packed sequences has no dropout (asked for "
+                                          f"{dropout}); set the model config's attention_dropout to 0")
+            out = packed_causal_attention(query, key.to(query.dtype), value.to(query.dtype), packing[0], scaling)
+            return out.transpose(1, 2), None
+        if dropout > 0:
+            raise NotImplementedError(f"fastdca adapted layers do not implement attention dropout (layer "
+                                      f"{adapter.layer_idx} was asked for {dropout}); set the model config's "
+                                      "attention_dropout to 0")
+        return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
+                            kwargs.get("sliding_window"))
+
+    fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"
+    return fastdca_attention_forward
+
+
+def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing, window):
+    state = adapter._state
+    cfg = state.config
+    B, Hq, T, D = query.shape
+    S = key.shape[2]
+    if window is not None and S > window:
+        raise NotImplementedError(f"fastdca adapted layers do not implement sliding-window attention; layer "
+                                  f"{adapter.layer_idx} got {S} keys with a window of {window}")
+    dtype = query.dtype
+    key = key.to(dtype)
+    value = value.to(dtype)
+    num_kv_heads, head_dim = adapter._shape
+    ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
+    # Every layer of one forward gets the same mask object: derive the padding once per forward.
+    key_padding = None if packing is not None else key_padding_of_call(state, attention_mask, B, T, S)
+    cu_seqlens = None if packing is None else packing[0]
+    xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
+    gate = adapter.gate.to(dtype)
+    out, stats = dca_attention(query, key, value, ak, av, gate, causal_len=cfg.causal_len, scale=scaling,
+                               key_padding_mask=key_padding, cu_seqlens=cu_seqlens, gate_fn=cfg.gate_fn, xg=xg,
+                               backend=state.backend)
+    if key_padding is not None and state.base_impl == "eager":
+        out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
+    if stats is not None and state.recording:
+        if state.grad_enabled and not torch.is_grad_enabled():
+            # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
+            # gets a graph: the causal loss would silently lose its gradient.
+            raise RuntimeError("the DCA causal loss needs non-reentrant gradient checkpointing: call "
+                               "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                               "False}) (the default), or set DCAConfig(alpha=0)")
+        real = None if key_padding is None else key_padding[:, S - T:]
+        # A packed row's X_G is laid out per sample in the post-hook, outside the layer: under gradient
+        # checkpointing the recomputation, which records nothing, must save the very tensors the forward did.
+        unpack = packing if xg == "token" else None
+        state.stats[adapter.layer_idx] = (stats, real, unpack, module.o_proj if cfg.xg_space == "hidden" else None,
+                                          dtype)
+    if state.attention_records is not None and adapter.layer_idx in state.recorded_layers:
+        state.attention_records[adapter.layer_idx] = adapter_attention_record(
+            query, ak, av, gate, cfg, scaling, key_padding, S)
+    return out, None
+
+
+def _as_eager_where_no_key_is_visible(out, value, key_padding, T):
+    """Eager attention gives a query that sees no real key (a left pad) the mean of v over every key: its
+    scores are all the mask's finfo.min. The op gives such a row 0 from the prompt part; this adds what eager
+    gives, so that the patched model equals the unpatched one at pads too (their logits enter an unmasked loss)."""
+    Hq = out.shape[2]
+    S = key_padding.shape[1]
+    sees_no_key = key_padding.cumsum(-1)[:, S - T:] == 0                                   # (B, T)
+    mean_v = value.float().mean(dim=2).repeat_interleave(Hq // value.shape[1], dim=1)     # (B, Hq, D)
+    return torch.where(sees_no_key[:, :, None, None], out + mean_v[:, None].to(out.dtype), out)

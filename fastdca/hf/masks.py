@@ -1,0 +1,136 @@
+"""What a call's attention mask and arguments say about its rows.
+
+Key padding: the op wants a (B, S) bool mask of real keys. It is read off the 4-D mask transformers built
+for this very call: its last query row sits at the last key position, so under the causal mask it sees
+every real key and no padding key (bool masks: True = visible; additive float masks: 0 = visible). A mask
+of None means no padding. This stays aligned with the KV cache (S = past + T).
+
+Packed sequences: several sequences end to end in one row (B = 1), told apart by the `cu_seq_lens_q`
+that DataCollatorWithFlattening passes down, or by position_ids that restart, with no padding. Read once
+per forward (one host read of the boundaries); each sequence is one sample of the causal loss.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def key_padding_of_call(state, attention_mask, B, T, S):
+    """The key padding mask; every layer of one forward gets the same mask object, so eager calls derive it
+    once (an identity-keyed cache a compiled graph cannot guard on: compiled, each layer derives it)."""
+    if torch.compiler.is_compiling():
+        return key_padding_mask(attention_mask, B, T, S)
+    cached = state.padding_cache
+    if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
+        return cached[2]
+    key_padding = key_padding_mask(attention_mask, B, T, S)
+    state.padding_cache = (attention_mask, (B, T, S), key_padding)
+    return key_padding
+
+
+def packing_of_call(state, query, key, attention_mask, kwargs):
+    """(cu_seqlens (N + 1,) int32, lengths as a list) when this call's row holds N >= 2 packed
+    sequences, else None. Derived once per forward: every layer gets the same position_ids object.
+
+    Only a single row with no cache, in a forward given position_ids or cu_seq_lens_q, can hold packed
+    sequences, and that is decided from shapes and arguments alone. For such a row the boundaries are
+    read on the host (they decide shapes: one SDPA call and one causal-loss sample per sequence),
+    which under torch.compile is a graph break, taken outside the graph; batches of two or more rows,
+    forwards without position_ids, and decoding never read anything."""
+    cu = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    if state is None or not state.packing_possible or (cu is None and not _may_hold_restarts(position_ids, query, key)):
+        return None
+    if torch.compiler.is_compiling():
+        return _read_packing_outside_graph(state, query, key, attention_mask, kwargs)
+    return _cached_packing(state, query, key, attention_mask, kwargs)
+
+
+def _may_hold_restarts(position_ids, query, key) -> bool:
+    """Restarting position_ids can mean packing only for one row of T >= 2 queries and no cache."""
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    return position_ids is not None and B == 1 and T == S and T >= 2 and position_ids.shape[-1] == T
+
+
+def _cached_packing(state, query, key, attention_mask, kwargs):
+    cu = kwargs.get("cu_seq_lens_q")
+    source = cu if cu is not None else kwargs.get("position_ids")
+    cached = state.packing_cache
+    if cached is not None and cached[0] is source and cached[1] == tuple(query.shape):
+        return cached[2]
+    packing = _read_packing(cu, kwargs.get("cu_seq_lens_k"), kwargs.get("position_ids"), query, key, attention_mask)
+    state.packing_cache = (source, tuple(query.shape), packing)
+    return packing
+
+
+_read_packing_outside_graph = torch.compiler.disable(_cached_packing)
+
+
+def _read_packing(cu_q, cu_k, position_ids, query, key, attention_mask):
+    B, T, S = query.shape[0], query.shape[2], key.shape[2]
+    if cu_q is not None:
+        if cu_k is not None and cu_k is not cu_q and not torch.equal(cu_k.cpu(), cu_q.cpu()):
+            raise NotImplementedError("fastdca attends packed sequences with the same boundaries for queries and "
+                                      "keys; got different cu_seq_lens_q and cu_seq_lens_k")
+        if B != 1 or T != S:
+            raise NotImplementedError(f"fastdca reads cu_seq_lens_q for sequences packed in one row with no KV "
+                                      f"cache (B = 1, T = S); got B={B}, T={T}, S={S}")
+        cu = cu_q.to(device=query.device, dtype=torch.int32)
+        lengths = cu.diff().tolist()
+        if cu.numel() < 2 or cu[0] != 0 or cu[-1] != T or min(lengths) < 1:
+            raise ValueError(f"cu_seq_lens_q must run from 0 to the row's {T} tokens in increasing steps, got "
+                             f"{cu.tolist()}")
+        return (cu, lengths) if len(lengths) > 1 else None
+    # Restarting position_ids mean packing only for one row without padding or cache: left-padded
+    # generation batches give their pads position 1, which would read as restarts.
+    if not _may_hold_restarts(position_ids, query, key) or _padding_of(attention_mask, T):
+        return None
+    positions = position_ids.reshape(-1)
+    starts = torch.ones(T, dtype=torch.bool, device=positions.device)
+    starts[1:] = positions[1:] != positions[:-1] + 1
+    cu = torch.cat([starts.nonzero().flatten(), torch.tensor([T], device=positions.device)]).to(torch.int32)
+    if cu.numel() <= 2:
+        return None
+    return cu.to(query.device), cu.diff().tolist()
+
+
+def _padding_of(attention_mask, S) -> bool:
+    return attention_mask is not None and key_padding_mask(attention_mask, 1, S, S) is not None
+
+
+def unpack_tokens(x_g, cu_seqlens, lengths):
+    """X_G of a packed row (1, S, Hq, D) laid out as right-padded samples (N, max length, Hq, D), with the
+    (N, max length) mask of real tokens: the token variance compares the t-th tokens of the samples."""
+    S = x_g.shape[1]
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=x_g.device),
+                                  torch.tensor(lengths, device=x_g.device), output_size=S)
+    offsets = torch.arange(S, device=x_g.device) - cu_seqlens.to(torch.long)[ids]
+    samples = x_g.new_zeros(len(lengths), max(lengths), *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
+    real = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=x_g.device)
+    return samples, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=x_g.device))
+
+
+def key_padding_mask(attention_mask, B, T, S):
+    """(B, S) bool, True = real key, from the mask transformers passes to attention functions; None = no padding."""
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() == 2:
+        row = attention_mask
+    elif attention_mask.dim() == 4:
+        # The last query row sits at the last key position: causally it sees every real key.
+        row = attention_mask[:, 0, -1, :]
+    else:
+        raise ValueError(f"fastdca cannot read key padding from an attention mask of shape "
+                         f"{tuple(attention_mask.shape)}")
+    if row.dtype != torch.bool:
+        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
+    if row.shape[-1] != S:
+        raise ValueError(f"the attention mask covers {row.shape[-1]} keys but the layer has {S} (static or "
+                         "sliding caches are not supported by fastdca adapted layers; use the default DynamicCache)")
+    if row.shape[0] != B:
+        row = row.expand(B, S)
+    # An all-real mask means no padding, and eager calls drop it for SDPA's unmasked causal path. The
+    # test reads the mask on the host: compiled, the mask is kept (the op gives the same answer with it).
+    if not torch.compiler.is_compiling() and bool(row.all()):
+        return None
+    return row.contiguous()

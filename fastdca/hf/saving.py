@@ -1,0 +1,60 @@
+"""A patched model's adapter to and from its files (`fastdca.adapter_file`): what is written, and the
+checks that an adapter belongs to the model it is loaded into."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastdca import adapter_file
+from fastdca.errors import AdapterError
+from fastdca.hf.state import adapter_state_dict, state_of, unwrap
+
+
+def save_adapter(model: nn.Module, directory) -> None:
+    """Write `adapter.safetensors` and `dca_config.json` into `directory`, together and atomically."""
+    model = unwrap(model)
+    state = state_of(model)
+    tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
+               for name, p in adapter_state_dict(model).items()}
+    bad = adapter_file.non_finite(tensors)
+    if bad:
+        raise AdapterError(f"refusing to write a non-finite adapter to {directory}: {bad[0]}"
+                           f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf")
+    adapter_file.write(directory, tensors, {"dca_config": state.config.to_dict(), "model": state.model_info,
+                                            "layers": state.layer_ids})
+
+
+def check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> None:
+    """The patched model's DCAConfig, parameter names and shapes against the adapter's."""
+    state = state_of(model)
+    if state.config != saved_config:
+        ours, theirs = state.config.to_dict(), saved_config.to_dict()
+        diffs = ", ".join(f"{k}: model {ours[k]!r} vs adapter {theirs[k]!r}" for k in ours if ours[k] != theirs[k])
+        raise AdapterError(f"the adapter in {directory!r} was trained with a different DCAConfig ({diffs}); patch "
+                           "the model with the adapter's config (DCAConfig.from_dict(json.load(open("
+                           f"'{cfg_path}'))['dca_config'])) or load it into an unpatched model")
+    params = adapter_state_dict(model)
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterError(f"the adapter in {directory!r} does not match the model's adapter parameters: "
+                           f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}, unexpected "
+                           f"{unexpected[:4]}{'...' if len(unexpected) > 4 else ''}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise AdapterError(f"the adapter in {directory!r} does not match the model: {name} has shape "
+                               f"{tuple(tensors[name].shape)} in the adapter, {tuple(p.shape)} in the model")
+
+
+def check_same_model(info: dict, saved_model: dict, directory) -> None:
+    diffs = [f"{k}: model {info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items() if info.get(k) != v]
+    if diffs:
+        raise AdapterError(f"the adapter in {directory!r} was trained on a different model ({'; '.join(diffs)})")
+
+
+def copy_adapter(model: nn.Module, tensors: dict) -> None:
+    """Copy checked adapter tensors into the patched model's DCA parameters."""
+    with torch.no_grad():
+        for name, p in adapter_state_dict(model).items():
+            p.copy_(tensors[name].to(p.device, p.dtype))

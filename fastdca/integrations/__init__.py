@@ -1,1 +1,0 @@
-"""What fastdca knows about the libraries users train with besides transformers: TRL, PEFT."""
