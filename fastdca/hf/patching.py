@@ -93,7 +93,7 @@ def patch_model(model: nn.Module, config: DCAConfig, backend: Optional[str]):
         p.requires_grad_(p.requires_grad and under_peft)
     for i in layer_ids:
         attn = attentions[i]
-        device = attn.q_proj.weight.device
+        device = next(attn.parameters()).device
         attn.dca = DCAAdapter(config.adapter_len, hidden, num_heads, i, device=device)
         attn.dca._state = state
         attn.dca._shape = (num_kv_heads, head_dim)
