@@ -1,6 +1,6 @@
 """torch.compile: one training step of the SmolLM2-135M-shaped model (random weights), compiled against eager.
 
-Side by side in one run: the floor (DESIGN.md section 6) and fastdca (alpha = 1, L' = L), each eager
+Side by side in one run: the floor (docs/DESIGN.md section 6) and fastdca (alpha = 1, L' = L), each eager
 and compiled with torch.compile's default backend, Inductor, as `fastdca train --compile` does. The
 compiled variants are warmed up (compiled) before the timed rounds; `python benchmarks/report.py`
 turns the times into compiled/eager ratios and ratios to the floor compiled the same way.

@@ -1,6 +1,6 @@
 """Model level: one training step of a SmolLM2-135M-shaped model with random weights.
 
-Side by side in one run (DESIGN.md section 6): the floor (the same frozen model with one trainable
+Side by side in one run (docs/DESIGN.md section 6): the floor (the same frozen model with one trainable
 zero vector added to the hidden state entering the first adapted layer, so that the backward covers the
 same layers), fastdca with alpha = 1 (L' = L; the default causal loss, token/hidden, and the cheaper
 sample/head), fastdca with alpha = 0, and PEFT's AdaptionPrompt with

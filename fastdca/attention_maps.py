@@ -1,6 +1,6 @@
 """Where the adapter looks: the DCA paper's Fig. 3 for a patched model, and how far X_G moves between prompts.
 
-For one adapted layer, the gated adapter probabilities A = g * softmax(q ak^T * scale) (DESIGN.md
+For one adapted layer, the gated adapter probabilities A = g * softmax(q ak^T * scale) (docs/DESIGN.md
 section 1) of every query token of each prompt over the M adapter tokens, drawn as heatmaps side by side;
 and, per adapted layer, the distance between the two prompts' token-mean X_G, the quantity the causal
 loss is meant to hold fixed. The numbers come from `fastdca.patch.record_adapter_attention`, which

@@ -15,7 +15,7 @@ VARIANCE_SCOPES = ("global", "rank")
 
 @dataclass(frozen=True)
 class DCAConfig:
-    """DCA hyper-parameters (DESIGN.md section 1). L, M, H, L' and alpha default to the paper's values; the
+    """DCA hyper-parameters (docs/DESIGN.md section 1). L, M, H, L' and alpha default to the paper's values; the
     paper leaves the variance's definition open, and the default (variance="token", xg_space="hidden",
     the released DCA code's) is the one under which alpha = 1 measurably changes X_G (RESULTS.md,
     "Which causal loss").

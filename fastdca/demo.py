@@ -30,7 +30,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
     output_dir = Path(output_dir)
     started = time.perf_counter()
     # Trained on the variant it is tested on, with names never seen in training: the shortest route
-    # to a visible gain for a 135M model (DESIGN.md section 7).
+    # to a visible gain for a 135M model (docs/DESIGN.md section 7).
     task = LetterConcatenation(n_train=steps * batch_size, n_test=n_test, train_variants=("second_last",))
     test = task.examples("test")
     torch.manual_seed(0)

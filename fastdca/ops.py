@@ -38,7 +38,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
 
     out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
     g = tanh(gate) (or gate with gate_fn="identity"), X_G = the adapter term restricted to the first
-    `causal_len` adapter keys (DESIGN.md section 1).
+    `causal_len` adapter keys (docs/DESIGN.md section 1).
 
     Args:
         q: (B, Hq, T, D) queries after RoPE.

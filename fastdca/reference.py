@@ -1,4 +1,4 @@
-"""The DCA attention equations of DESIGN.md section 1, written out literally.
+"""The DCA attention equations of docs/DESIGN.md section 1, written out literally.
 
 Every score matrix is materialised, nothing is fused: this is the definition the fast backends are
 tested against, not a path to train with. Pass float64 inputs to get a float64 answer.

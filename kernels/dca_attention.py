@@ -1,4 +1,4 @@
-"""Fused DCA attention kernels (DESIGN.md sections 1 and 2) and their launch functions.
+"""Fused DCA attention kernels (docs/DESIGN.md sections 1 and 2) and their launch functions.
 
 Notation (per batch b and query head h, kv head kh = h // GROUP):
     s   = q k^T * scale      (T, S) prompt scores, bottom-right causal + key padding mask; or, for

@@ -1,6 +1,6 @@
 """Compile report and roofline of the DCA kernels, with no GPU: `python -m fastdca.kernels.report`.
 
-1. Compile-only check (DESIGN.md section 5.2). The launchers in `dca_attention` are run on CPU
+1. Compile-only check (docs/DESIGN.md section 5.2). The launchers in `dca_attention` are run on CPU
    tensors with every kernel replaced by a recorder, so the report compiles exactly the arguments,
    constexprs, block sizes, warps and stages the launchers pass; the arguments are specialised the way
    Triton's JIT does (integers equal to 1 become constants, pointers and integers divisible by 16 get

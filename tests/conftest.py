@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
 def _round_bf16_to_nearest_even():
     """Make the interpreter round float32 -> bfloat16 to nearest even, as Triton does on GPUs.
 
-    Triton 3.9's interpreter truncates instead (DESIGN.md section 5): up to 2 units of rounding per
+    Triton 3.9's interpreter truncates instead (docs/DESIGN.md section 5): up to 2 units of rounding per
     stored element, all of one sign, so bf16 kernel results under the interpreter would carry an error
     a GPU does not make. tests/test_kernels.py checks that this conversion equals torch's.
     """

@@ -157,7 +157,7 @@ def test_matches_reference_backend(model_type, cfg, monkeypatch):
 
 
 def test_independent_layer_computation():
-    """One adapted layer checked against DESIGN.md section 1 written out here, on the module's own
+    """One adapted layer checked against docs/DESIGN.md section 1 written out here, on the module's own
     projections and RoPE (captured inputs), independent of the op's backends."""
     model = tiny_model("llama", layers=2)
     fastdca.patch(model, DCAConfig(adapter_layers=1, adapter_len=3, causal_len=1))

@@ -17,7 +17,7 @@ from fastdca.hf.state import state_of
 
 @dataclasses.dataclass(frozen=True)
 class AdapterAttentionRecord:
-    """What one adapted layer computed in a forward, from the reference equations (DESIGN.md section 1),
+    """What one adapted layer computed in a forward, from the reference equations (docs/DESIGN.md section 1),
     detached, in float32 (float64 for a float64 model):
 
     gates: g = tanh(gate) (gate_fn="identity": gate), (Hq,);
