@@ -33,7 +33,7 @@ MAX_ADAPTER_LEN = 64
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
-                  cu_seqlens=None, gate_fn="tanh", xg="sample", backend=None):
+                  cu_seqlens=None, window=None, gate_fn="tanh", xg="sample", backend=None):
     """Attention over the prompt keys plus a gated, separately normalised attention over M adapter keys.
 
     out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
@@ -52,6 +52,9 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
             laid end to end in one row (B = 1, T = S; cu_seqlens[0] = 0, cu_seqlens[-1] = S, increasing).
             A query sees the earlier keys of its own sequence and every adapter key; each sequence is
             one sample of the X_G statistics.
+        window: sliding-window attention over the prompt keys: the query at position p sees only the keys
+            at positions p - window < j <= p (transformers' sliding_window); None = no window. The
+            adapter keys are never windowed.
         gate_fn: "tanh" or "identity".
         xg: "sample", "token" or None (see Returns).
         backend: "auto", "triton", "torch" or "reference"; default FASTDCA_BACKEND or "auto".
@@ -62,26 +65,38 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         with packed sequences one sample per sequence: ((N, Hq, D), (N,));
         for xg="token", X_G (B, T, Hq, D); for xg=None, None. Differentiable in q, k, v, ak, av, gate.
     """
-    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg)
-    name = resolve_backend(backend, q)
+    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn, xg)
+    window = effective_window(window, k.shape[2])
+    name = resolve_backend(backend, q, windowed=window is not None)
     args = (q, k, v, ak, av, gate)
     kwargs = dict(causal_len=causal_len, scale=1 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, gate_fn=gate_fn, xg=xg)
     if name == "reference":
-        return reference.dca_attention(*args, **kwargs)
+        return reference.dca_attention(*args, window=window, **kwargs)
     if name == "torch":
-        return _torch_dca_attention(*args, **kwargs)
+        return _torch_dca_attention(*args, window=window, **kwargs)
     return _triton_dca_attention(*args, **kwargs)
 
 
-def resolve_backend(backend, q) -> str:
-    """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto."""
+def effective_window(window, S: int):
+    """The window, or None where it masks nothing: no query is S or more positions past a key."""
+    return None if window is None or window >= S else int(window)
+
+
+def resolve_backend(backend, q, windowed: bool = False) -> str:
+    """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto. The kernels have no
+    sliding window yet: auto takes a call whose window masks keys to the torch backend, and an explicit
+    "triton" refuses it."""
     name = backend if backend is not None else os.environ.get("FASTDCA_BACKEND", "auto")
     if name not in BACKENDS:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        return "triton" if q.is_cuda and _kernels_fast_for(q.dtype) and triton_available() else "torch"
+        fused = not windowed and q.is_cuda and _kernels_fast_for(q.dtype) and triton_available()
+        return "triton" if fused else "torch"
+    if name == "triton" and windowed:
+        raise NotImplementedError("the triton backend has no sliding-window attention yet; use backend 'torch' or "
+                                  "'auto' (which takes windowed calls to the torch backend)")
     if name == "triton" and not (q.is_cuda or triton_interpreted()):
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -119,7 +134,7 @@ def triton_available() -> bool:
 # Argument checks
 
 
-def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg):
+def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn, xg):
     tensors = dict(q=q, k=k, v=v, ak=ak, av=av, gate=gate)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -166,6 +181,8 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_s
         _check_cu_seqlens(cu_seqlens, key_padding_mask, B, T, S, q.device)
     if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be a positive integer or None, got {window!r}")
     if gate_fn not in GATE_FNS:
         raise ValueError(f"gate_fn must be one of {GATE_FNS}, got {gate_fn!r}")
     if xg not in XG_MODES:
@@ -206,13 +223,14 @@ def sequence_members(key_padding_mask=None, cu_seqlens=None, *, B, T, S, device)
 # torch backend
 
 
-def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, gate_fn, xg):
+def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn,
+                         xg):
     B, Hq, T, D = q.shape
     S = k.shape[2]
     if cu_seqlens is None:
-        prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask)         # (B, Hq, T, D)
+        prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask, window)  # (B, Hq, T, D)
     else:
-        prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens)
+        prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
     members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
     adapter_out, causal_stat = _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     out = (prompt_out + adapter_out).transpose(1, 2)
@@ -335,14 +353,14 @@ def _grouped_gates(gate, gate_fn, Hkv, T, dtype):
     return g.expand(Hkv, g.shape[1], T).reshape(1, Hkv, 1, -1)
 
 
-def _prompt_attention(q, k, v, scale, key_padding_mask):
-    """softmax(q k^T * scale + mask) v through SDPA, bottom-right causal, rows with no key give 0."""
+def _prompt_attention(q, k, v, scale, key_padding_mask, window=None):
+    """softmax(q k^T * scale + mask) v through SDPA, bottom-right causal (within `window` keys back when
+    given), rows with no key give 0."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if key_padding_mask is None and T == S:
+    if key_padding_mask is None and T == S and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    query_pos = torch.arange(S - T, S, device=q.device)
-    visible = (torch.arange(S, device=q.device)[None, :] <= query_pos[:, None])[None, None]
+    visible = reference.causal_visible(T, S, q.device, window)[None, None]      # (1, 1, T, S)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     visible = visible & key_padding_mask[:, None, None, :]                       # (B, 1, T, S)
@@ -354,18 +372,20 @@ def _prompt_attention(q, k, v, scale, key_padding_mask):
     return out * has_key.to(out.dtype)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens, scale=None):
+def packed_causal_attention(q, k, v, cu_seqlens, scale=None, window=None):
     """softmax(q k^T * scale + mask) v, (1, Hq, S, D), for sequences packed in one row, causal within each
-    sequence: q (1, Hq, S, D), k and v (1, Hkv, S, D), cu_seqlens (N + 1,) int32 (as for dca_attention).
-    The attention of the layers without an adapter when fastdca.patch reads packed sequences."""
+    sequence (and within `window` keys back when given): q (1, Hq, S, D), k and v (1, Hkv, S, D),
+    cu_seqlens (N + 1,) int32 (as for dca_attention). The attention of the layers without an adapter
+    when fastdca.patch reads packed sequences."""
     if q.dim() != 4 or q.shape[0] != 1 or k.shape[2] != q.shape[2]:
         raise ValueError(f"packed_causal_attention needs q (1, Hq, S, D) and k, v (1, Hkv, S, D), got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
     _check_cu_seqlens(cu_seqlens, None, 1, q.shape[2], q.shape[2], q.device)
-    return _packed_prompt_attention(q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale, cu_seqlens)
+    return _packed_prompt_attention(q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale, cu_seqlens,
+                                    effective_window(window, q.shape[2]))
 
 
-def _packed_prompt_attention(q, k, v, scale, cu_seqlens):
+def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
     """softmax(q k^T * scale + mask) v for sequences packed in one row, causal within each sequence:
     one SDPA call per sequence. On the CPU that is 4x faster than one call with a block-diagonal
     (S, S) mask, which computes every cross-sequence score only to mask it, and 1.7x faster than the
@@ -375,12 +395,17 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens):
     if torch.compiler.is_compiling():
         S = q.shape[2]
         ids = sequence_ids(cu_seqlens, S)
-        positions = torch.arange(S, device=q.device)
-        visible = (ids[:, None] == ids[None, :]) & (positions[None, :] <= positions[:, None])
+        visible = (ids[:, None] == ids[None, :]) & reference.causal_visible(S, S, q.device, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     lengths = cu_seqlens.diff().tolist()
-    pieces = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-              for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2))]
+    pieces = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2)):
+        n = qs.shape[2]
+        if window is None or window >= n:
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa))
+        else:
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=reference.causal_visible(
+                n, n, q.device, window), scale=scale, enable_gqa=gqa))
     return torch.cat(pieces, dim=2)
 
 

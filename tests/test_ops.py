@@ -237,3 +237,43 @@ def test_tf32_setting_is_read_under_either_api(tf32_settings):
     assert not tf32_allowed()
     tf32_settings(legacy=True)
     assert tf32_allowed()
+
+
+# --------------------------------------------------------------------------------------------------
+# sliding-window attention (Mistral, Qwen2, Phi-3, Gemma 3's local layers)
+
+WINDOW_SHAPES = [
+    pytest.param((2, 4, 2, 21, 21, 64, 10, 2, None), 5, id="gqa-T21-w5"),
+    pytest.param((2, 4, 4, 17, 17, 80, 10, 2, "left"), 1, id="left-w1"),
+    pytest.param((2, 4, 2, 19, 19, 64, 10, 2, "right"), 7, id="right-w7"),
+    pytest.param((3, 4, 1, 1, 37, 64, 10, 2, "left"), 9, id="decode-T1-S37-w9"),
+    pytest.param((2, 4, 2, 5, 23, 64, 10, 10, "left"), 6, id="cache-T5-S23-w6"),
+    pytest.param((1, 4, 2, 30, 30, 64, 10, 2, (9, 3, 14, 4)), 4, id="packed-w4"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("xg", ["sample", "token"])
+@pytest.mark.parametrize("shape, window", WINDOW_SHAPES)
+def test_torch_backend_with_a_window_matches_reference(shape, window, xg, dtype):
+    check_against_reference("torch", shape, xg, dtype, window=window)
+
+
+def test_a_window_covering_every_key_changes_nothing_and_auto_takes_windows_to_torch():
+    inputs, _ = make_inputs(2, 4, 2, 9, 9, 16, 3, None, torch.float32, seed=5)
+    plain, _ = dca_attention(**inputs, causal_len=2, backend="torch")
+    covering, _ = dca_attention(**inputs, causal_len=2, window=9, backend="torch")
+    assert torch.equal(plain, covering)
+    windowed, _ = dca_attention(**inputs, causal_len=2, window=3, backend="torch")
+    assert not torch.equal(plain, windowed)
+    from types import SimpleNamespace
+
+    from fastdca.ops import resolve_backend
+
+    cuda = SimpleNamespace(is_cuda=True, dtype=torch.float16, device=torch.device("cuda", 0))
+    assert resolve_backend("auto", cuda) == "triton"
+    assert resolve_backend("auto", cuda, windowed=True) == "torch"
+    with pytest.raises(NotImplementedError, match="triton backend has no sliding-window"):
+        dca_attention(**inputs, causal_len=2, window=3, backend="triton")
+    with pytest.raises(ValueError, match="window must be a positive integer"):
+        dca_attention(**inputs, causal_len=2, window=0)

@@ -79,10 +79,9 @@ _ARCHITECTURES = (
     Architecture("smollm3"),
     Architecture("cohere", key_norm="head", adapter_keys="k_proj(prompt) (k_norm per head when use_qk_norm), "
                                                          "v_proj(prompt)"),
-    Architecture("gemma2", refused="Gemma 2 soft-caps its attention scores (attn_logit_softcapping) and every other "
-                                   "layer has a sliding window; fastdca's op implements neither yet"),
-    Architecture("gemma3_text", key_norm="head", refused="Gemma 3's local layers attend within a sliding window, "
-                                                         "which fastdca's op does not implement yet"),
+    Architecture("gemma2", refused="Gemma 2 soft-caps its attention scores (attn_logit_softcapping), which "
+                                   "fastdca's op does not implement yet"),
+    Architecture("gemma3_text", key_norm="head", adapter_keys="k_norm(k_proj(prompt)) per head, v_proj(prompt)"),
 )
 ARCHITECTURES = {a.model_type: a for a in _ARCHITECTURES}
 SUPPORTED_MODEL_TYPES = tuple(a.model_type for a in _ARCHITECTURES if a.refused is None)

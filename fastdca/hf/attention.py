@@ -19,7 +19,7 @@ from fastdca.hf.adapter import DCAAdapter
 from fastdca.hf.masks import key_padding_of_call, packing_of_call
 from fastdca.hf.records import adapter_attention_record
 from fastdca.hf.state import STATE_ATTR
-from fastdca.ops import dca_attention, packed_causal_attention
+from fastdca.ops import dca_attention, effective_window, packed_causal_attention
 
 
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
@@ -68,12 +68,17 @@ def _make_attention_function(base_impl: str):
             if dropout > 0:
                 raise NotImplementedError(f"fastdca's attention for packed sequences has no dropout (asked for "
                                           f"{dropout}); set the model config's attention_dropout to 0")
-            out = packed_causal_attention(query, key.to(query.dtype), value.to(query.dtype), packing[0], scaling)
+            out = packed_causal_attention(query, key.to(query.dtype), value.to(query.dtype), packing[0], scaling,
+                                          kwargs.get("sliding_window"))
             return out.transpose(1, 2), None
         if dropout > 0:
             raise NotImplementedError(f"fastdca adapted layers do not implement attention dropout (layer "
                                       f"{adapter.layer_idx} was asked for {dropout}); set the model config's "
                                       "attention_dropout to 0")
+        if kwargs.get("softcap") is not None or not getattr(module, "is_causal", True):
+            raise NotImplementedError(f"fastdca adapted layers implement causal attention without score soft-capping; "
+                                      f"layer {adapter.layer_idx} asks for softcap={kwargs.get('softcap')!r}, "
+                                      f"is_causal={getattr(module, 'is_causal', True)!r}")
         return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
                             kwargs.get("sliding_window"))
 
@@ -86,22 +91,21 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     cfg = state.config
     B, Hq, T, D = query.shape
     S = key.shape[2]
-    if window is not None and S > window:
-        raise NotImplementedError(f"fastdca adapted layers do not implement sliding-window attention; layer "
-                                  f"{adapter.layer_idx} got {S} keys with a window of {window}")
+    window = effective_window(window, S)
     dtype = query.dtype
     key = key.to(dtype)
     value = value.to(dtype)
     num_kv_heads, head_dim = adapter._shape
     ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
     # Every layer of one forward gets the same mask object: derive the padding once per forward.
-    key_padding = None if packing is not None else key_padding_of_call(state, attention_mask, B, T, S)
+    key_padding = (None if packing is not None
+                   else key_padding_of_call(state, attention_mask, B, T, S, windowed=window is not None))
     cu_seqlens = None if packing is None else packing[0]
     xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
     gate = adapter.gate.to(dtype)
     out, stats = dca_attention(query, key, value, ak, av, gate, causal_len=cfg.causal_len, scale=scaling,
-                               key_padding_mask=key_padding, cu_seqlens=cu_seqlens, gate_fn=cfg.gate_fn, xg=xg,
-                               backend=state.backend)
+                               key_padding_mask=key_padding, cu_seqlens=cu_seqlens, window=window,
+                               gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
     if key_padding is not None and state.base_impl == "eager":
         out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
     if stats is not None and state.recording:

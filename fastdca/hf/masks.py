@@ -15,16 +15,18 @@ from __future__ import annotations
 import torch
 
 
-def key_padding_of_call(state, attention_mask, B, T, S):
-    """The key padding mask; every layer of one forward gets the same mask object, so eager calls derive it
-    once (an identity-keyed cache a compiled graph cannot guard on: compiled, each layer derives it)."""
+def key_padding_of_call(state, attention_mask, B, T, S, windowed=False):
+    """The key padding mask; every layer of one type gets the same mask object in a forward, so eager calls
+    derive it once per mask (a cache keyed on identity, which a compiled graph cannot guard on: compiled,
+    each layer derives it). Models with sliding and full layers pass two masks: two entries."""
     if torch.compiler.is_compiling():
-        return key_padding_mask(attention_mask, B, T, S)
-    cached = state.padding_cache
-    if cached is not None and cached[0] is attention_mask and cached[1] == (B, T, S):
-        return cached[2]
-    key_padding = key_padding_mask(attention_mask, B, T, S)
-    state.padding_cache = (attention_mask, (B, T, S), key_padding)
+        return key_padding_mask(attention_mask, B, T, S, windowed)
+    cache = state.padding_cache or []
+    for mask, shape, key_padding in cache:
+        if mask is attention_mask and shape == (B, T, S, windowed):
+            return key_padding
+    key_padding = key_padding_mask(attention_mask, B, T, S, windowed)
+    state.padding_cache = cache[-1:] + [(attention_mask, (B, T, S, windowed), key_padding)]
     return key_padding
 
 
@@ -110,20 +112,25 @@ def unpack_tokens(x_g, cu_seqlens, lengths):
     return samples, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=x_g.device))
 
 
-def key_padding_mask(attention_mask, B, T, S):
-    """(B, S) bool, True = real key, from the mask transformers passes to attention functions; None = no padding."""
+def key_padding_mask(attention_mask, B, T, S, windowed=False):
+    """(B, S) bool, True = real key, from the mask transformers passes to attention functions; None = no padding.
+
+    Causal masks: the last query row sits at the last key position and sees every real key. A sliding-window
+    mask's last row sees only the last window keys, so there a key is real when any query row sees it: a
+    real key is seen at least by its own position, and a key no query of the call can see is outside every
+    query's window, where calling it padding changes nothing."""
     if attention_mask is None:
         return None
     if attention_mask.dim() == 2:
         row = attention_mask
+    elif attention_mask.dim() == 4 and windowed:
+        row = _visible(attention_mask[:, 0]).any(dim=-2)
     elif attention_mask.dim() == 4:
-        # The last query row sits at the last key position: causally it sees every real key.
         row = attention_mask[:, 0, -1, :]
     else:
         raise ValueError(f"fastdca cannot read key padding from an attention mask of shape "
                          f"{tuple(attention_mask.shape)}")
-    if row.dtype != torch.bool:
-        row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
+    row = _visible(row)
     if row.shape[-1] != S:
         raise ValueError(f"the attention mask covers {row.shape[-1]} keys but the layer has {S} (static or "
                          "sliding caches are not supported by fastdca adapted layers; use the default DynamicCache)")
@@ -134,3 +141,10 @@ def key_padding_mask(attention_mask, B, T, S):
     if not torch.compiler.is_compiling() and bool(row.all()):
         return None
     return row.contiguous()
+
+
+def _visible(mask):
+    """A mask as bool, True = visible: bool masks as they are, additive float masks 0 = visible."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2 if mask.is_floating_point() else mask != 0
