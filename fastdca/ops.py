@@ -33,7 +33,7 @@ MAX_ADAPTER_LEN = 64
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
-                  cu_seqlens=None, window=None, gate_fn="tanh", xg="sample", backend=None):
+                  cu_seqlens=None, window=None, softcap=None, gate_fn="tanh", xg="sample", backend=None):
     """Attention over the prompt keys plus a gated, separately normalised attention over M adapter keys.
 
     out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
@@ -55,6 +55,8 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         window: sliding-window attention over the prompt keys: the query at position p sees only the keys
             at positions p - window < j <= p (transformers' sliding_window); None = no window. The
             adapter keys are never windowed.
+        softcap: soft-capping of the prompt scores, s -> softcap * tanh(s / softcap) before the mask
+            (Gemma 2's attn_logit_softcapping); None = none. The adapter scores are not capped.
         gate_fn: "tanh" or "identity".
         xg: "sample", "token" or None (see Returns).
         backend: "auto", "triton", "torch" or "reference"; default FASTDCA_BACKEND or "auto".
@@ -65,16 +67,16 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         with packed sequences one sample per sequence: ((N, Hq, D), (N,));
         for xg="token", X_G (B, T, Hq, D); for xg=None, None. Differentiable in q, k, v, ak, av, gate.
     """
-    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn, xg)
+    _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn, xg)
     window = effective_window(window, k.shape[2])
-    name = resolve_backend(backend, q, windowed=window is not None)
+    name = resolve_backend(backend, q, windowed=window is not None or softcap is not None)
     args = (q, k, v, ak, av, gate)
     kwargs = dict(causal_len=causal_len, scale=1 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, gate_fn=gate_fn, xg=xg)
     if name == "reference":
-        return reference.dca_attention(*args, window=window, **kwargs)
+        return reference.dca_attention(*args, window=window, softcap=softcap, **kwargs)
     if name == "torch":
-        return _torch_dca_attention(*args, window=window, **kwargs)
+        return _torch_dca_attention(*args, window=window, softcap=softcap, **kwargs)
     return _triton_dca_attention(*args, **kwargs)
 
 
@@ -85,8 +87,8 @@ def effective_window(window, S: int):
 
 def resolve_backend(backend, q, windowed: bool = False) -> str:
     """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto. The kernels have no
-    sliding window yet: auto takes a call whose window masks keys to the torch backend, and an explicit
-    "triton" refuses it."""
+    sliding window or soft-capping yet: auto takes a call that needs one (`windowed`) to the torch backend,
+    and an explicit "triton" refuses it."""
     name = backend if backend is not None else os.environ.get("FASTDCA_BACKEND", "auto")
     if name not in BACKENDS:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
@@ -95,8 +97,8 @@ def resolve_backend(backend, q, windowed: bool = False) -> str:
         fused = not windowed and q.is_cuda and _kernels_fast_for(q.dtype) and triton_available()
         return "triton" if fused else "torch"
     if name == "triton" and windowed:
-        raise NotImplementedError("the triton backend has no sliding-window attention yet; use backend 'torch' or "
-                                  "'auto' (which takes windowed calls to the torch backend)")
+        raise NotImplementedError("the triton backend has no sliding-window attention or score soft-capping yet; use "
+                                  "backend 'torch' or 'auto' (which takes such calls to the torch backend)")
     if name == "triton" and not (q.is_cuda or triton_interpreted()):
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -134,7 +136,8 @@ def triton_available() -> bool:
 # Argument checks
 
 
-def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn, xg):
+def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn,
+                xg):
     tensors = dict(q=q, k=k, v=v, ak=ak, av=av, gate=gate)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -183,6 +186,8 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_s
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive integer or None, got {window!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0):
+        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
     if gate_fn not in GATE_FNS:
         raise ValueError(f"gate_fn must be one of {GATE_FNS}, got {gate_fn!r}")
     if xg not in XG_MODES:
@@ -223,11 +228,13 @@ def sequence_members(key_padding_mask=None, cu_seqlens=None, *, B, T, S, device)
 # torch backend
 
 
-def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn,
-                         xg):
+def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
+                         gate_fn, xg):
     B, Hq, T, D = q.shape
     S = k.shape[2]
-    if cu_seqlens is None:
+    if softcap is not None:
+        prompt_out = _softcapped_prompt_attention(q, k, v, scale, softcap, key_padding_mask, cu_seqlens, window)
+    elif cu_seqlens is None:
         prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask, window)  # (B, Hq, T, D)
     else:
         prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
@@ -372,17 +379,29 @@ def _prompt_attention(q, k, v, scale, key_padding_mask, window=None):
     return out * has_key.to(out.dtype)
 
 
-def packed_causal_attention(q, k, v, cu_seqlens, scale=None, window=None):
+def _softcapped_prompt_attention(q, k, v, scale, softcap, key_padding_mask, cu_seqlens, window):
+    """The prompt part with soft-capped scores, which SDPA cannot apply: the (T, S) scores are materialised,
+    as transformers' eager attention does for Gemma 2; softmax in float32, rows with no key give 0."""
+    group = q.shape[1] // k.shape[1]
+    probs = reference.prompt_probs(q.float(), k.float().repeat_interleave(group, 1), scale, key_padding_mask,
+                                   cu_seqlens, window, softcap)
+    return (probs @ v.float().repeat_interleave(group, 1)).to(q.dtype)
+
+
+def packed_causal_attention(q, k, v, cu_seqlens, scale=None, window=None, softcap=None):
     """softmax(q k^T * scale + mask) v, (1, Hq, S, D), for sequences packed in one row, causal within each
-    sequence (and within `window` keys back when given): q (1, Hq, S, D), k and v (1, Hkv, S, D),
+    sequence (within `window` keys back, and scores soft-capped, when given): q (1, Hq, S, D), k and v (1, Hkv, S, D),
     cu_seqlens (N + 1,) int32 (as for dca_attention). The attention of the layers without an adapter
     when fastdca.patch reads packed sequences."""
     if q.dim() != 4 or q.shape[0] != 1 or k.shape[2] != q.shape[2]:
         raise ValueError(f"packed_causal_attention needs q (1, Hq, S, D) and k, v (1, Hkv, S, D), got q "
                          f"{tuple(q.shape)} and k {tuple(k.shape)}")
     _check_cu_seqlens(cu_seqlens, None, 1, q.shape[2], q.shape[2], q.device)
-    return _packed_prompt_attention(q, k, v, 1 / math.sqrt(q.shape[-1]) if scale is None else scale, cu_seqlens,
-                                    effective_window(window, q.shape[2]))
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    window = effective_window(window, q.shape[2])
+    if softcap is not None:
+        return _softcapped_prompt_attention(q, k, v, scale, softcap, None, cu_seqlens, window)
+    return _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
 
 
 def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):

@@ -43,13 +43,15 @@ def causal_visible(T: int, S: int, device, window=None) -> torch.Tensor:
 
 
 def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None,
-                 cu_seqlens=None, window=None) -> torch.Tensor:
+                 cu_seqlens=None, window=None, softcap=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) (B, Hq, T, S) with q (B, Hq, T, D), k (B, Hq, S, D) (kv heads already
     repeated for grouped-query attention), bottom-right causal, within `window` keys back when given, and
-    with packed sequences (cu_seqlens) each query sees only keys of its own sequence; a row with no
-    visible key is all 0."""
+    with packed sequences (cu_seqlens) each query sees only keys of its own sequence; with `softcap` the
+    scores are softcap * tanh(scores / softcap); a row with no visible key is all 0."""
     T, S = q.shape[2], k.shape[2]
     scores = q @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     visible = causal_visible(T, S, q.device, window)[None, None]                 # (1, 1, T, S)
     if key_padding_mask is not None:
         visible = visible & key_padding_mask[:, None, None, :]
@@ -66,12 +68,13 @@ def adapter_probs(q: torch.Tensor, ak: torch.Tensor, scale: float) -> torch.Tens
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,
-                  cu_seqlens=None, window=None, gate_fn="tanh", xg="sample"):
+                  cu_seqlens=None, window=None, softcap=None, gate_fn="tanh", xg="sample"):
     """out = softmax(q k^T * scale + mask) v + g * softmax(q ak^T * scale) av, plus the X_G statistics.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool;
     or, for N sequences packed in one row (B = 1, T = S), cu_seqlens (N + 1,) int32, their boundaries;
-    window: the query at position p sees the prompt keys p - window < j <= p (None: every earlier key).
+    window: the query at position p sees the prompt keys p - window < j <= p (None: every earlier key);
+    softcap: the prompt scores become softcap * tanh(scores / softcap) (the adapter scores never do).
     Returns out (B, T, Hq, D) in q's dtype and, by `xg`: "sample" -> (sum of X_G over each sample's
     real tokens (B, Hq, D), real-token count (B,)), a sample being a row, or a sequence when packed
     ((N, Hq, D), (N,)); "token" -> X_G (B, T, Hq, D); None -> None.
@@ -89,7 +92,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     akf = ak.to(ct).repeat_interleave(group, dim=0)
     avf = av.to(ct).repeat_interleave(group, dim=0)
 
-    probs = prompt_probs(qf, kf, scale, key_padding_mask, cu_seqlens, window)   # (B, Hq, T, S)
+    probs = prompt_probs(qf, kf, scale, key_padding_mask, cu_seqlens, window, softcap)  # (B, Hq, T, S)
     g = gate_values(gate.to(ct), gate_fn)
     gated_probs = g[None, :, None, None] * adapter_probs(qf, akf, scale)          # (B, Hq, T, M)
 

@@ -102,7 +102,8 @@ def upstream(B, T, Hq, D, xg, dtype, seed=None, samples=None):
                  for s in ((B, T, Hq, D), shape))
 
 
-def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=None, with_dout=True, window=None):
+def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=None, with_dout=True, window=None,
+                            softcap=None):
     B, Hq, Hkv, T, S, D, M, H, padding = shape
     seed = fresh_seed()
     inputs, mask = make_inputs(B, Hq, Hkv, T, S, D, M, padding, dtype, seed=seed)
@@ -110,12 +111,12 @@ def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=Non
                          samples=len(padding) if isinstance(padding, tuple) else None)
     if not with_dout:
         grads_out = (None, grads_out[1])
-    kw = dict(gate_fn=gate_fn, scale=scale, window=window)
+    kw = dict(gate_fn=gate_fn, scale=scale, window=window, softcap=softcap)
     actual, stats = run(backend, inputs, mask, H, xg, grads_out, **kw)
     expected, ref_stats = run("reference", inputs, mask, H, xg, grads_out, dtype=torch.float64, **kw)
 
     assert actual["out"].shape == (B, T, Hq, D) and actual["out"].dtype == dtype
-    allowance = rounding_allowances(inputs, mask, H, expected, grads_out, dtype, gate_fn, scale, window)
+    allowance = rounding_allowances(inputs, mask, H, expected, grads_out, dtype, gate_fn, scale, window, softcap)
     for name, value in expected.items():
         if value is None:
             assert actual[name] is None, name
@@ -140,7 +141,8 @@ def check_against_reference(backend, shape, xg, dtype, gate_fn="tanh", scale=Non
         assert stats[1].dtype == torch.int64 and torch.equal(stats[1].cpu(), ref_stats[1].cpu())
 
 
-def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, gate_fn, scale, window=None):
+def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, gate_fn, scale, window=None,
+                        softcap=None):
     """Elementwise float64 allowances, by gradient name, for two errors that are not relative to the result.
 
     dq, dk: a FlashAttention-style backward forms delta = rowsum(dout * out) from the stored output
@@ -171,7 +173,7 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
     scale = 1 / D**0.5 if scale is None else scale
     kf, vf = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     akf, avf = ak.repeat_interleave(group, dim=0), av.repeat_interleave(group, dim=0)
-    probs = reference.prompt_probs(q, kf, scale, window=window, **placement)       # (B, Hq, T, S)
+    probs = reference.prompt_probs(q, kf, scale, window=window, softcap=softcap, **placement)  # (B, Hq, T, S)
     prompt_out = probs @ vf                                                          # (B, Hq, T, D)
     adapter_out = expected["out"].detach().cpu().transpose(1, 2) - prompt_out
     dout = torch.zeros_like(q) if grads_out[0] is None else grads_out[0].cpu().transpose(1, 2)

@@ -2,7 +2,8 @@
 unpatched one; (b) with non-zero gates it equals an independent implementation, written here from the
 family's modeling code and DCA's equations (not through fastdca's op or its architecture entries),
 forward and adapter gradients, padded and packed; (c) generate with the cache gives the tokens it gives
-without; (d) a few training steps lower the loss. Families fastdca cannot do exactly are refused."""
+without; (d) a few training steps lower the loss; and 4-bit loading trains. Windows (4) are shorter than
+the rows (9), and Gemma 2's soft-cap (2.0) bends the scores. Other families are refused."""
 
 import copy
 import importlib
@@ -38,15 +39,18 @@ CONFIGS = {
     "gemma3_text": lambda: transformers.Gemma3TextConfig(
         head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
         query_pre_attn_scalar=24, **BASE),
+    "gemma2": lambda: transformers.Gemma2Config(
+        head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=24, attn_logit_softcapping=2.0, **BASE),     # a cap low enough to bend the scores
 }
-REFUSED = {"gemma2": lambda: transformers.Gemma2Config(head_dim=16, **BASE)}
+EAGER_ONLY = {"gemma2"}   # no SDPA path in transformers (it cannot soft-cap)
 CFG = DCAConfig(adapter_layers=2, adapter_len=5, causal_len=2, alpha=1.0)
 
 
 def _model(family, attn="sdpa", seed=0):
     torch.manual_seed(seed)
     config = CONFIGS[family]()
-    config._attn_implementation = attn
+    config._attn_implementation = "eager" if family in EAGER_ONLY else attn
     return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -142,7 +146,7 @@ def test_fresh_patch_equals_the_unpatched_model(family, attn):
     with torch.no_grad():
         after = model(**batch)
     real = batch["attention_mask"].bool()
-    if attn == "sdpa":      # the op's prompt part is the same SDPA call
+    if attn == "sdpa" and family not in EAGER_ONLY:      # the op's prompt part is the same SDPA call
         assert torch.equal(after.logits[real], before.logits[real])
     else:                   # eager materialises the scores, the op goes through SDPA: float32 rounding
         torch.testing.assert_close(after.logits, before.logits, rtol=1e-5, atol=1e-5)
@@ -216,11 +220,11 @@ def test_a_few_training_steps_lower_the_loss(family):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("family", list(REFUSED))
-def test_families_that_cannot_be_done_exactly_are_refused_with_the_reason(family):
+def test_other_families_are_refused_naming_the_supported_ones():
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(REFUSED[family]())
-    with pytest.raises(ValueError, match="cannot patch model type .* exactly: .*soft-caps"):
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="does not support model type 'gpt2'; supported model types: llama, "):
         fastdca.patch(model, CFG)
     assert not patch_mod.is_patched(model)
 

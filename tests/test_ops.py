@@ -277,3 +277,11 @@ def test_a_window_covering_every_key_changes_nothing_and_auto_takes_windows_to_t
         dca_attention(**inputs, causal_len=2, window=3, backend="triton")
     with pytest.raises(ValueError, match="window must be a positive integer"):
         dca_attention(**inputs, causal_len=2, window=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, window", [WINDOW_SHAPES[0], WINDOW_SHAPES[1], WINDOW_SHAPES[4], WINDOW_SHAPES[5],
+                                           pytest.param((2, 4, 2, 13, 13, 64, 10, 2, "left"), None, id="left")])
+def test_torch_backend_with_soft_capped_scores_matches_reference(shape, window, dtype):
+    """Gemma 2's attn_logit_softcapping, here at 2.0 so that the cap bends the scores of random inputs."""
+    check_against_reference("torch", shape, "token", dtype, window=window, softcap=2.0)

@@ -6,11 +6,9 @@ the prompt without position: the prompt goes through the layer's projections exa
 do (separate k_proj/v_proj, or the key and value slices of a fused qkv_proj), then through the family's
 key norm if it has one (per head or over the whole key width), and never through RoPE. The query, the
 scale (the module's own `scaling`: Granite's attention_multiplier, Gemma's query_pre_attn_scalar) and
-the prompt-key part of the scores are the family's, as transformers computes them; the adapter keys are
-never masked by the causal mask or a sliding window.
-
-A family whose attention does to its scores what the op cannot yet do is listed with the reason and
-refused at patch time.
+the prompt-key part of the scores are the family's, as transformers computes them (its sliding window,
+Gemma 2's soft-cap, both passed to the attention function with each call); the adapter keys are never
+masked by the causal mask or a window, and their scores are not capped: they are their own softmax.
 """
 
 from __future__ import annotations
@@ -30,14 +28,12 @@ class Architecture:
     key_norm: None, "head" (attn.k_norm over each head's D values: Qwen3, Gemma 3, Cohere) or "width"
         (attn.k_norm over all Hkv * D key values before the split into heads: OLMo 2), applied where the
         module has a k_norm;
-    refused: why fastdca cannot patch this family exactly yet, or None;
     adapter_keys: what the adapter keys and values are, for the README's supported-models table.
     """
 
     model_type: str
     projection: str = "separate"
     key_norm: Optional[str] = None
-    refused: Optional[str] = None
     adapter_keys: str = "k_proj(prompt), v_proj(prompt)"
     layers: str = "model.layers"          # the decoder layers, from the causal LM
     attention: str = "self_attn"          # the attention module, in a decoder layer
@@ -79,12 +75,11 @@ _ARCHITECTURES = (
     Architecture("smollm3"),
     Architecture("cohere", key_norm="head", adapter_keys="k_proj(prompt) (k_norm per head when use_qk_norm), "
                                                          "v_proj(prompt)"),
-    Architecture("gemma2", refused="Gemma 2 soft-caps its attention scores (attn_logit_softcapping), which "
-                                   "fastdca's op does not implement yet"),
+    Architecture("gemma2", adapter_keys="k_proj(prompt), v_proj(prompt); its soft-cap on the prompt scores only"),
     Architecture("gemma3_text", key_norm="head", adapter_keys="k_norm(k_proj(prompt)) per head, v_proj(prompt)"),
 )
 ARCHITECTURES = {a.model_type: a for a in _ARCHITECTURES}
-SUPPORTED_MODEL_TYPES = tuple(a.model_type for a in _ARCHITECTURES if a.refused is None)
+SUPPORTED_MODEL_TYPES = tuple(a.model_type for a in _ARCHITECTURES)
 
 
 def architecture_of(model: nn.Module) -> Architecture:
@@ -94,8 +89,6 @@ def architecture_of(model: nn.Module) -> Architecture:
     if arch is None:
         raise ValueError(f"fastdca.patch does not support model type {model_type!r}; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
-    if arch.refused is not None:
-        raise ValueError(f"fastdca.patch cannot patch model type {model_type!r} exactly: {arch.refused}")
     return arch
 
 

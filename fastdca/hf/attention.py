@@ -69,24 +69,23 @@ def _make_attention_function(base_impl: str):
                 raise NotImplementedError(f"fastdca's attention for packed sequences has no dropout (asked for "
                                           f"{dropout}); set the model config's attention_dropout to 0")
             out = packed_causal_attention(query, key.to(query.dtype), value.to(query.dtype), packing[0], scaling,
-                                          kwargs.get("sliding_window"))
+                                          kwargs.get("sliding_window"), kwargs.get("softcap"))
             return out.transpose(1, 2), None
         if dropout > 0:
             raise NotImplementedError(f"fastdca adapted layers do not implement attention dropout (layer "
                                       f"{adapter.layer_idx} was asked for {dropout}); set the model config's "
                                       "attention_dropout to 0")
-        if kwargs.get("softcap") is not None or not getattr(module, "is_causal", True):
-            raise NotImplementedError(f"fastdca adapted layers implement causal attention without score soft-capping; "
-                                      f"layer {adapter.layer_idx} asks for softcap={kwargs.get('softcap')!r}, "
-                                      f"is_causal={getattr(module, 'is_causal', True)!r}")
+        if not getattr(module, "is_causal", True):
+            raise NotImplementedError(f"fastdca adapted layers implement causal attention; layer {adapter.layer_idx} "
+                                      "is bidirectional (use_bidirectional_attention)")
         return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
-                            kwargs.get("sliding_window"))
+                            kwargs.get("sliding_window"), kwargs.get("softcap"))
 
     fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"
     return fastdca_attention_forward
 
 
-def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing, window):
+def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing, window, softcap):
     state = adapter._state
     cfg = state.config
     B, Hq, T, D = query.shape
@@ -105,7 +104,7 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     gate = adapter.gate.to(dtype)
     out, stats = dca_attention(query, key, value, ak, av, gate, causal_len=cfg.causal_len, scale=scaling,
                                key_padding_mask=key_padding, cu_seqlens=cu_seqlens, window=window,
-                               gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
+                               softcap=softcap, gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
     if key_padding is not None and state.base_impl == "eager":
         out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
     if stats is not None and state.recording:
