@@ -4,7 +4,9 @@ Notation (per batch b and query head h, kv head kh = h // GROUP):
     s   = q k^T * scale      (T, S) prompt scores, bottom-right causal + key padding mask; or, for
                              sequences packed in one row (T = S), causal within each sequence:
                              query i sees key j iff start(i) <= j <= i, start(i) the first position
-                             of i's sequence
+                             of i's sequence; with a sliding window W (HAS_WINDOW) also only
+                             j > S - T + i - W, and key blocks wholly outside every row's window
+                             are skipped
     P   = softmax(s)         rows with no visible key are 0
     sa  = q ak^T * scale     (T, M) adapter scores, no mask
     Pa  = softmax(sa),  A = g * Pa,  g = tanh(gate[h]) or gate[h]
@@ -115,14 +117,14 @@ def _key_ok(KPM, b, stride_mb, offs_n, S, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
-             CAUSAL: tl.constexpr):
+def _visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+             CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """(BLOCK_M, BLOCK_N) mask: query i (absolute position S - T + i) sees key j <= that position that
     the padding mask keeps (key_ok) and, with packed sequences (T = S), that belongs to i's sequence:
     for j <= i that is i < key_end[j], the end of j's sequence (a key-side test, so that no per-row
     vector stays live through the key loop); out-of-range rows and columns are invisible. Without
     CAUSAL the block is known to lie wholly below the diagonal, so only the padding and sequence masks
-    are applied."""
+    are applied. With a sliding window, key j must also lie after S - T + i - WINDOW."""
     if CAUSAL:
         vis = (offs_n[None, :] <= (S - T + offs_m)[:, None]) & (offs_n[None, :] < S) & (offs_m[:, None] < T)
         if HAS_KPM:
@@ -131,7 +133,19 @@ def _visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM: tl.constexpr, HAS_S
         vis = key_ok[None, :] & (offs_m[:, None] >= 0)
     if HAS_SEQ:
         vis = vis & (offs_m[:, None] < key_end[None, :])
+    if HAS_WINDOW:
+        vis = vis & (offs_n[None, :] > (S - T + offs_m)[:, None] - WINDOW)
     return vis
+
+
+@triton.jit
+def _window_lo(m0, WINDOW, T, S, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """The first key block query rows from m0 on can see through a sliding window (0 without one)."""
+    if HAS_WINDOW:
+        lo = tl.maximum(S - T + m0 - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        lo = 0
+    return lo
 
 
 @triton.jit
@@ -177,9 +191,9 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 @triton.jit
 def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
-                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
+                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, K, V,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc)."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     # the padding mask is loaded one key block ahead: Triton pipelines only the loads that feed dots
@@ -190,10 +204,10 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, st
         kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
-        if CAUSAL or HAS_KPM or HAS_SEQ:
+        if CAUSAL or HAS_KPM or HAS_SEQ or HAS_WINDOW:
             key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
-            s = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM, HAS_SEQ, CAUSAL), s,
-                         float("-inf"))
+            s = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM, HAS_SEQ, CAUSAL,
+                                  HAS_WINDOW), s, float("-inf"))
         key_ok = _key_ok(KPM, b, stride_mb, offs_n + BLOCK_N, S, HAS_KPM)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
@@ -260,9 +274,9 @@ def _dca_fwd_kernel(
     stride_avh, stride_avm, stride_avd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, T, S, M, D, H,
+    Hq, T, S, M, D, H, WINDOW,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, GATE_TANH: tl.constexpr,
-    XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Forward for one (query block, b * Hq + h) program.
@@ -274,7 +288,9 @@ def _dca_fwd_kernel(
     COLSUM (B * Hq, cdiv(T, BLOCK_M), BLOCK_A) float32: this block's sum over its real query rows of
     A[:, j] for j < H, else 0 (sample mode only).
 
-    out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks.
+    out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks;
+    with HAS_WINDOW the query at position p sees only keys after p - WINDOW, and the key blocks before
+    the block's first row's window are skipped.
     """
     # the longest causal rows first, so the last wave of programs is the shortest
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -305,13 +321,17 @@ def _dca_fwd_kernel(
     # up to the last query row's position straddle the diagonal; later ones are never visible.
     # With packed sequences, key blocks before the first row's sequence are never visible.
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    lo = _first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ)
+    lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
+                    _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
+    full_hi = tl.maximum(full_hi, lo)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                                     stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    lo, full_hi, T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
+                                    lo, full_hi, T, S, WINDOW, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE,
+                                    HAS_WINDOW)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                                     stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    full_hi, hi, T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
+                                    full_hi, hi, T, S, WINDOW, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE,
+                                    HAS_WINDOW)
 
     g, _ = _gate(GATE, h, GATE_TANH)
     a = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
@@ -348,9 +368,9 @@ def _dca_decode_split_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb,
-    Hkv, T, S, D, CHUNK,
+    Hkv, T, S, D, CHUNK, WINDOW,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
 ):
     """Flash-decoding, first pass: one program per (key chunk, b * Hkv + kh), for T <= 16.
 
@@ -358,7 +378,8 @@ def _dca_decode_split_kernel(
     kh * GROUP + r // T, query r % T), so K and V are read once for the whole group. Over the keys of
     its chunk [split * CHUNK, (split + 1) * CHUNK) (CHUNK a multiple of BLOCK_N) it runs the online
     softmax and writes the unnormalised acc = sum_j 2^(s_j - m) v_j to ACC_PART (B * Hkv, splits, ROWS,
-    BLOCK_D) and the row max m and sum l to M_PART, L_PART (B * Hkv, splits, ROWS), all float32.
+    BLOCK_D) and the row max m and sum l to M_PART, L_PART (B * Hkv, splits, ROWS), all float32. With
+    HAS_WINDOW the key blocks before the first query's window are skipped.
     """
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -374,10 +395,12 @@ def _dca_decode_split_kernel(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, S)
+    lo = tl.maximum(lo, _window_lo(0, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
     m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
                                     KPM, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i,
-                                    acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo,
-                                    tl.minimum(lo + CHUNK, S), T, S, K, V, True, HAS_KPM, False, UPCAST, IEEE)
+                                    acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo, hi, T, S, WINDOW,
+                                    K, V, True, HAS_KPM, False, UPCAST, IEEE, HAS_WINDOW)
     part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
     tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(M_PART + part * ROWS + rows, m_i)
@@ -443,9 +466,9 @@ def _dca_decode_combine_kernel(
 
 @triton.jit
 def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_scale, stride_qt, stride_qd,
-                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T, S, Q,
-                       DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T, S, WINDOW,
+                       Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv). With
     packed sequences key j is seen only by the queries before key_end[j], the end of its sequence."""
     BLOCK_M: tl.constexpr = offs_m0.shape[0]
@@ -467,6 +490,8 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
             pt = tl.where(key_ok[:, None], pt, 0.0)
         if HAS_SEQ:
             pt = tl.where(offs_m[None, :] < key_end[:, None], pt, 0.0)
+        if HAS_WINDOW:
+            pt = tl.where(offs_n[:, None] > (S - T + offs_m)[None, :] - WINDOW, pt, 0.0)
         dv += _dot(_operand(pt, DOUT, UPCAST), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
@@ -476,9 +501,9 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
 
 @triton.jit
 def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, K, V,
+                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, K, V,
                    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     for start_n in range(lo, hi, BLOCK_N):
@@ -491,9 +516,10 @@ def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, strid
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         v = _operand(v, V, UPCAST)
         p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
-        if CAUSAL or HAS_KPM or HAS_SEQ:
+        if CAUSAL or HAS_KPM or HAS_SEQ or HAS_WINDOW:
             key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
-            p = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, HAS_KPM, HAS_SEQ, CAUSAL), p, 0.0)
+            p = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM, HAS_SEQ, CAUSAL,
+                                  HAS_WINDOW), p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
         dq += _dot(_operand(ds, K, UPCAST), k, IEEE)
@@ -607,9 +633,9 @@ def _dca_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, Hkv, T, S, D,
+    Hq, Hkv, T, S, D, WINDOW,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
     int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S).
@@ -654,6 +680,11 @@ def _dca_bwd_dkdv_kernel(
     else:
         key_end = offs_n
         hi = T
+    # with a sliding window no query at or past position (last key of the block) + WINDOW sees it
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW - (S - T), 0))
+    hi = tl.maximum(hi, lo)
+    full_lo = tl.minimum(full_lo, hi)
     for gi in range(GROUP):
         h = (kh * GROUP + gi).to(tl.int64)
         q_base = Q + b * stride_qb + h * stride_qh
@@ -661,12 +692,12 @@ def _dca_bwd_dkdv_kernel(
         row_base = (b * Hq + h) * T
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, lo, full_lo, T, S, Q, DOUT, True, HAS_KPM, HAS_SEQ,
-                                    UPCAST, IEEE)
+                                    key_ok, key_end, lo, full_lo, T, S, WINDOW, Q, DOUT, True, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE, HAS_WINDOW)
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, full_lo, hi, T, S, Q, DOUT, False, HAS_KPM, HAS_SEQ,
-                                    UPCAST, IEEE)
+                                    key_ok, key_end, full_lo, hi, T, S, WINDOW, Q, DOUT, False, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE, HAS_WINDOW)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -683,9 +714,9 @@ def _dca_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, T, S, D,
+    Hq, T, S, D, WINDOW,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
     SEQ_START, SEQ_END as in the forward.
@@ -720,13 +751,15 @@ def _dca_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    lo = _first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ)
+    lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
+                    _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
+    full_hi = tl.maximum(full_hi, lo)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                         stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi,
-                        T, S, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
+                        T, S, WINDOW, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                         stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi,
-                        T, S, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE)
+                        T, S, WINDOW, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -895,12 +928,13 @@ def _check_dtype(q):
 
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
-                gate_fn="tanh", xg="sample", configs=None, launch=None):
+                window=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
     """Run the forward kernel.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
     or None; cu_seqlens (N + 1,) int32 boundaries of sequences packed in one row (B = 1, T = S) or None
-    (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
+    (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"); window: the
+    query at position p sees the keys after p - window (None: no window). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
     input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
     `launch` wraps each kernel before its launch (torch.library.wrap_triton, for fastdca.custom_ops);
@@ -915,7 +949,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     cfgs = _configs(D, T, q.dtype, q.device, configs, ("fwd", "decode"))
     group = Hq // Hkv
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
-        return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg,
+        return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, gate_fn, xg,
                                cfgs["decode"], launch)
     cfg = cfgs["fwd"]
     block_a = adapter_block(M)
@@ -936,9 +970,9 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
-            Hq, T, S, M, D, H,
+            Hq, T, S, M, D, H, _window_arg(window),
             GROUP=Hq // Hkv, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
-            UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), BLOCK_A=block_a,
+            UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), HAS_WINDOW=window is not None, BLOCK_A=block_a,
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
         )
     if mode == XG_SAMPLE:
@@ -953,7 +987,12 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 DECODE_MAX_ROWS = 64   # the query rows of one kv group (Hq / Hkv * T) the flash-decoding path takes
 
 
-def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, gate_fn, xg, cfg, launch):
+def _window_arg(window) -> int:
+    """The kernels' WINDOW argument: the window, or 0 where HAS_WINDOW is off and it is not read."""
+    return 0 if window is None else int(window)
+
+
+def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, gate_fn, xg, cfg, launch):
     """Flash-decoding for T <= 16: the keys split into chunks over enough programs to fill the GPU,
     each kv head's query group as the rows of one tile, then one pass merging the chunks. Returns what
     dca_forward returns."""
@@ -985,8 +1024,8 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
             float(scale),
             *q.stride(), *k.stride(), *v.stride(),
             stride_mb,
-            Hkv, T, S, D, chunk,
-            BLOCK_N=block_n, **flags, **_launch_opts(cfg),
+            Hkv, T, S, D, chunk, _window_arg(window),
+            BLOCK_N=block_n, HAS_WINDOW=window is not None, **flags, **_launch_opts(cfg),
         )
         launch(_dca_decode_combine_kernel)[(B * Hkv,)](
             q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, colsum,
@@ -1020,7 +1059,7 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 cu_seqlens=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
+                 cu_seqlens=None, window=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
@@ -1099,8 +1138,8 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
-            Hq, Hkv, T, S, D,
-            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee,
+            Hq, Hkv, T, S, D, _window_arg(window),
+            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
         launch(_dca_bwd_dq_kernel)[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
@@ -1108,8 +1147,8 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
-            Hq, T, S, D,
-            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee,
+            Hq, T, S, D, _window_arg(window),
+            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
             **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
         )
     return (dq, dk, dv, *adapter_grads)

@@ -218,3 +218,33 @@ def test_flash_decoding_splits_the_keys(monkeypatch, shape, dtype):
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype)
     assert launched and all(grid[0] >= 2 for grid in launched)     # chunks rounded up to whole 16-key blocks
+
+
+WINDOWED = [
+    pytest.param((2, 4, 2, 45, 45, 64, 10, 2, None), 7, id="T=S=45-w7"),
+    pytest.param((2, 4, 2, 45, 45, 64, 10, 2, "left"), 16, id="T=S=45-left-w16"),
+    pytest.param((2, 4, 2, 23, 61, 64, 10, 2, "right"), 20, id="cache-T23-S61-right-w20"),
+    pytest.param((2, 4, 2, 1, 50, 64, 10, 2, "left"), 9, id="decode-T1-S50-left-w9"),
+    pytest.param((2, 4, 2, 5, 40, 64, 10, 2, None), 3, id="decode-T5-S40-w3"),
+    pytest.param((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, id="packed-w5"),
+]
+
+
+@pytest.mark.parametrize("blocks", ["default", "16x16"])
+@pytest.mark.parametrize("shape, window", WINDOWED)
+def test_sliding_window_matches_reference(monkeypatch, shape, window, blocks):
+    """The kernels' window: the key blocks before a query block's window are skipped (16 x 16 blocks make
+    that several blocks per row), the rest masked, forward, decoding and backward."""
+    from fastdca.kernels import dca_attention as kmod
+
+    if blocks == "16x16":
+        def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+            return dict(original(kernel, D, T, dtype, arch), BLOCK_M=16, BLOCK_N=16)
+
+        monkeypatch.setattr(kmod, "launch_config", small)
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, torch.float32, window=window)
+
+
+def test_sliding_window_bf16_matches_reference():
+    check_against_reference("triton", (2, 4, 2, 33, 33, 64, 10, 2, "left"), "token", torch.bfloat16, window=6)
