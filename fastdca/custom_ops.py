@@ -2,9 +2,9 @@
 
 Registered, in the namespace "fastdca":
 
-- `dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg)
+- `dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg)
   -> (out, lse, extra)` and `dca_attention_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
-  key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg) -> (dq, dk, dv, dak, dav, dgate)`:
+  key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg) -> (dq, dk, dv, dak, dav, dgate)`:
   the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.dca_attention.dca_forward`:
   q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool or
   None; cu_seqlens (N + 1,) int32 or None; out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the
@@ -62,20 +62,22 @@ def _kernel_op(name, fn, fake):
 
 def _dca_attention_impl(q: Tensor, k: Tensor, v: Tensor, ak: Tensor, av: Tensor, gate: Tensor,
                         key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor], window: Optional[int],
-                        causal_len: int, scale: float, gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
+                        softcap: Optional[float], causal_len: int, scale: float, gate_fn: str, xg: Optional[str]
+                        ) -> tuple[Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
 
     from fastdca.kernels.dca_attention import dca_forward
 
     out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
-                                  gate_fn=gate_fn, xg=xg, launch=wrap_triton)
+                                  softcap=softcap, gate_fn=gate_fn, xg=xg, launch=wrap_triton)
     # An operator's outputs are fresh, dense tensors: the column sums come out of the launcher as a view.
     extra = out.new_empty(0) if extra is None else extra.contiguous()
     return out, lse, extra
 
 
-def _dca_attention_fake(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg):
+def _dca_attention_fake(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale,
+                        gate_fn, xg):
     B, Hq, T, D = q.shape
     out = q.new_empty(B, T, Hq, D)
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
@@ -94,21 +96,22 @@ dca_attention = _kernel_op("dca_attention", _dca_attention_impl, _dca_attention_
 def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                                  ak: Tensor, av: Tensor, gate: Tensor, out: Tensor, lse: Tensor,
                                  key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-                                 window: Optional[int], causal_len: int, scale: float, gate_fn: str, xg: Optional[str]
+                                 window: Optional[int], softcap: Optional[float], causal_len: int, scale: float,
+                                 gate_fn: str, xg: Optional[str]
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
 
     from fastdca.kernels.dca_attention import dca_backward
 
     grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse, causal_len=causal_len, scale=scale,
-                         key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window, gate_fn=gate_fn,
-                         xg=xg, launch=wrap_triton)
+                         key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window, softcap=softcap,
+                         gate_fn=gate_fn, xg=xg, launch=wrap_triton)
     # dak and dav come out of the launcher as slices of the padded partial sums
     return tuple(g.contiguous() for g in grads)
 
 
 def _dca_attention_backward_fake(dout, dextra, q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens,
-                                 window, causal_len, scale, gate_fn, xg):
+                                 window, softcap, causal_len, scale, gate_fn, xg):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, ak, av, gate))
 
 
@@ -117,19 +120,19 @@ dca_attention_backward = _kernel_op("dca_attention_backward", _dca_attention_bac
 
 
 def _dca_attention_setup_context(ctx, inputs, output):
-    q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg = inputs
+    q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg = inputs
     out, lse, _ = output
     ctx.save_for_backward(q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens)
-    ctx.args = (window, causal_len, scale, gate_fn, xg)
+    ctx.args = (window, softcap, causal_len, scale, gate_fn, xg)
 
 
 def _dca_attention_backward(ctx, dout, dlse, dextra):
     # lse is the forward's own statistic for the backward: nothing differentiates through it.
     q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
-    window, causal_len, scale, gate_fn, xg = ctx.args
+    window, softcap, causal_len, scale, gate_fn, xg = ctx.args
     grads = dca_attention_backward(dout, None if xg is None else dextra, q, k, v, ak, av, gate, out, lse,
-                                   key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg)
-    return (*grads, None, None, None, None, None, None, None)
+                                   key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg)
+    return (*grads, None, None, None, None, None, None, None, None)
 
 
 dca_attention.register_autograd(_dca_attention_backward, setup_context=_dca_attention_setup_context)

@@ -69,7 +69,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     """
     _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn, xg)
     window = effective_window(window, k.shape[2])
-    name = resolve_backend(backend, q, softcapped=softcap is not None)
+    name = resolve_backend(backend, q)
     args = (q, k, v, ak, av, gate)
     kwargs = dict(causal_len=causal_len, scale=1 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, gate_fn=gate_fn, xg=xg)
@@ -77,7 +77,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         return reference.dca_attention(*args, window=window, softcap=softcap, **kwargs)
     if name == "torch":
         return _torch_dca_attention(*args, window=window, softcap=softcap, **kwargs)
-    return _triton_dca_attention(*args, window=window, **kwargs)
+    return _triton_dca_attention(*args, window=window, softcap=softcap, **kwargs)
 
 
 def effective_window(window, S: int):
@@ -85,19 +85,14 @@ def effective_window(window, S: int):
     return None if window is None or window >= S else int(window)
 
 
-def resolve_backend(backend, q, softcapped: bool = False) -> str:
-    """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto. The kernels have no
-    soft-capping: auto takes a soft-capped call to the torch backend, and an explicit "triton" refuses it."""
+def resolve_backend(backend, q) -> str:
+    """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto."""
     name = backend if backend is not None else os.environ.get("FASTDCA_BACKEND", "auto")
     if name not in BACKENDS:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
     if name == "auto":
-        fused = not softcapped and q.is_cuda and _kernels_fast_for(q.dtype) and triton_available()
-        return "triton" if fused else "torch"
-    if name == "triton" and softcapped:
-        raise NotImplementedError("the triton backend has no score soft-capping; use backend 'torch' or 'auto' (which "
-                                  "takes soft-capped calls to the torch backend)")
+        return "triton" if q.is_cuda and _kernels_fast_for(q.dtype) and triton_available() else "torch"
     if name == "triton" and not (q.is_cuda or triton_interpreted()):
         raise ValueError(
             "backend 'triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported "
@@ -431,20 +426,20 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
 # triton backend
 
 
-def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, gate_fn,
-                          xg):
+def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
+                          gate_fn, xg):
     B, Hq, T = q.shape[:3]
     Hkv, S = k.shape[1], k.shape[2]
     members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
     if cu_seqlens is not None and xg == "sample":
         # The kernels sum A[..., :H] per query block, and blocks straddle sequences: take X_G per token
         # (one more output the size of out, not kept for backward) and sum it per sequence.
-        out, x_g = _fused_dca_attention(q, k, v, ak, av, gate, None, cu_seqlens, window, causal_len, scale, gate_fn,
-                                        "token")
+        out, x_g = _fused_dca_attention(q, k, v, ak, av, gate, None, cu_seqlens, window, softcap, causal_len, scale,
+                                        gate_fn, "token")
         sums = torch.einsum("nt,thd->nhd", members[0].to(torch.float32), x_g[0].to(torch.float32))
         return out, (sums, members.sum(dim=-1).reshape(-1))
-    out, extra = _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale,
-                                      gate_fn, xg)
+    out, extra = _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap,
+                                      causal_len, scale, gate_fn, xg)
     if xg is None:
         return out, None
     if xg == "token":
@@ -452,15 +447,16 @@ def _triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddi
     return out, _xg_sample_stats(extra.view(B, Hkv, Hq // Hkv, causal_len), av, members)
 
 
-def _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg):
+def _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale,
+                         gate_fn, xg):
     """(out, extra) of the fused kernels, differentiable: through the registered operator while torch.compile
     traces (Inductor then sees the kernels themselves), else through the autograd.Function."""
     if torch.compiler.is_compiling():
         out, _, extra = torch.ops.fastdca.dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens,
-                                                        window, causal_len, scale, gate_fn, xg)
+                                                        window, softcap, causal_len, scale, gate_fn, xg)
         return out, extra
-    return _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale,
-                                    gate_fn, xg)
+    return _TritonDCAFunction.apply(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len,
+                                    scale, gate_fn, xg)
 
 
 class _TritonDCAFunction(torch.autograd.Function):
@@ -471,19 +467,20 @@ class _TritonDCAFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, causal_len, scale, gate_fn, xg):
+    def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn,
+                xg):
         from fastdca.kernels.dca_attention import dca_forward
 
         out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
                                       key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
-                                      gate_fn=gate_fn, xg=xg)
+                                      softcap=softcap, gate_fn=gate_fn, xg=xg)
         if extra is None:
             extra = out.new_empty(0)
             ctx.mark_non_differentiable(extra)
         ctx.save_for_backward(q, k, v, ak, av, gate, out, lse)
         ctx.key_padding_mask = key_padding_mask
         ctx.cu_seqlens = cu_seqlens
-        ctx.args = dict(window=window, causal_len=causal_len, scale=scale, gate_fn=gate_fn, xg=xg)
+        ctx.args = dict(window=window, softcap=softcap, causal_len=causal_len, scale=scale, gate_fn=gate_fn, xg=xg)
         ctx.set_materialize_grads(False)
         return out, extra
 
@@ -496,4 +493,4 @@ class _TritonDCAFunction(torch.autograd.Function):
             dextra = None
         grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
                              key_padding_mask=ctx.key_padding_mask, cu_seqlens=ctx.cu_seqlens, **ctx.args)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None)

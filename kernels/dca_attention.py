@@ -6,7 +6,7 @@ Notation (per batch b and query head h, kv head kh = h // GROUP):
                              query i sees key j iff start(i) <= j <= i, start(i) the first position
                              of i's sequence; with a sliding window W (HAS_WINDOW) also only
                              j > S - T + i - W, and key blocks wholly outside every row's window
-                             are skipped
+                             are skipped; with a soft-cap c (HAS_SOFTCAP) s = c tanh(q k^T * scale / c)
     P   = softmax(s)         rows with no visible key are 0
     sa  = q ak^T * scale     (T, M) adapter scores, no mask
     Pa  = softmax(sa),  A = g * Pa,  g = tanh(gate[h]) or gate[h]
@@ -139,6 +139,13 @@ def _visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM: tl.constexp
 
 
 @triton.jit
+def _tanh(x):
+    """tanh through one exp2 (the softmax's unit): 1 - 2 / (e^(2x) + 1), exactly +-1 where e^(2x) over- or
+    underflows."""
+    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
 def _window_lo(m0, WINDOW, T, S, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """The first key block query rows from m0 on can see through a sliding window (0 without one)."""
     if HAS_WINDOW:
@@ -191,10 +198,12 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 @triton.jit
 def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
-                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, K, V,
+                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, SOFTCAP, K, V,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc)."""
+                    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc).
+    With HAS_SOFTCAP the scores (log2 units) become SOFTCAP * tanh(s / SOFTCAP), SOFTCAP the cap in
+    log2 units."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     # the padding mask is loaded one key block ahead: Triton pipelines only the loads that feed dots
     key_ok = _key_ok(KPM, b, stride_mb, lo + offs_n0, S, HAS_KPM)
@@ -204,6 +213,8 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, st
         kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
+        if HAS_SOFTCAP:
+            s = SOFTCAP * _tanh(s / SOFTCAP)
         if CAUSAL or HAS_KPM or HAS_SEQ or HAS_WINDOW:
             key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
             s = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM, HAS_SEQ, CAUSAL,
@@ -274,9 +285,10 @@ def _dca_fwd_kernel(
     stride_avh, stride_avm, stride_avd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, T, S, M, D, H, WINDOW,
+    Hq, T, S, M, D, H, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, GATE_TANH: tl.constexpr,
     XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Forward for one (query block, b * Hq + h) program.
@@ -326,12 +338,12 @@ def _dca_fwd_kernel(
     full_hi = tl.maximum(full_hi, lo)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                                     stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    lo, full_hi, T, S, WINDOW, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE,
-                                    HAS_WINDOW)
+                                    lo, full_hi, T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST,
+                                    IEEE, HAS_WINDOW, HAS_SOFTCAP)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                                     stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    full_hi, hi, T, S, WINDOW, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE,
-                                    HAS_WINDOW)
+                                    full_hi, hi, T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ, UPCAST,
+                                    IEEE, HAS_WINDOW, HAS_SOFTCAP)
 
     g, _ = _gate(GATE, h, GATE_TANH)
     a = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
@@ -368,9 +380,10 @@ def _dca_decode_split_kernel(
     stride_kb, stride_kh, stride_ks, stride_kd,
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_mb,
-    Hkv, T, S, D, CHUNK, WINDOW,
+    Hkv, T, S, D, CHUNK, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
 ):
     """Flash-decoding, first pass: one program per (key chunk, b * Hkv + kh), for T <= 16.
 
@@ -400,7 +413,7 @@ def _dca_decode_split_kernel(
     m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
                                     KPM, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i,
                                     acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo, hi, T, S, WINDOW,
-                                    K, V, True, HAS_KPM, False, UPCAST, IEEE, HAS_WINDOW)
+                                    SOFTCAP, K, V, True, HAS_KPM, False, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
     part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
     tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(M_PART + part * ROWS + rows, m_i)
@@ -467,8 +480,9 @@ def _dca_decode_combine_kernel(
 @triton.jit
 def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_scale, stride_qt, stride_qd,
                        stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T, S, WINDOW,
-                       Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                       SOFTCAP, Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+                       UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr):
     """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv). With
     packed sequences key j is seen only by the queries before key_end[j], the end of its sequence."""
     BLOCK_M: tl.constexpr = offs_m0.shape[0]
@@ -483,7 +497,11 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
         # rows past T get lse = +inf, so their probabilities are 0 without a mask
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
-        pt = tl.exp2(_dot(k, tl.trans(q), IEEE) * qk_scale - lse[None, :])              # (BLOCK_N, BLOCK_M)
+        st = _dot(k, tl.trans(q), IEEE) * qk_scale                                       # (BLOCK_N, BLOCK_M)
+        if HAS_SOFTCAP:
+            tanh_t = _tanh(st / SOFTCAP)
+            st = SOFTCAP * tanh_t
+        pt = tl.exp2(st - lse[None, :])
         if CAUSAL:
             pt = tl.where((offs_n[:, None] <= (S - T + offs_m)[None, :]) & key_ok[:, None], pt, 0.0)
         elif HAS_KPM:
@@ -495,15 +513,17 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
         dv += _dot(_operand(pt, DOUT, UPCAST), do, IEEE)
         dpt = _dot(v, tl.trans(do), IEEE)
         dst = pt * (dpt - delta[None, :])
+        if HAS_SOFTCAP:
+            dst = dst * (1.0 - tanh_t * tanh_t)      # through the cap: d(c tanh(s / c)) / ds
         dk += _dot(_operand(dst, Q, UPCAST), q, IEEE)
     return dk, dv
 
 
 @triton.jit
 def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, K, V,
-                   CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                   IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, SOFTCAP,
+                   K, V, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
+                   IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     for start_n in range(lo, hi, BLOCK_N):
@@ -515,13 +535,19 @@ def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, strid
         k = _operand(k, K, UPCAST)
         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         v = _operand(v, V, UPCAST)
-        p = tl.exp2(_dot(q, tl.trans(k), IEEE) * qk_scale - lse[:, None])
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        if HAS_SOFTCAP:
+            tanh_s = _tanh(s / SOFTCAP)
+            s = SOFTCAP * tanh_s
+        p = tl.exp2(s - lse[:, None])
         if CAUSAL or HAS_KPM or HAS_SEQ or HAS_WINDOW:
             key_end = _key_end(SEQ_END, offs_n, S, HAS_SEQ)
             p = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM, HAS_SEQ, CAUSAL,
                                   HAS_WINDOW), p, 0.0)
         dp = _dot(do, tl.trans(v), IEEE)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - tanh_s * tanh_s)
         dq += _dot(_operand(ds, K, UPCAST), k, IEEE)
     return dq
 
@@ -633,9 +659,10 @@ def _dca_bwd_dkdv_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, Hkv, T, S, D, WINDOW,
+    Hq, Hkv, T, S, D, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
     int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S).
@@ -692,12 +719,12 @@ def _dca_bwd_dkdv_kernel(
         row_base = (b * Hq + h) * T
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, lo, full_lo, T, S, WINDOW, Q, DOUT, True, HAS_KPM, HAS_SEQ,
-                                    UPCAST, IEEE, HAS_WINDOW)
+                                    key_ok, key_end, lo, full_lo, T, S, WINDOW, SOFTCAP, Q, DOUT, True, HAS_KPM,
+                                    HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
         dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
                                     stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, full_lo, hi, T, S, WINDOW, Q, DOUT, False, HAS_KPM, HAS_SEQ,
-                                    UPCAST, IEEE, HAS_WINDOW)
+                                    key_ok, key_end, full_lo, hi, T, S, WINDOW, SOFTCAP, Q, DOUT, False, HAS_KPM,
+                                    HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -714,9 +741,10 @@ def _dca_bwd_dq_kernel(
     stride_vb, stride_vh, stride_vs, stride_vd,
     stride_ob, stride_ot, stride_oh, stride_od,
     stride_mb,
-    Hq, T, S, D, WINDOW,
+    Hq, T, S, D, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
     SEQ_START, SEQ_END as in the forward.
@@ -756,10 +784,10 @@ def _dca_bwd_dq_kernel(
     full_hi = tl.maximum(full_hi, lo)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                         stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi,
-                        T, S, WINDOW, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW)
+                        T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                         stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi,
-                        T, S, WINDOW, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW)
+                        T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -928,13 +956,14 @@ def _check_dtype(q):
 
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
-                window=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
+                window=None, softcap=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
     """Run the forward kernel.
 
     q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
     or None; cu_seqlens (N + 1,) int32 boundaries of sequences packed in one row (B = 1, T = S) or None
     (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"); window: the
-    query at position p sees the keys after p - window (None: no window). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
+    query at position p sees the keys after p - window (None: no window); softcap: the prompt scores
+    become softcap * tanh(s / softcap) (None: no cap). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
     sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
     input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
     `launch` wraps each kernel before its launch (torch.library.wrap_triton, for fastdca.custom_ops);
@@ -949,8 +978,8 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     cfgs = _configs(D, T, q.dtype, q.device, configs, ("fwd", "decode"))
     group = Hq // Hkv
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
-        return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, gate_fn, xg,
-                               cfgs["decode"], launch)
+        return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn,
+                               xg, cfgs["decode"], launch)
     cfg = cfgs["fwd"]
     block_a = adapter_block(M)
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
@@ -970,9 +999,10 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
-            Hq, T, S, M, D, H, _window_arg(window),
+            Hq, T, S, M, D, H, _window_arg(window), _softcap_arg(softcap),
             GROUP=Hq // Hkv, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
-            UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), HAS_WINDOW=window is not None, BLOCK_A=block_a,
+            UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), HAS_WINDOW=window is not None,
+            HAS_SOFTCAP=softcap is not None, BLOCK_A=block_a,
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
         )
     if mode == XG_SAMPLE:
@@ -992,7 +1022,13 @@ def _window_arg(window) -> int:
     return 0 if window is None else int(window)
 
 
-def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, gate_fn, xg, cfg, launch):
+def _softcap_arg(softcap) -> float:
+    """The kernels' SOFTCAP argument: the cap in the log2 units the kernels score in, or 1.0 unread."""
+    return 1.0 if softcap is None else float(softcap) * 1.4426950408889634
+
+
+def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn, xg, cfg,
+                    launch):
     """Flash-decoding for T <= 16: the keys split into chunks over enough programs to fill the GPU,
     each kv head's query group as the rows of one tile, then one pass merging the chunks. Returns what
     dca_forward returns."""
@@ -1024,8 +1060,9 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
             float(scale),
             *q.stride(), *k.stride(), *v.stride(),
             stride_mb,
-            Hkv, T, S, D, chunk, _window_arg(window),
-            BLOCK_N=block_n, HAS_WINDOW=window is not None, **flags, **_launch_opts(cfg),
+            Hkv, T, S, D, chunk, _window_arg(window), _softcap_arg(softcap),
+            BLOCK_N=block_n, HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None, **flags,
+            **_launch_opts(cfg),
         )
         launch(_dca_decode_combine_kernel)[(B * Hkv,)](
             q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, colsum,
@@ -1059,7 +1096,8 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
-                 cu_seqlens=None, window=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
+                 cu_seqlens=None, window=None, softcap=None, gate_fn="tanh", xg="sample", configs=None,
+                 launch=None):
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
@@ -1076,6 +1114,13 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     group = Hq // Hkv
     cfgs = _configs(D, T, q.dtype, q.device, configs, ("bwd_adapter", "bwd_dkdv", "bwd_dq"))
     acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv"], cfgs["bwd_dq"]
+    if softcap is not None and not configs:
+        # the cap's derivative is one more score tile live through two dots: half the key tile of the
+        # dq loop (sm_90) or of the dk/dv loop (sm_80) keeps them from spilling (compile report, +softcap)
+        if target_arch(q.device) >= 90:
+            qcfg = dict(qcfg, BLOCK_N=max(16, qcfg["BLOCK_N"] // 2))
+        else:
+            kcfg = dict(kcfg, BLOCK_N=max(16, kcfg["BLOCK_N"] // 2))
     block_a = adapter_block(M)
     block_d = acfg["BLOCK_D"]
     n_mblocks = triton.cdiv(T, acfg["BLOCK_M"])
@@ -1138,8 +1183,9 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
-            Hq, Hkv, T, S, D, _window_arg(window),
+            Hq, Hkv, T, S, D, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
+            HAS_SOFTCAP=softcap is not None,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
         launch(_dca_bwd_dq_kernel)[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
@@ -1147,8 +1193,9 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
-            Hq, T, S, D, _window_arg(window),
+            Hq, T, S, D, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
+            HAS_SOFTCAP=softcap is not None,
             **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
         )
     return (dq, dk, dv, *adapter_grads)

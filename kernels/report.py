@@ -68,10 +68,12 @@ def _targeting(module, arch):
         module.target_arch = saved
 
 
-def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None):
+def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None,
+                    softcap=None):
     """(kernel, grid, args, kwargs) of every launch the forward and backward launchers make on a GPU of
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
-    sequences packed in the row, cu_seqlens); `window`: a sliding window, or None."""
+    sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
+    the prompt scores, or None."""
     import torch
 
     from fastdca.kernels import dca_attention as k
@@ -84,7 +86,7 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     mask = torch.ones(B, S, dtype=torch.bool) if padded is True else None
     cu_seqlens = torch.tensor([0, S // 2, S], dtype=torch.int32) if padded == "packed" else None
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
-              gate_fn="tanh", xg=xg)
+              softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
     with _recording(k, log), _targeting(k, arch):
         out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
@@ -197,16 +199,17 @@ def compile_launch(fn, args, kwargs, arch):
                 **work_counts(compiled.asm["ttir"], compiled.asm["ptx"], compiled.metadata.num_warps))
 
 
-def _rows_for(arch, dname, D, T, decode, xg="sample", padded=True, kernels=None, window=None):
+def _rows_for(arch, dname, D, T, decode, xg="sample", padded=True, kernels=None, extra=None):
     import torch
 
     rows = []
     shapes = [("train", T, T)] + ([("decode", 1, T)] if decode else [])
+    extra = extra or {}
     variant = (f"{xg or 'none'}{'+packed' if padded == 'packed' else '+mask' if padded else ''}"
-               f"{f'+window{window}' if window else ''}")
+               + "".join(f"+{name}{value:g}" for name, value in extra.items()))
     for label, t, s in shapes:
         for fn, grid, args, kwargs in record_launches(getattr(torch, dname), D, t, s, arch=arch, xg=xg, padded=padded,
-                                                      window=window):
+                                                      **extra):
             name = fn.__name__.replace("_dca_", "").replace("_kernel", "")
             if (label == "decode" and not name.startswith("decode")) or (kernels and name not in kernels):
                 continue     # decoding runs the flash-decoding forward only
@@ -220,14 +223,16 @@ def _rows_for(arch, dname, D, T, decode, xg="sample", padded=True, kernels=None,
 # (dtype, D) pairs of the main table: the issue's fp16/bf16 x D=64/128, plus D=256 (the largest supported)
 DEFAULT_CASES = (("float16", 64), ("float16", 128), ("bfloat16", 64), ("bfloat16", 128), ("float16", 256))
 # the other constexpr variants the launchers can select: (dtype, D, xg, padded, kernels or None = all,
-# sliding window or None; a windowed variant is compiled for decoding too).
+# {"window": sliding window, "softcap": score cap} or None; such a variant is compiled for decoding too).
 # float32 is the exact-dot correctness path; it is listed, and not held to the no-spill rule.
 VARIANT_CASES = (("float16", 128, "token", True, ("fwd", "bwd_adapter"), None),
                  ("float16", 128, None, False, ("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq"), None),
                  ("float16", 128, None, "packed", ("fwd", "bwd_dkdv", "bwd_dq"), None),
                  ("float16", 128, "token", "packed", ("fwd",), None),
-                 ("bfloat16", 128, "sample", True, ("fwd", "decode_split", "bwd_dkdv", "bwd_dq"), 256),
-                 ("float16", 64, "token", "packed", ("fwd", "bwd_dkdv", "bwd_dq"), 256),
+                 ("bfloat16", 128, "sample", True, ("fwd", "decode_split", "bwd_dkdv", "bwd_dq"), {"window": 256}),
+                 ("float16", 64, "token", "packed", ("fwd", "bwd_dkdv", "bwd_dq"), {"window": 256}),
+                 ("bfloat16", 128, "sample", True, ("fwd", "decode_split", "bwd_dkdv", "bwd_dq"),
+                  {"window": 256, "softcap": 50.0}),
                  ("float32", 64, "sample", True, None, None), ("float32", 128, "sample", True, None, None))
 
 
@@ -240,8 +245,8 @@ def compile_table(archs=(80, 90), cases=DEFAULT_CASES, variants=VARIANT_CASES, T
     import multiprocessing
 
     jobs = [(arch, dname, D, T, decode, "sample", True, None, None) for arch in archs for dname, D in cases]
-    jobs += [(arch, dname, D, T, window is not None, xg, padded, kernels, window)
-             for arch in archs for dname, D, xg, padded, kernels, window in variants]
+    jobs += [(arch, dname, D, T, extra is not None, xg, padded, kernels, extra)
+             for arch in archs for dname, D, xg, padded, kernels, extra in variants]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         results = list(pool.map(_rows_for, *zip(*jobs)))

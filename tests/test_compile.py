@@ -221,8 +221,9 @@ def test_opcheck_fused_kernel_operators(xg, layout):
         q, k, v, ak, av, gate = (t.detach().to(device).requires_grad_() for t in op_inputs(torch.float32, B=1, T=7))
         key_padding_mask = None
         cu_seqlens = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
-    window = 3 if layout == "packed" else None      # one call with and one without a sliding window
-    args = (q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, 2, 0.25, "tanh", xg)
+    # one call with a sliding window and a soft-cap, one with neither
+    window, softcap = (3, 2.0) if layout == "packed" else (None, None)
+    args = (q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, 2, 0.25, "tanh", xg)
     torch.library.opcheck(torch.ops.fastdca.dca_attention.default, args)
     out, lse, extra = torch.ops.fastdca.dca_attention(*args)
     B, Hq, T, D = q.shape
@@ -230,7 +231,7 @@ def test_opcheck_fused_kernel_operators(xg, layout):
     dextra = None if xg is None else torch.randn_like(extra)
     torch.library.opcheck(torch.ops.fastdca.dca_attention_backward.default,
                           (torch.randn_like(out), dextra, *(t.detach() for t in (q, k, v, ak, av, gate, out, lse)),
-                           key_padding_mask, cu_seqlens, window, 2, 0.25, "tanh", xg))
+                           key_padding_mask, cu_seqlens, window, softcap, 2, 0.25, "tanh", xg))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -230,11 +230,13 @@ WINDOWED = [
 ]
 
 
+@pytest.mark.parametrize("softcap", [None, 2.0], ids=["", "softcap"])
 @pytest.mark.parametrize("blocks", ["default", "16x16"])
 @pytest.mark.parametrize("shape, window", WINDOWED)
-def test_sliding_window_matches_reference(monkeypatch, shape, window, blocks):
+def test_sliding_window_matches_reference(monkeypatch, shape, window, blocks, softcap):
     """The kernels' window: the key blocks before a query block's window are skipped (16 x 16 blocks make
-    that several blocks per row), the rest masked, forward, decoding and backward."""
+    that several blocks per row), the rest masked, forward, decoding and backward; with Gemma 2's soft-cap
+    (2.0, low enough to bend random scores) too."""
     from fastdca.kernels import dca_attention as kmod
 
     if blocks == "16x16":
@@ -243,8 +245,16 @@ def test_sliding_window_matches_reference(monkeypatch, shape, window, blocks):
 
         monkeypatch.setattr(kmod, "launch_config", small)
     for xg in ("sample", "token"):
-        check_against_reference("triton", shape, xg, torch.float32, window=window)
+        check_against_reference("triton", shape, xg, torch.float32, window=window, softcap=softcap)
 
 
-def test_sliding_window_bf16_matches_reference():
+def test_sliding_window_and_soft_cap_bf16_match_reference():
     check_against_reference("triton", (2, 4, 2, 33, 33, 64, 10, 2, "left"), "token", torch.bfloat16, window=6)
+    check_against_reference("triton", (2, 4, 2, 33, 33, 64, 10, 2, "right"), "token", torch.bfloat16, softcap=2.0)
+
+
+@pytest.mark.parametrize("shape", [pytest.param((2, 4, 2, 20, 20, 64, 10, 2, None), id="mha"),
+                                   pytest.param((2, 4, 2, 21, 70, 64, 10, 10, "left"), id="cache-left")])
+def test_soft_cap_without_a_window_matches_reference(shape):
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, torch.float32, softcap=2.0)
