@@ -1,10 +1,10 @@
 """The DCA causal loss: the variance of X_G across samples, from the statistics `dca_attention` returns.
 
-variance="sample" (default): x_b = mean of X_G over sample b's real tokens; the layer loss is the
+variance="sample": x_b = mean of X_G over sample b's real tokens; the layer loss is the
 unbiased variance over b of x_b, averaged over every (head, dim) entry. Only the per-sample sums and
 counts are needed, so the memory is O(B * Hq * D), independent of T.
 
-variance="token": per position t, the unbiased variance of X_G[:, t] over the samples that are real at
+variance="token" (the default): per position t, the unbiased variance of X_G[:, t] over the samples that are real at
 t, averaged over the positions with at least two real samples and over every (head, dim) entry.
 Positions are counted from the start of each (right-padded) row, so ranks whose rows differ in
 length compare them as one right-padded global batch would.
