@@ -207,19 +207,25 @@ def test_generate_with_the_cache_equals_without(family):
     assert torch.equal(cached, uncached)
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_a_few_training_steps_lower_the_loss(family):
-    model = _model(family).train()
-    fastdca.patch(model, CFG)
+def _train(model, params, steps):
+    """`steps` AdamW steps (lr 1e-2) on the padded batch; the losses."""
     batch = _padded_batch()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(steps):
         optimizer.zero_grad()
         loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_a_few_training_steps_lower_the_loss(family):
+    model = _model(family).train()
+    fastdca.patch(model, CFG)
+    losses = _train(model, [p for p in model.parameters() if p.requires_grad], 6)
     assert losses[-1] < losses[0], losses
 
 
@@ -243,16 +249,8 @@ def test_4bit_loading_trains(family, tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=qc, device_map="cpu")
     fastdca.patch(model, CFG)
     model.train()
-    batch = _padded_batch()
     params = list(patch_mod.adapter_state_dict(model).values())
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(4):
-        optimizer.zero_grad()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _train(model, params, 4)
     # after the first step opened the gates, the gradient reaches every prompt and gate
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     assert losses[-1] < losses[0], losses

@@ -210,6 +210,7 @@ def test_only_dca_params_train_and_trainer_signature():
     params = inspect.signature(model.forward).parameters  # what Trainer inspects to keep dataset columns
     assert "labels" in params and "attention_mask" in params
     assert "causal_loss" in model.config.keys_to_ignore_at_inference
+    assert "causal_term" in model.config.keys_to_ignore_at_inference
 
 
 def test_loss_is_ce_plus_alpha_causal_and_padding_invariant():

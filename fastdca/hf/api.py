@@ -3,6 +3,7 @@ its save/load integrations), load_adapter (patching an unpatched model first) an
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from torch import nn
@@ -55,7 +56,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     base = unwrap(model)
     meta, tensors = adapter_file.read(directory)
     saved_config = meta["dca_config"]
-    cfg_path = f"{directory}/{adapter_file.CONFIG_FILE}"
+    cfg_path = os.path.join(directory, adapter_file.CONFIG_FILE)
     # The files and the architecture are checked before an unpatched model is patched, and a later
     # mismatch unpatches it again: a refused adapter leaves the model as it was.
     check_same_model(state_of(base).model_info if is_patched(base) else model_info(base), meta["model"], directory)

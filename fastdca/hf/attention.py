@@ -23,8 +23,6 @@ from fastdca.ops import dca_attention, effective_window, packed_causal_attention
 
 
 SUPPORTED_BASE_ATTENTION = ("sdpa", "eager")
-
-
 IMPL_PREFIX = "fastdca_"
 
 
@@ -96,7 +94,7 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     value = value.to(dtype)
     num_kv_heads, head_dim = adapter._shape
     ak, av = adapter.adapter_kv(module, num_kv_heads, head_dim, dtype)
-    # Every layer of one forward gets the same mask object: derive the padding once per forward.
+    # Every layer of one type gets the same mask object in a forward: derive the padding once per mask.
     key_padding = (None if packing is not None
                    else key_padding_of_call(state, attention_mask, B, T, S, windowed=window is not None))
     cu_seqlens = None if packing is None else packing[0]

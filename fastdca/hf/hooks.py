@@ -20,7 +20,7 @@ from fastdca import causal_term
 from fastdca.hf import peft as peft_integration
 from fastdca.hf import trl as trl_integration
 from fastdca.hf.masks import unpack_tokens
-from fastdca.hf.state import STATE_ATTR, adapter_state_dict
+from fastdca.hf.state import STATE_ATTR
 from fastdca.loss import causal_loss as _causal_loss
 from fastdca.loss import layer_causal_loss
 
@@ -48,7 +48,7 @@ def pre_hook(model, args, kwargs):
     # Without position_ids the model numbers the tokens 0, 1, ... itself: no restart, nothing to read.
     state.packing_possible = bound.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
     if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        peft_integration.check_not_frozen_by_peft(model, adapter_state_dict(model).values())
+        peft_integration.check_not_frozen_by_peft(model, state.dca_parameters())
 
 
 def post_hook(model, args, kwargs, output):
@@ -92,14 +92,14 @@ def post_hook(model, args, kwargs, output):
         trl_integration.fold_causal_term(fields, cfg.alpha * lc)
         loss_source = fields["log_probs"]
         if ce is not None and not torch.compiler.is_compiling():
-            trl_integration.follow_trainer(model, ce, term, lc, adapter_state_dict(model).values())
+            trl_integration.follow_trainer(model, ce, term, lc, state.dca_parameters())
     if (torch.is_grad_enabled() and lc.requires_grad and isinstance(loss_source, torch.Tensor)
             and loss_source.requires_grad and not torch.compiler.is_compiling()):
         causal_term.watch(lc, loss_source)
     return with_dca_losses(type(output))(**fields, causal_loss=lc, causal_term=term, ce_loss=ce)
 
 
-_OUTPUT_CLASSES = {}   # a transformers output class -> the same with causal_loss and ce_loss
+_OUTPUT_CLASSES = {}   # a transformers output class -> the same with causal_loss, causal_term and ce_loss
 
 
 def with_dca_losses(output_class):

@@ -29,8 +29,6 @@ from fastdca.quantized import Linear4bitGradients
 
 
 TRANSFORMERS_MIN = "5.0.0"
-
-
 TRANSFORMERS_MAX_EXCLUSIVE = "6.0.0"
 
 
@@ -118,10 +116,10 @@ def patch_model(model: nn.Module, config: DCAConfig, backend: Optional[str]):
     output_class = declared_output_class(model)
     if output_class is not None:
         with_dca_losses(output_class)
-    # Trainer's evaluation gathers every output key except these as "logits"; keep the scalar out. A config
+    # Trainer's evaluation gathers every output key except these as "logits"; keep the scalars out. A config
     # without the attribute gets Trainer's own default for it.
     ignore = list(getattr(hf_config, "keys_to_ignore_at_inference", None) or ["cache"])
-    hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss"]
+    hf_config.keys_to_ignore_at_inference = ignore + ["causal_loss", "causal_term"]
     state.peft_wrapper = wrapper if wrapper is not model else None
     setattr(model, STATE_ATTR, state)
     return model

@@ -37,6 +37,10 @@ class PatchState:
         self.adapters_disabled = False              # inside disable_adapter: every layer attends as the base model
         self.peft_wrapper = None                    # the PeftModel that was patched, if one was
 
+    def dca_parameters(self) -> list:
+        """Every adapter's prompt and gate, from the adapted modules (no walk over the model's parameters)."""
+        return [p for attn in self.attn_modules.values() for p in attn.dca.parameters()]
+
 
 def unwrap(model):
     """The transformers model inside a PeftModel; any other model as it is."""
