@@ -11,6 +11,7 @@ GATE_FNS = ("tanh", "identity")
 VARIANCES = ("sample", "token")
 XG_SPACES = ("head", "hidden")
 VARIANCE_SCOPES = ("global", "rank")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass(frozen=True)

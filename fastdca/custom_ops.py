@@ -8,9 +8,10 @@ Registered, in the namespace "fastdca":
   the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.dca_attention.dca_forward`:
   q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool or
   None; cu_seqlens (N + 1,) int32 or None; out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the
-  prompt softmax's row log2-sum-exp; extra by xg: "sample" -> the column sums over real query tokens
-  of A[..., :H], (B, Hq, H) float32; "token" -> X_G (B, T, Hq, D) in q's dtype; None -> an empty (0,)
-  tensor. The gradients have their inputs' shapes and dtypes. Where Triton compiles the kernels they
+  prompt softmax's row log2-sum-exp; extra by xg: "sample" -> (B, Hq * D + 1) float32, the sums of X_G
+  over each row's real query tokens flattened over (head, dim), then the row's real-token count
+  (`fastdca.ops.xg_sums_and_counts` splits it); "token" -> X_G (B, T, Hq, D) in q's dtype; None -> an
+  empty (0,) tensor. The gradients have their inputs' shapes and dtypes. Where Triton compiles the kernels they
   are `torch.library.triton_op`s launching through `wrap_triton`: Inductor sees the kernels
   themselves, and the fake implementation is the launcher run on fake tensors. Under Triton's
   interpreter (TRITON_INTERPRET=1) the kernels are plain Python that no tracer can enter: there they
@@ -70,8 +71,7 @@ def _dca_attention_impl(q: Tensor, k: Tensor, v: Tensor, ak: Tensor, av: Tensor,
     out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
                                   softcap=softcap, gate_fn=gate_fn, xg=xg, launch=wrap_triton)
-    # An operator's outputs are fresh, dense tensors: the column sums come out of the launcher as a view.
-    extra = out.new_empty(0) if extra is None else extra.contiguous()
+    extra = out.new_empty(0) if extra is None else extra
     return out, lse, extra
 
 
@@ -81,7 +81,7 @@ def _dca_attention_fake(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, win
     out = q.new_empty(B, T, Hq, D)
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
     if xg == "sample":
-        extra = q.new_empty(B, Hq, causal_len, dtype=torch.float32)
+        extra = q.new_empty(B, Hq * D + 1, dtype=torch.float32)
     elif xg == "token":
         extra = q.new_empty(B, T, Hq, D)
     else:
@@ -105,8 +105,9 @@ def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tens
     grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse, causal_len=causal_len, scale=scale,
                          key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window, softcap=softcap,
                          gate_fn=gate_fn, xg=xg, launch=wrap_triton)
-    # dak and dav come out of the launcher as slices of the padded partial sums
-    return tuple(g.contiguous() for g in grads)
+    # dak and dav come out of the launcher as views of one sum; an operator's outputs may not alias
+    dq, dk, dv, dak, dav, dgate = grads
+    return dq, dk, dv, dak.clone(), dav.clone(), dgate
 
 
 def _dca_attention_backward_fake(dout, dextra, q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens,

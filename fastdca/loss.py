@@ -30,7 +30,7 @@ _warned_single_sample = False
 
 
 def layer_causal_loss(xg_stats, *, variance="sample", real=None, project=None, distributed=True):
-    """The causal loss of one layer, a float32 scalar.
+    """The causal loss of one layer, a float32 scalar (float64 for float64 statistics).
 
     xg_stats: for variance="sample", (sums (B, Hq, D), counts (B,)) from dca_attention(xg="sample");
         for variance="token", X_G (B, T, Hq, D) from dca_attention(xg="token").
@@ -39,43 +39,65 @@ def layer_causal_loss(xg_stats, *, variance="sample", real=None, project=None, d
         the statistics' float dtype (it casts to its own weights' dtype itself).
     distributed: all-reduce the statistics over the ranks of the default process group, if any.
     """
+    return causal_loss([xg_stats], variance=variance, real=real, projections=[project], distributed=distributed)
+
+
+def causal_loss(layer_stats, *, variance="sample", real=None, projections=None, distributed=True):
+    """L_causal: the mean of layer_causal_loss over the layers whose statistics `layer_stats` lists (the
+    top L' adapted layers of one forward), with `projections` one `project` per layer (None: none).
+
+    Computed as one variance over the layers' statistics laid side by side along the feature axis: the
+    mean over layers of each layer's mean over its F features is the mean over all L * F features when
+    every layer has F (layers are grouped by F otherwise). One pass of the variance's dozen tensor ops
+    for all layers instead of one per layer. The layers must have been computed on the same samples
+    and tokens, as one forward's layers are: their counts (sample) and `real` (token) are shared.
+    """
+    if variance not in ("sample", "token"):
+        raise ValueError(f"variance must be 'sample' or 'token', got {variance!r}")
+    if len(layer_stats) == 0:
+        raise ValueError("layer_stats must hold at least one layer's statistics")
+    projections = [None] * len(layer_stats) if projections is None else list(projections)
     if variance == "sample":
-        sums, counts = xg_stats
-        return _sample_variance(sums, counts, project, distributed)
-    if variance == "token":
-        return _token_variance(xg_stats, real, project, distributed)
-    raise ValueError(f"variance must be 'sample' or 'token', got {variance!r}")
+        counts = layer_stats[0][1]
+        dtype = compute_dtype(layer_stats[0][0].dtype)
+        divisor = counts.clamp(min=1).to(dtype)[:, None]                                   # (B, 1)
+        features = [_sample_means(sums, divisor, project) for (sums, _), project in zip(layer_stats, projections)]
+        weight = (counts > 0).to(dtype)[:, None]                                           # (B, 1)
+        variance_of = lambda x: _weighted_variance(x, weight, distributed).mean()  # noqa: E731
+    else:
+        features = [_token_features(x_g, project) for x_g, project in zip(layer_stats, projections)]
+        variance_of = lambda x: _token_variance(x, real, distributed)  # noqa: E731
+    groups = {}
+    for x in features:
+        groups.setdefault(x.shape[-1], []).append(x)
+    losses = [variance_of(torch.cat(xs, dim=-1) if len(xs) > 1 else xs[0]) * len(xs) for xs in groups.values()]
+    total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
+    return total / len(features)
 
 
-def causal_loss(layer_losses):
-    """L_causal: the mean of the per-layer losses of the top L' adapted layers."""
-    if len(layer_losses) == 0:
-        raise ValueError("layer_losses must hold at least one layer's loss")
-    return torch.stack(list(layer_losses)).mean()
+def _sample_means(sums, divisor, project):
+    """(B, F): each sample's mean X_G (sums over divisor, its count or 1), flattened over (head, dim),
+    projected when asked. Samples with no real token get 0 (they are left out by weight). The mean is
+    taken before the projection: o_proj commutes with it only without a bias."""
+    flat = sums.to(compute_dtype(sums.dtype)).reshape(sums.shape[0], -1)
+    means = flat / divisor
+    return means if project is None else project(means).to(means.dtype)
 
 
-def _sample_variance(sums, counts, project, distributed):
-    B = sums.shape[0]
-    flat = sums.to(compute_dtype(sums.dtype)).reshape(B, -1)
-    # Samples with no real token have no mean and are left out. The mean is taken before the
-    # projection: o_proj commutes with it only without a bias.
-    weight = (counts > 0).to(flat.dtype)[:, None]                                      # (B, 1)
-    means = flat / counts.clamp(min=1).to(flat.dtype)[:, None]                         # (B, F)
-    if project is not None:
-        means = project(means).to(means.dtype)
-    return _weighted_variance(means, weight, distributed).mean()
-
-
-def _token_variance(x_g, real, project, distributed):
+def _token_features(x_g, project):
+    """(B, T, F): X_G per token, flattened over (head, dim), projected when asked."""
     B, T = x_g.shape[:2]
     flat = x_g.to(compute_dtype(x_g.dtype)).reshape(B, T, -1)
-    if project is not None:
-        flat = project(flat).to(flat.dtype)
-    weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=x_g.device) if real is None
+    return flat if project is None else project(flat).to(flat.dtype)
+
+
+def _token_variance(flat, real, distributed):
+    B, T = flat.shape[:2]
+    weight = (torch.ones(B, T, 1, dtype=flat.dtype, device=flat.device) if real is None
               else real.to(flat.dtype)[..., None])
     if _is_distributed(distributed):
         # positions are compared across ranks: a rank with shorter rows holds padding at the rest
-        longest = _longest_over_ranks(T, x_g.device)
+        longest = _longest_over_ranks(T, flat.device)
         if longest > T:
             flat = torch.nn.functional.pad(flat, (0, 0, 0, longest - T))
             weight = torch.nn.functional.pad(weight, (0, 0, 0, longest - T))

@@ -22,7 +22,7 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, T
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from fastdca.config import DCAConfig
+from fastdca.config import COMPILE_MODES, DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
@@ -58,6 +58,7 @@ class TrainSettings:
     nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
     packing: bool = False          # each micro-batch's examples end to end in one row, no padding
     compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
+    compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -70,6 +71,31 @@ class TrainSettings:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.compile_mode is not None and not self.compile:
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile (--compile)")
+
+
+def compile_mode(settings: "TrainSettings", on_cuda: bool) -> Optional[str]:
+    """The torch.compile mode of a compiled run: the one asked for, else "reduce-overhead" on CUDA (CUDA
+    graphs replay each step's launches, so the host side stops setting the pace) and "default" elsewhere
+    (CUDA graphs need a GPU); None when the run is not compiled."""
+    if not settings.compile:
+        return None
+    return settings.compile_mode or ("reduce-overhead" if on_cuda else "default")
+
+
+def length_buckets(max_length: int, smallest: int = 16) -> tuple:
+    """The row widths a compiled run pads its batches to: powers of two from `smallest` below max_length,
+    then max_length. A compiled step is specialised (and under CUDA graphs recorded) per shape: a few
+    widths keep it to a few compilations, at most twice the tokens of the longest row."""
+    widths = []
+    width = smallest
+    while width < max_length:
+        widths.append(width)
+        width *= 2
+    return tuple(widths) + (max_length,)
 
 
 def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
@@ -96,13 +122,17 @@ def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> li
 
 class PadCollator:
     """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask, to
-    the longest row of the batch."""
+    the longest row of the batch, or with `buckets` (increasing widths) to the narrowest bucket that holds
+    it. Padding to a bucket changes no loss: the pads are masked out of attention, CE and the causal loss."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, buckets=None):
         self.pad_token_id = pad_token_id
+        self.buckets = tuple(buckets) if buckets else None
 
     def __call__(self, rows):
         width = max(len(r["input_ids"]) for r in rows)
+        if self.buckets is not None:
+            width = next((b for b in self.buckets if b >= width), width)
         batch = {"input_ids": [], "labels": [], "attention_mask": []}
         for r in rows:
             pad = width - len(r["input_ids"])
@@ -260,13 +290,15 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         disable_tqdm=True,
         logging_nan_inf_filter=False,      # log what was optimised, NaN included, not a stand-in
         torch_compile=settings.compile,
+        **({"torch_compile_mode": compile_mode(settings, on_cuda)} if settings.compile else {}),
         **settings.extra,
     )
     if args.n_gpu > 1:
         raise ValueError(f"{args.n_gpu} GPUs in one process would run torch.nn.DataParallel, whose replicas "
                          "would share the adapter's loss bookkeeping; launch one process per GPU with "
                          "`torchrun --nproc-per-node N -m fastdca.cli train ...` instead")
-    collator = packing_collator() if settings.packing else PadCollator(tokenizer.pad_token_id)
+    buckets = length_buckets(settings.max_length) if settings.compile else None
+    collator = packing_collator() if settings.packing else PadCollator(tokenizer.pad_token_id, buckets)
     trainer = DCATrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -242,8 +242,8 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
                  XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """The forward's epilogue for rows (query head `head`, query `t`, all of kv head kh, gate value g:
     a scalar or a (rows, 1) column) whose online softmax over the prompt keys ended at (m_i, l_i, acc):
-    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). Returns A,
-    (rows, BLOCK_A) float32."""
+    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). Returns (A,
+    (rows, BLOCK_A) float32, and the (BLOCK_A, BLOCK_D) adapter-value tile as a dot operand)."""
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
     acc = acc / l_div[:, None]
@@ -267,7 +267,15 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
         a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
         xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
         tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
-    return a
+    return a, av
+
+
+@triton.jit
+def _xg_sums(a, av, real, H, offs_a):
+    """(BLOCK_D,) float32: the sum over the rows that are `real` of X_G = A[:, :H] av[:H], as the column
+    sums of A[:, :H] times av[:H] (X_G itself is never formed)."""
+    colsum = tl.sum(tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0), 0)
+    return tl.sum(colsum[:, None] * av.to(tl.float32), 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
 
 @triton.jit
 def _dca_fwd_kernel(
-    Q, K, V, AK, AV, GATE, KPM, SEQ_START, SEQ_END, OUT, LSE, XG, COLSUM,
+    Q, K, V, AK, AV, GATE, KPM, SEQ_START, SEQ_END, OUT, LSE, XG, XG_PART,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -297,8 +305,9 @@ def _dca_fwd_kernel(
     SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence (HAS_SEQ: B = 1,
     T = S);
     OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
-    COLSUM (B * Hq, cdiv(T, BLOCK_M), BLOCK_A) float32: this block's sum over its real query rows of
-    A[:, j] for j < H, else 0 (sample mode only).
+    XG_PART (B, cdiv(T, BLOCK_M), Hq * D + 1) float32 (sample mode only): at [b, block, h * D + d] the sum
+    of X_G[:, h, d] over the block's real query rows, at [b, block, Hq * D] (written by head 0) the
+    number of those rows.
 
     out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks;
     with HAS_WINDOW the query at position p sees only keys after p - WINDOW, and the key blocks before
@@ -346,15 +355,16 @@ def _dca_fwd_kernel(
                                     IEEE, HAS_WINDOW, HAS_SOFTCAP)
 
     g, _ = _gate(GATE, h, GATE_TANH)
-    a = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
-                     stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
-                     stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                     XG_MODE, UPCAST, IEEE)
+    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
+                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                         XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
         real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
-        a_causal = tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0)
-        n_mblocks = tl.num_programs(0)
-        tl.store(COLSUM + (pid_bh.to(tl.int64) * n_mblocks + pid_m) * BLOCK_A + offs_a, tl.sum(a_causal, 0))
+        row = XG_PART + (b * tl.num_programs(0) + pid_m) * (Hq * D + 1)
+        tl.store(row + h * D + offs_d, _xg_sums(a, av, real, H, offs_a), mask=d_ok)
+        if h == 0:
+            tl.store(row + Hq * D, tl.sum(real.to(tl.float32), 0))
 
 
 @triton.jit
@@ -422,7 +432,7 @@ def _dca_decode_split_kernel(
 
 @triton.jit
 def _dca_decode_combine_kernel(
-    Q, AK, AV, GATE, KPM, ACC_PART, M_PART, L_PART, OUT, LSE, XG, COLSUM,
+    Q, AK, AV, GATE, KPM, ACC_PART, M_PART, L_PART, OUT, LSE, XG, XG_PART,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_akh, stride_akm, stride_akd,
@@ -436,7 +446,7 @@ def _dca_decode_combine_kernel(
 ):
     """Flash-decoding, second pass: one program per b * Hkv + kh. Merges the SPLITS partial softmaxes
     of its rows (m = max m_s, l = sum l_s 2^(m_s - m), acc = sum acc_s 2^(m_s - m)), then finishes as
-    the forward kernel does (lse, the adapter term, out, X_G); COLSUM (B * Hq, 1, BLOCK_A) as there.
+    the forward kernel does (lse, the adapter term, out, X_G); XG_PART (B, 1, Hq * D + 1) as there.
     """
     pid_bk = tl.program_id(0)
     b = (pid_bk // Hkv).to(tl.int64)
@@ -464,17 +474,18 @@ def _dca_decode_combine_kernel(
         m_i = m_new
 
     g, _ = _gate(GATE, head, GATE_TANH)
-    a = _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g[:, None], AK, AV, OUT, LSE, XG, kh,
-                     stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
-                     stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                     XG_MODE, UPCAST, IEEE)
+    a, av = _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g[:, None], AK, AV, OUT, LSE, XG, kh,
+                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                         XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
         real = _query_real(t, KPM, b, stride_mb, T, S, HAS_KPM) & row_ok
-        a_causal = tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0)
+        row = XG_PART + b * (Hq * D + 1)
         for gi in tl.static_range(GROUP):
-            in_head = (rows // T) == gi
-            tl.store(COLSUM + (b * Hq + kh * GROUP + gi) * BLOCK_A + offs_a,
-                     tl.sum(tl.where(in_head[:, None], a_causal, 0.0), 0))
+            in_head = real & ((rows // T) == gi)
+            tl.store(row + (kh * GROUP + gi) * D + offs_d, _xg_sums(a, av, in_head, H, offs_a), mask=d_ok)
+        if kh == 0:
+            tl.store(row + Hq * D, tl.sum((real & (rows < T)).to(tl.float32), 0))
 
 
 @triton.jit
@@ -558,14 +569,14 @@ def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, strid
 
 @triton.jit
 def _dca_bwd_adapter_kernel(
-    Q, AK, AV, GATE, KPM, OUT, DOUT, DXG, DCOL,
-    DELTA, DQ_ACC, DAK_PART, DAV_PART, DGATE_PART,
+    Q, AK, AV, GATE, KPM, OUT, DOUT, DXG,
+    DELTA, DQ_ACC, ADAPTER_PART, DGATE_PART,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_akh, stride_akm, stride_akd,
     stride_avh, stride_avm, stride_avd,
     stride_ob, stride_ot, stride_oh, stride_od,
-    stride_mb,
+    stride_mb, stride_dxb,
     Hq, T, S, M, D, H,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
     HAS_DXG: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -573,15 +584,17 @@ def _dca_bwd_adapter_kernel(
 ):
     """Backward preprocessing and the adapter backward for one (query block, b * Hq + h) program.
 
-    Shapes: Q (B, Hq, T, D); OUT, DOUT and DXG (B, T, Hq, D) (DXG in token mode); DCOL (B * Hq, H)
-    float32, the gradient of the column sums (sample mode). Writes DELTA (B, Hq, T) float32,
-    DQ_ACC (B, Hq, T, D) float32 (the adapter part of dq), and partials indexed by
-    (b * Hq + h, query block): DAK_PART, DAV_PART (.., BLOCK_A, BLOCK_D) float32, DGATE_PART (..) float32.
+    Shapes: Q (B, Hq, T, D); OUT, DOUT (B, T, Hq, D); DXG, the gradient of X_G: (B, T, Hq, D) in token
+    mode, in sample mode the gradient of the sums over real tokens, dsum[b, h, d] at
+    DXG + b * stride_dxb + h * D + d. Writes DELTA (B, Hq, T) float32, DQ_ACC (B, Hq, T, D) float32 (the
+    adapter part of dq), and partials indexed by (b * Hq + h, query block): ADAPTER_PART (2, B * Hq,
+    blocks, M, D) float32 (dak's, then dav's), DGATE_PART (B * Hq, blocks) float32.
 
         delta = rowsum(dout * (out - A av))  = rowsum(dout * P v): only the prompt softmax's share
-        dA    = dout av^T  (+ dX_G av[:H]^T, token mode; + dcol[j] * real[t], sample mode; j < H)
+        dA    = dout av^T  (+ dX_G av[:H]^T, token mode; + real[t] * (av[j] . dsum), sample mode; j < H)
         dgate = g'(gate) * sum(dA * Pa);  dPa = g * dA;  dsa = Pa * (dPa - rowsum(Pa * dPa))
-        dq   += dsa ak * scale;  dak += dsa^T q * scale;  dav += A^T dout (+ A[:, :H]^T dX_G)
+        dq   += dsa ak * scale;  dak += dsa^T q * scale
+        dav  += A^T dout  (+ A[:, :H]^T dX_G, token mode; + (sum of A[:, j] over real t) dsum, sample mode)
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -632,8 +645,11 @@ def _dca_bwd_adapter_kernel(
             dav += _dot(tl.trans(a_causal), dxg, IEEE)
         if XG_MODE == 1:
             real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
-            dcol = tl.load(DCOL + pid_bh.to(tl.int64) * H + offs_a, mask=offs_a < H, other=0.0)
-            da += tl.where(real[:, None], dcol[None, :], 0.0)
+            dsum = tl.load(DXG + b * stride_dxb + h * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            dcol = tl.sum(av.to(tl.float32) * dsum[None, :], 1)                    # (BLOCK_A,): av[j] . dsum
+            da += tl.where(real[:, None] & causal_col, dcol[None, :], 0.0)
+            colsum = tl.sum(tl.where(real[:, None] & causal_col, a, 0.0), 0)
+            dav += colsum[:, None] * dsum[None, :]
 
     dgate = tl.sum(tl.sum(da * pa, 1), 0) * dg_dgate
     dpa = da * g
@@ -644,9 +660,10 @@ def _dca_bwd_adapter_kernel(
 
     tl.store(DQ_ACC + pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     part = pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m
-    ad_offs = part * BLOCK_A * BLOCK_D + offs_a[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(DAK_PART + ad_offs, dak)
-    tl.store(DAV_PART + ad_offs, dav)
+    ad_offs = part * M * D + offs_a[:, None] * D + offs_d[None, :]
+    ad_mask = (offs_a[:, None] < M) & d_ok[None, :]
+    tl.store(ADAPTER_PART + ad_offs, dak, mask=ad_mask)
+    tl.store(ADAPTER_PART + tl.num_programs(1).to(tl.int64) * tl.num_programs(0) * M * D + ad_offs, dav, mask=ad_mask)
     tl.store(DGATE_PART + part, dgate)
 
 
@@ -798,17 +815,28 @@ def _dca_bwd_dq_kernel(
 # launch configuration
 
 
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # Triton reads it once, when imported
+
+
 def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETED
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def head_block(D: int) -> int:
     """D padded to a power of two >= 16 (tl.arange needs a power of two, tl.dot >= 16)."""
-    return max(16, triton.next_power_of_2(D))
+    return max(16, _next_power_of_2(D))
 
 
 def adapter_block(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    return max(16, _next_power_of_2(M))
 
 
 # (BLOCK_M, BLOCK_N, warps, stages) per target, kernel and padded head dim, fp16/bf16. The tile a
@@ -879,16 +907,26 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-def _configs(D, T, dtype, device, overrides, kernels):
-    """launch_config of each of `kernels`, with `overrides` ({kernel: {entry: value}}, tests and tuning)
-    applied."""
+KERNELS = ("fwd", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dq")
+
+
+def _configs(D, T, dtype, device, overrides):
+    """{kernel: launch_config} for every kernel, with `overrides` ({kernel: {entry: value}}, tests and
+    tuning) applied. Without overrides the dicts are shared per (D, T <= 16, dtype, device): read only."""
+    if overrides:
+        arch = target_arch(device)
+        return {name: dict(launch_config(name, D, T, dtype, arch), **overrides.get(name, {})) for name in KERNELS}
+    return _table_configs(D, T <= 16, dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _table_configs(D, decoding, dtype, device):
     arch = target_arch(device)
-    return {name: dict(launch_config(name, D, T, dtype, arch), **(overrides or {}).get(name, {}))
-            for name in kernels}
+    return {name: launch_config(name, D, 16 if decoding else 17, dtype, arch) for name in KERNELS}
 
 
 def _launch_opts(cfg: dict) -> dict:
-    if interpreted():
+    if _INTERPRETED:
         return {}
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -903,7 +941,7 @@ def _on_device(q):
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and interpreted()
+    return dtype == torch.bfloat16 and _INTERPRETED
 
 
 def tf32_allowed() -> bool:
@@ -924,17 +962,34 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not tf32_allowed()
 
 
-def _kpm_arg(key_padding_mask, q):
+_PLACEHOLDERS = {}   # (device, dtype) -> a one-element tensor for a pointer argument a launch does not read
+
+
+def _placeholder(q, dtype, launch):
+    """A tensor for an unread pointer argument: one per device and dtype for direct launches; a fresh
+    one when the launch is traced (torch.compile's fake tensors cannot mix with a real one)."""
+    if launch is not _direct:
+        return torch.empty(1, dtype=dtype, device=q.device)
+    key = (q.device, dtype)
+    t = _PLACEHOLDERS.get(key)
+    if t is None:
+        t = _PLACEHOLDERS[key] = torch.empty(1, dtype=dtype, device=q.device)
+    return t
+
+
+def _kpm_arg(key_padding_mask, q, launch):
+    """(KPM, its row stride, HAS_KPM): the bool mask as it is (Triton loads bool as bytes) where its keys
+    are contiguous."""
     if key_padding_mask is None:
-        return torch.empty(1, dtype=torch.int8, device=q.device), 0, False
-    kpm = key_padding_mask.to(torch.int8).contiguous()
+        return _placeholder(q, torch.bool, launch), 0, False
+    kpm = key_padding_mask if key_padding_mask.stride(-1) == 1 else key_padding_mask.contiguous()
     return kpm, kpm.stride(0), True
 
 
-def _seq_arg(cu_seqlens, q, edge: str):
+def _seq_arg(cu_seqlens, q, edge: str, launch):
     """(SEQ_START or SEQ_END (S,) int32, HAS_SEQ) for packed sequences; a placeholder without."""
     if cu_seqlens is None:
-        return torch.empty(1, dtype=torch.int32, device=q.device), False
+        return _placeholder(q, torch.int32, launch), False
     S = q.shape[2]
     ids = torch.searchsorted(cu_seqlens[1:].contiguous(), torch.arange(S, device=q.device, dtype=torch.int32),
                              right=True)
@@ -963,55 +1018,54 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     or None; cu_seqlens (N + 1,) int32 boundaries of sequences packed in one row (B = 1, T = S) or None
     (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"); window: the
     query at position p sees the keys after p - window (None: no window); softcap: the prompt scores
-    become softcap * tanh(s / softcap) (None: no cap). Returns (out (B, T, Hq, D) input dtype, lse (B, Hq, T) float32, extra) with extra the column
-    sums of A[..., :H] over real query tokens (B, Hq, H) float32 for xg="sample", X_G (B, T, Hq, D)
-    input dtype for xg="token", None for xg=None. `configs` overrides launch_config entries per kernel.
-    `launch` wraps each kernel before its launch (torch.library.wrap_triton, for fastdca.custom_ops);
-    None launches the kernels directly.
+    become softcap * tanh(s / softcap) (None: no cap). Returns (out (B, T, Hq, D) input dtype, lse
+    (B, Hq, T) float32, extra) with extra, for xg="sample", (B, Hq * D + 1) float32: the sum of X_G over
+    each row's real query tokens, flattened over (head, dim), then the row's real-token count; for
+    xg="token" X_G (B, T, Hq, D) in the input dtype; for xg=None, None. `configs` overrides
+    launch_config entries per kernel. `launch` wraps each kernel before its launch
+    (torch.library.wrap_triton, for fastdca.custom_ops); None launches the kernels directly.
     """
     launch = launch or _direct
     _check_dtype(q)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
-    H = causal_len
-    cfgs = _configs(D, T, q.dtype, q.device, configs, ("fwd", "decode"))
+    cfgs = _configs(D, T, q.dtype, q.device, configs)
     group = Hq // Hkv
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn,
                                xg, cfgs["decode"], launch)
     cfg = cfgs["fwd"]
-    block_a = adapter_block(M)
-    n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
+    n_mblocks = _cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
+    out = q.new_empty((B, T, Hq, D))
+    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
     xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    colsum = torch.empty(B * Hq, n_mblocks, block_a, dtype=torch.float32, device=q.device) \
-        if mode == XG_SAMPLE else lse
-    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
-    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start")
-    seq_end, _ = _seq_arg(cu_seqlens, q, "end")
-    gate = gate.contiguous()
+    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
+    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start", launch)
+    seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
     with _on_device(q):
         launch(_dca_fwd_kernel)[(n_mblocks, B * Hq)](
-            q, k, v, ak, av, gate, kpm, seq_start, seq_end, out, lse, xg_out, colsum,
+            q, k, v, ak, av, gate.contiguous(), kpm, seq_start, seq_end, out, lse, xg_out, xg_part,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
-            Hq, T, S, M, D, H, _window_arg(window), _softcap_arg(softcap),
-            GROUP=Hq // Hkv, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
+            Hq, T, S, M, D, causal_len, _window_arg(window), _softcap_arg(softcap),
+            GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
             UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None, BLOCK_A=block_a,
+            HAS_SOFTCAP=softcap is not None, BLOCK_A=adapter_block(M),
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
         )
+    return out, lse, _extra(mode, xg_out, xg_part)
+
+
+def _extra(mode, xg_out, xg_part):
+    """The forward's `extra` from the kernels' outputs: the per-block X_G sums and counts summed over
+    the blocks (a fixed-shape sum: deterministic), X_G itself, or None."""
     if mode == XG_SAMPLE:
-        extra = colsum.sum(dim=1)[:, :H].reshape(B, Hq, H)
-    elif mode == XG_TOKEN:
-        extra = xg_out
-    else:
-        extra = None
-    return out, lse, extra
+        return xg_part.sum(dim=1)
+    return xg_out if mode == XG_TOKEN else None
 
 
 DECODE_MAX_ROWS = 64   # the query rows of one kv group (Hq / Hkv * T) the flash-decoding path takes
@@ -1034,24 +1088,22 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
     dca_forward returns."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    M, H = ak.shape[1], causal_len
+    M = ak.shape[1]
     group = Hq // Hkv
-    rows = max(16, triton.next_power_of_2(group * T))
+    rows = max(16, _next_power_of_2(group * T))
     block_n = cfg["BLOCK_N"]
-    splits = cfg.get("SPLITS") or max(1, min(triton.cdiv(S, block_n), triton.cdiv(2 * _sm_count(q.device), B * Hkv)))
-    chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
-    splits = triton.cdiv(S, chunk)
-    dev = q.device
-    acc_part = torch.empty(B * Hkv, splits, rows, cfg["BLOCK_D"], dtype=torch.float32, device=dev)
-    m_part = torch.empty(B * Hkv, splits, rows, dtype=torch.float32, device=dev)
+    splits = cfg.get("SPLITS") or max(1, min(_cdiv(S, block_n), _cdiv(2 * _sm_count(q.device), B * Hkv)))
+    chunk = _cdiv(_cdiv(S, splits), block_n) * block_n
+    splits = _cdiv(S, chunk)
+    acc_part = q.new_empty((B * Hkv, splits, rows, cfg["BLOCK_D"]), dtype=torch.float32)
+    m_part = q.new_empty((B * Hkv, splits, rows), dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    out = torch.empty(B, T, Hq, D, dtype=q.dtype, device=dev)
-    lse = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
+    out = q.new_empty((B, T, Hq, D))
+    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
     mode = XG_CODES[xg]
-    block_a = adapter_block(M)
     xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    colsum = torch.empty(B * Hq, 1, block_a, dtype=torch.float32, device=dev) if mode == XG_SAMPLE else lse
-    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
+    xg_part = q.new_empty((B, 1, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
     flags = dict(GROUP=group, HAS_KPM=has_kpm, UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), ROWS=rows,
                  BLOCK_D=cfg["BLOCK_D"])
     with _on_device(q):
@@ -1065,21 +1117,15 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
             **_launch_opts(cfg),
         )
         launch(_dca_decode_combine_kernel)[(B * Hkv,)](
-            q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, colsum,
+            q, ak, av, gate.contiguous(), kpm, acc_part, m_part, l_part, out, lse, xg_out, xg_part,
             float(scale),
             *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
-            Hq, Hkv, T, S, M, D, H, splits,
-            GATE_TANH=gate_fn == "tanh", XG_MODE=mode, BLOCK_A=block_a, **flags,
+            Hq, Hkv, T, S, M, D, causal_len, splits,
+            GATE_TANH=gate_fn == "tanh", XG_MODE=mode, BLOCK_A=adapter_block(M), **flags,
             **_launch_opts(dict(num_warps=4 if cfg["BLOCK_D"] <= 128 else 8, num_stages=1)),
         )
-    if mode == XG_SAMPLE:
-        extra = colsum[:, 0, :H].reshape(B, Hq, H)
-    elif mode == XG_TOKEN:
-        extra = xg_out
-    else:
-        extra = None
-    return out, lse, extra
+    return out, lse, _extra(mode, xg_out, xg_part)
 
 
 def _sm_count(device) -> int:
@@ -1101,9 +1147,10 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
 
     dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
-    forward's `extra` ((B, Hq, H) column sums in sample mode, (B, T, Hq, D) in token mode) or None. The
-    per-block partials of dak, dav and dgate are summed over batch, query blocks and the query heads of
-    each kv group with torch sums of fixed shape: deterministic. `launch` as for dca_forward.
+    X_G or None: in token mode (B, T, Hq, D); in sample mode that of the X_G sums, (B, Hq, D), or of
+    forward's whole `extra` (B, Hq * D + 1), whose count column is not read. The per-block partials of
+    dak, dav and dgate are summed over batch, query blocks and the query heads of each kv group with
+    torch sums of fixed shape: deterministic. `launch` as for dca_forward.
     """
     launch = launch or _direct
     _check_dtype(q)
@@ -1112,7 +1159,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     M = ak.shape[1]
     H = causal_len
     group = Hq // Hkv
-    cfgs = _configs(D, T, q.dtype, q.device, configs, ("bwd_adapter", "bwd_dkdv", "bwd_dq"))
+    cfgs = _configs(D, T, q.dtype, q.device, configs)
     acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv"], cfgs["bwd_dq"]
     if softcap is not None and not configs:
         # the cap's derivative is one more score tile live through two dots: half the key tile of the
@@ -1121,13 +1168,10 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             qcfg = dict(qcfg, BLOCK_N=max(16, qcfg["BLOCK_N"] // 2))
         else:
             kcfg = dict(kcfg, BLOCK_N=max(16, kcfg["BLOCK_N"] // 2))
-    block_a = adapter_block(M)
-    block_d = acfg["BLOCK_D"]
-    n_mblocks = triton.cdiv(T, acfg["BLOCK_M"])
-    dev = q.device
+    n_mblocks = _cdiv(T, acfg["BLOCK_M"])
     mode = XG_CODES[xg]
     upcast, ieee = _upcast(q.dtype), _ieee(q.dtype)
-    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q)
+    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
 
     prompt_grads = dout is not None
     if dout is None:
@@ -1135,50 +1179,48 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
         dout = torch.zeros_like(out)
     dout = dout.contiguous() if dout.stride() != out.stride() else dout
     has_dxg = dxg is not None and mode != XG_NONE and not (mode == XG_SAMPLE and H == 0)
+    dxg_arg, stride_dxb = out, 0
     if has_dxg and mode == XG_TOKEN:
-        dxg_t = dxg.contiguous() if dxg.stride() != out.stride() else dxg
-        dcol = lse
+        dxg_arg = dxg.contiguous() if dxg.stride() != out.stride() else dxg
     elif has_dxg:
-        dxg_t = out
-        dcol = dxg.to(torch.float32).reshape(B * Hq, H).contiguous()
-    else:
-        dxg_t, dcol = out, lse
+        packed = dxg.stride(-1) == 1 and (dxg.dim() == 2 or dxg.stride(1) == D)
+        dxg_arg = dxg if packed else dxg.contiguous()
+        stride_dxb = dxg_arg.stride(0)
 
-    delta = torch.empty(B, Hq, T, dtype=torch.float32, device=dev)
-    dq_acc = torch.empty(B, Hq, T, D, dtype=torch.float32, device=dev)
-    dak_part = torch.empty(B * Hq, n_mblocks, block_a, block_d, dtype=torch.float32, device=dev)
-    dav_part = torch.empty_like(dak_part)
-    dgate_part = torch.empty(B * Hq, n_mblocks, dtype=torch.float32, device=dev)
-    # partials of dak, dav, dgate per (b * Hq + h, query block), summed below with fixed-shape torch
-    # sums over batch, the query heads of each kv group and the query blocks: deterministic, no atomics
+    delta = q.new_empty((B, Hq, T), dtype=torch.float32)
+    dq_acc = q.new_empty((B, Hq, T, D), dtype=torch.float32)
+    # partials of dak and dav (one buffer) and of dgate per (b * Hq + h, query block), summed below with
+    # fixed-shape torch sums over batch, the query heads of each kv group and the query blocks:
+    # deterministic, no atomics
+    adapter_part = q.new_empty((2, B * Hq, n_mblocks, M, D), dtype=torch.float32)
+    dgate_part = q.new_empty((B * Hq, n_mblocks), dtype=torch.float32)
     gate = gate.contiguous()
     with _on_device(q):
         launch(_dca_bwd_adapter_kernel)[(n_mblocks, B * Hq)](
-            q, ak, av, gate, kpm, out, dout, dxg_t, dcol,
-            delta, dq_acc, dak_part, dav_part, dgate_part,
+            q, ak, av, gate, kpm, out, dout, dxg_arg,
+            delta, dq_acc, adapter_part, dgate_part,
             float(scale),
             *q.stride(), *ak.stride(), *av.stride(), *out.stride(),
-            stride_mb,
+            stride_mb, stride_dxb,
             Hq, T, S, M, D, H,
             GROUP=group, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode, HAS_DXG=has_dxg,
-            UPCAST=upcast, IEEE=ieee, BLOCK_A=block_a, **_blocks(acfg, "BLOCK_M", "BLOCK_D"),
+            UPCAST=upcast, IEEE=ieee, BLOCK_A=adapter_block(M), **_blocks(acfg, "BLOCK_M", "BLOCK_D"),
             **_launch_opts(acfg),
         )
 
-    dak = dak_part.view(B, Hkv, group, n_mblocks, block_a, block_d).sum(dim=(0, 2, 3))[:, :M, :D]
-    dav = dav_part.view(B, Hkv, group, n_mblocks, block_a, block_d).sum(dim=(0, 2, 3))[:, :M, :D]
+    dak_dav = adapter_part.view(2, B, Hkv, group, n_mblocks, M, D).sum(dim=(1, 3, 4))
     dgate = dgate_part.view(B, Hq, n_mblocks).sum(dim=(0, 2))
-    adapter_grads = (dak.to(ak.dtype), dav.to(av.dtype), dgate.to(gate.dtype))
+    adapter_grads = (dak_dav[0].to(ak.dtype), dak_dav[1].to(av.dtype), dgate.to(gate.dtype))
     if not prompt_grads:
         return (dq_acc.to(q.dtype), None, None, *adapter_grads)
 
-    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start")
-    seq_end, _ = _seq_arg(cu_seqlens, q, "end")
-    dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=dev)
-    dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=dev)
-    dq = torch.empty(B, Hq, T, D, dtype=q.dtype, device=dev)
+    seq_start, has_seq = _seq_arg(cu_seqlens, q, "start", launch)
+    seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     with _on_device(q):
-        launch(_dca_bwd_dkdv_kernel)[(triton.cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
+        launch(_dca_bwd_dkdv_kernel)[(_cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
             q, k, v, kpm, seq_end, dout, lse, delta, dk, dv,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -1188,7 +1230,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             HAS_SOFTCAP=softcap is not None,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
-        launch(_dca_bwd_dq_kernel)[(triton.cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
+        launch(_dca_bwd_dq_kernel)[(_cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
             q, k, v, kpm, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),

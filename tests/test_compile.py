@@ -227,7 +227,7 @@ def test_opcheck_fused_kernel_operators(xg, layout):
     torch.library.opcheck(torch.ops.fastdca.dca_attention.default, args)
     out, lse, extra = torch.ops.fastdca.dca_attention(*args)
     B, Hq, T, D = q.shape
-    assert extra.shape == {"sample": (B, Hq, 2), "token": (B, T, Hq, D), None: (0,)}[xg]
+    assert extra.shape == {"sample": (B, Hq * D + 1), "token": (B, T, Hq, D), None: (0,)}[xg]
     dextra = None if xg is None else torch.randn_like(extra)
     torch.library.opcheck(torch.ops.fastdca.dca_attention_backward.default,
                           (torch.randn_like(out), dextra, *(t.detach() for t in (q, k, v, ak, av, gate, out, lse)),

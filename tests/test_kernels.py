@@ -19,6 +19,18 @@ pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="the triton backend needs CUDA or TRITON_INTERPRET=1",
 )
+
+
+@pytest.fixture(autouse=True)
+def fresh_launch_configs():
+    """The launchers cache launch_config's answers per shape: tests that patch it start and end uncached."""
+    from fastdca.kernels import dca_attention as kmod
+
+    kmod._table_configs.cache_clear()
+    yield
+    kmod._table_configs.cache_clear()
+
+
 # (B, Hq, Hkv, T, S, D, M, H, padding)
 SHAPES = [
     pytest.param((2, 4, 4, 20, 20, 64, 10, 2, None), id="mha-d64"),

@@ -100,10 +100,44 @@ def test_sample_without_real_tokens_is_left_out():
     torch.testing.assert_close(layer_causal_loss((sums, counts)), expected)
 
 
-def test_causal_loss_is_the_mean_over_layers():
-    losses = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(6.0)]
-    assert causal_loss(losses).item() == 3.0
-    with pytest.raises(ValueError, match="layer_losses"):
+@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("space", ["head", "hidden"])
+@pytest.mark.parametrize("variance", ["sample", "token"])
+def test_causal_loss_is_the_mean_over_layers_by_definition(variance, space, padding):
+    """Three layers of one forward (the same rows, each its own adapter and o_proj): causal_loss, one
+    variance over the layers side by side, equals the mean over layers of each layer's loss by definition,
+    with its gradients."""
+    B, Hq, Hkv, T, D, M, H = 4, 4, 2, 7, 8, 5, 2
+    seed = torch.seed()
+    print(f"seed {seed}")
+    layers, expected = [], []
+    for _ in range(3):
+        inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, padding, torch.float64)
+        if layers:
+            mask = layers[0][1]        # one forward: every layer sees the same padding
+        real = torch.ones(B, T, dtype=torch.bool) if mask is None else mask
+        project = torch.nn.Linear(Hq * D, 12, bias=True, dtype=torch.float64) if space == "hidden" else None
+        leaves = {n: t.clone().requires_grad_(n in ("ak", "av", "gate")) for n, t in inputs.items()}
+        _, stats = dca_attention(**leaves, causal_len=H, key_padding_mask=mask, xg=variance, backend="torch")
+        layers.append((stats, mask, project, leaves))
+        by_definition = (sample_variance_by_definition if variance == "sample" else token_variance_by_definition)
+        expected.append(by_definition(reference_x_g(leaves, mask, H), real, project))
+    actual = causal_loss([stats for stats, *_ in layers], variance=variance, real=layers[0][1],
+                         projections=[project for _, _, project, _ in layers])
+    expected = torch.stack(expected).mean()
+    wrt = [leaf for *_, leaves in layers for name, leaf in leaves.items() if leaf.requires_grad]
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=0)
+    for a, e in zip(torch.autograd.grad(actual, wrt), torch.autograd.grad(expected, wrt)):
+        torch.testing.assert_close(a, e, rtol=1e-8, atol=1e-12)
+
+
+def test_causal_loss_of_layers_of_different_widths_is_still_the_mean_over_layers():
+    g = torch.Generator().manual_seed(3)
+    counts = torch.tensor([3, 1, 4])
+    layers = [(torch.randn(3, Hq, 4, generator=g, dtype=torch.float64), counts) for Hq in (2, 2, 5)]
+    expected = torch.stack([layer_causal_loss(stats) for stats in layers]).mean()
+    torch.testing.assert_close(causal_loss(layers), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="layer_stats"):
         causal_loss([])
 
 

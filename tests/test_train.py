@@ -11,7 +11,7 @@ from fastdca.cli import main
 from fastdca.eval import evaluate
 from fastdca.patch import load_adapter, patch
 from fastdca.tasks import LetterConcatenation
-from fastdca.train import TrainSettings, tokenize_examples, train
+from fastdca.train import PadCollator, TrainSettings, compile_mode, length_buckets, tokenize_examples, train
 
 
 def load_tiny(path):
@@ -34,6 +34,51 @@ def test_max_length_too_short_is_refused_before_training(tiny_model_dir):
     examples = LetterConcatenation(n_train=4).examples("train")
     with pytest.raises(ValueError, match="max_length=10 is too short for the prompts"):
         tokenize_examples(examples, tokenizer, max_length=10)
+
+
+def test_compiled_runs_pad_to_a_few_widths_and_use_cuda_graphs_on_cuda():
+    assert length_buckets(256) == (16, 32, 64, 128, 256) and length_buckets(100) == (16, 32, 64, 100)
+    rows = [dict(input_ids=[5] * n, labels=[-100] + [5] * (n - 1)) for n in (3, 20)]
+    assert PadCollator(0)(rows)["input_ids"].shape == (2, 20)
+    batch = PadCollator(0, length_buckets(256))(rows)
+    assert batch["input_ids"].shape == (2, 32)
+    assert batch["attention_mask"].sum(1).tolist() == [3, 20] and (batch["labels"][:, 20:] == -100).all()
+    assert compile_mode(TrainSettings(compile=True), on_cuda=True) == "reduce-overhead"
+    assert compile_mode(TrainSettings(compile=True), on_cuda=False) == "default"
+    assert compile_mode(TrainSettings(compile=True, compile_mode="max-autotune"), on_cuda=True) == "max-autotune"
+    assert compile_mode(TrainSettings(), on_cuda=True) is None
+    with pytest.raises(ValueError, match="compile_mode 'default' needs compile"):
+        TrainSettings(compile_mode="default")
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        TrainSettings(compile=True, compile_mode="fast")
+
+
+@pytest.mark.parametrize("variance", ["sample", "token"])
+def test_padding_to_a_bucket_changes_no_loss_or_gradient(tiny_model_dir, variance):
+    model, tokenizer = load_tiny(tiny_model_dir)
+    torch.manual_seed(0)
+    patch(model, DCAConfig(adapter_layers=2, adapter_len=4, causal_len=2, variance=variance))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.uniform_(-0.5, 0.5)
+    examples = LetterConcatenation(n_train=4).examples("train")
+    rows = tokenize_examples(examples, tokenizer, max_length=256)
+    longest = max(len(r["input_ids"]) for r in rows)
+    results = []
+    for collator in (PadCollator(tokenizer.pad_token_id), PadCollator(tokenizer.pad_token_id, (8, longest + 7, 512))):
+        batch = collator(rows)
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        results.append((batch["input_ids"].shape[1], out.loss.detach(), out.causal_loss.detach(),
+                        [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (narrow, loss, causal, grads), (wide, bucket_loss, bucket_causal, bucket_grads) = results
+    assert narrow == longest and wide == longest + 7 and causal > 0
+    torch.testing.assert_close(bucket_loss, loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(bucket_causal, causal, rtol=1e-4, atol=0)
+    for g, e in zip(bucket_grads, grads):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-7)
 
 
 def test_train_save_eval_round_trip(tiny_model_dir, tmp_path):

@@ -19,10 +19,9 @@ import torch
 from fastdca import causal_term
 from fastdca.hf import peft as peft_integration
 from fastdca.hf import trl as trl_integration
-from fastdca.hf.masks import unpack_tokens
+from fastdca.hf.masks import unpack_tokens, unpacked_layout
 from fastdca.hf.state import STATE_ATTR
-from fastdca.loss import causal_loss as _causal_loss
-from fastdca.loss import layer_causal_loss
+from fastdca.loss import causal_loss
 
 
 def pre_hook(model, args, kwargs):
@@ -64,15 +63,16 @@ def post_hook(model, args, kwargs, output):
     if output is None or not collected or not stats:
         return None
     cfg = state.config
-    losses = []
-    for idx in sorted(stats):
-        xg_stats, real, unpack, o_proj, dtype = stats[idx]
-        if unpack is not None:
-            xg_stats, real = unpack_tokens(xg_stats, *unpack)
-        project = None if o_proj is None else _projector(o_proj, dtype)
-        losses.append(layer_causal_loss(xg_stats, variance=cfg.variance, real=real, project=project,
-                                        distributed=cfg.variance_scope == "global"))
-    lc = _causal_loss(losses)
+    layers = [stats[idx] for idx in sorted(stats)]
+    # Every adapted layer of one forward saw the same rows: one padding (or packing) for all of them.
+    _, real, unpack, _, _ = layers[0]
+    xg_stats = [layer[0] for layer in layers]
+    if unpack is not None:
+        layout = unpacked_layout(*unpack, xg_stats[0].shape[1], xg_stats[0].device)
+        xg_stats, real = [unpack_tokens(x_g, layout) for x_g in xg_stats], layout[2]
+    projections = [None if o_proj is None else _projector(o_proj, dtype) for _, _, _, o_proj, dtype in layers]
+    lc = causal_loss(xg_stats, variance=cfg.variance, real=real, projections=projections,
+                     distributed=cfg.variance_scope == "global")
     # The term as added to the loss: alpha * L_causal, weighted by the micro-batch's share of the label
     # tokens under Trainer's num_items_in_batch.
     term = cfg.alpha * (1.0 if labels is None else _share(state, labels)) * lc

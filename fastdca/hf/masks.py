@@ -100,16 +100,22 @@ def _padding_of(attention_mask, S) -> bool:
     return attention_mask is not None and key_padding_mask(attention_mask, 1, S, S) is not None
 
 
-def unpack_tokens(x_g, cu_seqlens, lengths):
-    """X_G of a packed row (1, S, Hq, D) laid out as right-padded samples (N, max length, Hq, D), with the
-    (N, max length) mask of real tokens: the token variance compares the t-th tokens of the samples."""
-    S = x_g.shape[1]
-    ids = torch.repeat_interleave(torch.arange(len(lengths), device=x_g.device),
-                                  torch.tensor(lengths, device=x_g.device), output_size=S)
-    offsets = torch.arange(S, device=x_g.device) - cu_seqlens.to(torch.long)[ids]
-    samples = x_g.new_zeros(len(lengths), max(lengths), *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
-    real = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=x_g.device)
-    return samples, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=x_g.device))
+def unpacked_layout(cu_seqlens, lengths, S, device):
+    """Where each token of a packed row goes when its N sequences are laid out as right-padded samples:
+    (sample index (S,), position in the sample (S,), the (N, max length) mask of real tokens). Computed
+    once per forward; `unpack_tokens` applies it to each layer's X_G."""
+    ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
+                                  output_size=S)
+    offsets = torch.arange(S, device=device) - cu_seqlens.to(device=device, dtype=torch.long)[ids]
+    real = torch.zeros(len(lengths), max(lengths), dtype=torch.bool, device=device)
+    return ids, offsets, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=device))
+
+
+def unpack_tokens(x_g, layout):
+    """X_G of a packed row (1, S, Hq, D) laid out as right-padded samples (N, max length, Hq, D), by the
+    layout of `unpacked_layout`: the token variance compares the t-th tokens of the samples."""
+    ids, offsets, real = layout
+    return x_g.new_zeros(*real.shape, *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
 
 
 def key_padding_mask(attention_mask, B, T, S, windowed=False):
@@ -136,9 +142,10 @@ def key_padding_mask(attention_mask, B, T, S, windowed=False):
                          "sliding caches are not supported by fastdca adapted layers; use the default DynamicCache)")
     if row.shape[0] != B:
         row = row.expand(B, S)
-    # An all-real mask means no padding, and eager calls drop it for SDPA's unmasked causal path. The
-    # test reads the mask on the host: compiled, the mask is kept (the op gives the same answer with it).
-    if not torch.compiler.is_compiling() and bool(row.all()):
+    # An all-real mask means no padding, and CPU calls drop it for SDPA's unmasked causal path. The test
+    # reads the mask on the host: on a GPU that would stall every forward, and compiled it would break the
+    # graph, so there the mask is kept (the op gives the same answer with it).
+    if not row.is_cuda and not torch.compiler.is_compiling() and bool(row.all()):
         return None
     return row.contiguous()
 
