@@ -912,16 +912,15 @@ KERNELS = ("fwd", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dq")
 
 def _configs(D, T, dtype, device, overrides):
     """{kernel: launch_config} for every kernel, with `overrides` ({kernel: {entry: value}}, tests and
-    tuning) applied. Without overrides the dicts are shared per (D, T <= 16, dtype, device): read only."""
+    tuning) applied. Without overrides the dicts are shared per (D, T <= 16, dtype, target): read only."""
+    arch = target_arch(device)
     if overrides:
-        arch = target_arch(device)
         return {name: dict(launch_config(name, D, T, dtype, arch), **overrides.get(name, {})) for name in KERNELS}
-    return _table_configs(D, T <= 16, dtype, device)
+    return _table_configs(D, T <= 16, dtype, arch)
 
 
 @functools.lru_cache(maxsize=256)
-def _table_configs(D, decoding, dtype, device):
-    arch = target_arch(device)
+def _table_configs(D, decoding, dtype, arch):
     return {name: launch_config(name, D, 16 if decoding else 17, dtype, arch) for name in KERNELS}
 
 
