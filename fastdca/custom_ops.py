@@ -143,7 +143,7 @@ dca_attention.register_autograd(_dca_attention_backward, setup_context=_dca_atte
 
 
 @torch.library.custom_op(f"{NAMESPACE}::adapter_attention", mutates_args=())
-def adapter_attention(q: Tensor, ak: Tensor, av: Tensor, gate: Tensor, members: Tensor, causal_len: int,
+def adapter_attention(q: Tensor, ak: Tensor, av: Tensor, gate: Tensor, members: Optional[Tensor], causal_len: int,
                       scale: float, gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
     adapter_out, probs, stat = ops.adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     return adapter_out, probs, q.new_empty(0) if stat is None else stat.contiguous()
@@ -167,7 +167,7 @@ def _adapter_attention_fake(q, ak, av, gate, members, causal_len, scale, gate_fn
 
 @torch.library.custom_op(f"{NAMESPACE}::adapter_attention_backward", mutates_args=())
 def adapter_attention_backward(d_out: Tensor, d_stat: Optional[Tensor], q: Tensor, ak: Tensor, av: Tensor,
-                               gate: Tensor, members: Tensor, probs: Tensor, causal_len: int, scale: float,
+                               gate: Tensor, members: Optional[Tensor], probs: Tensor, causal_len: int, scale: float,
                                gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     grads = ops.adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale,
                                            gate_fn, xg)

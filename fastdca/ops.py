@@ -232,7 +232,7 @@ def _torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddin
         prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask, window)  # (B, Hq, T, D)
     else:
         prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
-    members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device)
+    members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device) if xg == "sample" else None
     adapter_out, causal_stat = _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     out = (prompt_out + adapter_out).transpose(1, 2)
     if xg is None:
@@ -257,7 +257,7 @@ def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_
     the torch backend's adapter half, forward.
 
     Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
-    of a row make up each of its N samples). Returns (A av (B, Hq, T, D) in q's dtype, the adapter
+    of a row make up each of its N samples; read for xg="sample" only, else None). Returns (A av (B, Hq, T, D) in q's dtype, the adapter
     probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the compute dtype (what the
     backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
     A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H],
