@@ -27,8 +27,11 @@ def main(argv=None) -> int:
         parser.exit(interrupted.exit_code, f"fastdca {args.command}: {interrupted}\n")
     except TrainingDiverged as diverged:
         parser.exit(1, f"fastdca {args.command}: error: {diverged}\n")
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError) as error:
         parser.exit(2, f"fastdca {args.command}: error: {error}\n")
+    except OSError as error:     # a file or folder the command could not read or write
+        where = f": {error.filename}" if error.filename else ""
+        parser.exit(2, f"fastdca {args.command}: error: {error.strerror or error}{where}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,8 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--save-steps", type=int, default=500)
     opt.add_argument("--logging-steps", type=int, default=10)
-    opt.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
+    opt.add_argument("--limit", type=positive_int, default=None, help="use only the first N training examples")
     opt.add_argument("--no-resume", action="store_true", help="start over even if OUTPUT has checkpoints")
+    opt.add_argument("--overwrite", action="store_true",
+                     help="replace the run OUTPUT holds (its adapter and checkpoints), finished or not, whatever its "
+                          "settings; without it a finished run is never trained over")
+    opt.add_argument("--resume-anyway", action="store_true",
+                     help="resume OUTPUT's unfinished run although settings differ (recorded in OUTPUT/run.json)")
     opt.add_argument("--nonfinite", choices=("stop", "skip"), default="stop",
                      help="at a non-finite loss or gradient: stop (default), or skip the step (and stop after "
                           "10 in a row)")
@@ -84,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     _task_arguments(evaluate)
     evaluate.add_argument("--adapter", default=None, help="adapter directory written by `fastdca train`")
     evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the task's")
     evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl "
                           "in the adapter directory, else in the current directory)")
     evaluate.add_argument("--xg-stats", action="store_true",
@@ -141,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--batch-size", type=int, default=8)
     sweep.add_argument("--lr", type=float, default=1e-2)
     sweep.add_argument("--max-length", type=int, default=256)
-    sweep.add_argument("--limit", type=int, default=None, help="evaluate only the first N test examples")
+    sweep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N test examples")
     sweep.add_argument("--output", required=True, help="sweep directory: results.jsonl, summary.md, sweep.png, runs/")
     sweep.set_defaults(run=run_sweep)
 
@@ -152,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     check.set_defaults(run=run_check)
     return parser
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a count of examples or tokens; 0 or negative would silently
+    mean "all but" or nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _model_arguments(parser):
@@ -213,15 +233,27 @@ def run_train(args) -> int:
                              bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16", nonfinite=args.nonfinite,
                              packing=args.packing, compile=args.compile, compile_mode=args.compile_mode)
     model, tokenizer = load(args)
+    from transformers import set_seed
+
+    set_seed(args.seed)     # before the adapter's prompts are drawn: the same command gives the same adapter
     patch(model, config)
     print(describe(model))
     history = train(model, tokenizer, examples, args.output, config=config, settings=settings,
-                    resume=not args.no_resume)
+                    resume=not args.no_resume, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
+                    model_name=_model_name(args))
     if int(os.environ.get("RANK", "0")) == 0:
         last = history[-1] if history else {}
         print(f"adapter saved in {args.output}; last logged ce={last.get('ce')} "
               f"causal_loss={last.get('causal_loss')}")
     return 0
+
+
+def _model_name(args) -> str:
+    """The model a run trains, as its run record names it: the embedded name or the folder's absolute path,
+    with the dtype and quantisation."""
+    name = args.model if args.model == "smollm2" else str(Path(args.model).resolve())
+    quantised = ", 4-bit" if args.load_in_4bit else ", 8-bit" if args.load_in_8bit else ""
+    return f"{name} ({args.dtype}{quantised})"
 
 
 def run_eval(args) -> int:

@@ -48,7 +48,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
                              save_steps=max(steps // 2, 1), logging_steps=max(steps // 30, 1))
     train_started = time.perf_counter()
     history = train(net, tokenizer, task.examples("train"), output_dir / "adapter", config=config,
-                    settings=settings, resume=False, progress=progress)
+                    settings=settings, progress=progress)
     train_seconds = time.perf_counter() - train_started
     after = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
                      predictions_path=output_dir / "predictions_after.jsonl")

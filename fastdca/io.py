@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a half-written one."""
+"""Atomic file writes: a reader sees the old file or the new one, never a half-written one. Files get
+the mode a plain open() would give them under the process umask (0644 under umask 022), not mkstemp's
+private 0600."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ def atomic_write_all(writers: dict) -> list:
             os.close(fd)
             temps.append((tmp, path))
             write(tmp)
+            os.chmod(tmp, 0o666 & ~process_umask())
         for tmp, path in temps:
             os.replace(tmp, path)
     except BaseException:
@@ -43,3 +46,17 @@ def atomic_write_text(path, text: str) -> Path:
             f.write(text)
 
     return atomic_write(path, write)
+
+
+def process_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (/proc), else by setting it back."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

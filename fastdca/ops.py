@@ -144,8 +144,8 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_s
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]
-    if T < 1 or D < 1:
-        raise ValueError(f"q must have T >= 1 and D >= 1, got shape {tuple(q.shape)}")
+    if B < 1 or Hq < 1 or T < 1 or D < 1:
+        raise ValueError(f"q must have B, Hq, T and D >= 1, got shape {tuple(q.shape)}")
     if D > MAX_HEAD_DIM:
         raise ValueError(f"q head dim D must be at most {MAX_HEAD_DIM}, got {D}")
     if Hkv < 1 or Hq % Hkv != 0:
@@ -176,12 +176,14 @@ def _check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_s
             raise ValueError(f"key_padding_mask must be on the device of q ({q.device}), got {key_padding_mask.device}")
     if cu_seqlens is not None:
         _check_cu_seqlens(cu_seqlens, key_padding_mask, B, T, S, q.device)
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0):
-        raise ValueError(f"scale must be a positive number or None, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0
+                                  and math.isfinite(scale)):
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive integer or None, got {window!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0):
-        raise ValueError(f"softcap must be a positive number or None, got {softcap!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and not isinstance(softcap, bool) and softcap > 0
+                                    and math.isfinite(softcap)):
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
     if gate_fn not in GATE_FNS:
         raise ValueError(f"gate_fn must be one of {GATE_FNS}, got {gate_fn!r}")
     if xg not in XG_MODES:

@@ -8,18 +8,17 @@ field (the paper's Fig. 5), with alpha = 0 (LLaMA-Adapter) as the baseline line 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import statistics
 import time
 from pathlib import Path
 
 from fastdca.config import DCAConfig
 from fastdca.io import atomic_write, atomic_write_text
+from fastdca.locks import only_writer
 
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".sweep.lock"
@@ -111,7 +110,7 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    with _only_sweep_in(output_dir):
+    with only_writer(output_dir, LOCK_FILE, "fastdca sweep"):
         rows = read_results(output_dir)
         done = {row["key"] for row in rows}
         test = task.examples("test")[:test_limit]
@@ -156,30 +155,6 @@ def run_dir(output_dir, key: str) -> Path:
     """The folder of the run `key` (run_key) in a sweep's `output_dir`: its adapter, checkpoints, loss
     history and predictions."""
     return Path(output_dir) / "runs" / f"run-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-
-
-@contextlib.contextmanager
-def _only_sweep_in(output_dir: Path):
-    """Holds an exclusive lock on `output_dir` while a sweep writes to it: a second sweep there would
-    train the same runs into the same folders and rewrite results.jsonl without the first one's rows."""
-    try:
-        import fcntl
-    except ImportError:     # not POSIX: no lock to take
-        yield
-        return
-    with open(output_dir / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise RuntimeError(f"another fastdca sweep (pid {holder}) is writing to {output_dir}; wait for it to "
-                               "finish or give this one another --output") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
 
 
 def summarize(rows) -> list[dict]:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -26,9 +28,11 @@ from fastdca.config import COMPILE_MODES, DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
+from fastdca.locks import only_writer
 from fastdca.grad_share import causal_gradient_share, measurement_due, warn_if_causal_term_inert
 from fastdca.adapter_file import ADAPTER_FILE, CONFIG_FILE
 from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
+from fastdca.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.tasks import Example
 
 IGNORE_INDEX = -100
@@ -250,9 +254,16 @@ class LossProgressBar(TrainerCallback):
 
 def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAConfig,
           settings: Optional[TrainSettings] = None, resume: bool = True, progress: bool = True,
-          callbacks=()):
+          callbacks=(), overwrite: bool = False, resume_anyway: bool = False, model_name: Optional[str] = None):
     """Fine-tune a patched model on `examples`; the adapter is saved in `output_dir` at the end and in
     its checkpoint-N folders. With resume=True an interrupted run continues from its last checkpoint.
+
+    One run per folder (fastdca.run_record): `output_dir/run.json` records the settings that decide the
+    result (`model_name` among them). While this runs it holds a lock on the folder (a second run there
+    stops at once). A folder that holds this very run, finished, is not trained again: its adapter is
+    loaded into `model` and its history returned. A folder that holds another run is refused, naming the
+    differences, unless overwrite=True (which deletes that run's adapter and checkpoints) or, for an
+    unfinished run being resumed, resume_anyway=True (recorded in run.json).
 
     `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce",
     "causal_loss", "grad_share" (the causal term's share of the gradient on the DCA parameters, measured on
@@ -264,8 +275,51 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     rows = tokenize_examples(examples, tokenizer, settings.max_length)
+    output_dir = prepare_folder(output_dir)
+    record = run_record(examples, settings, config, model_name)
+    if not _is_rank_zero():
+        # rank 0 decides and writes; the others follow its checkpoints
+        return _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks)
+    with only_writer(output_dir, LOCK_FILE, "fastdca train"):
+        action = prepare_output(output_dir, record, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
+        if action == "finished":
+            print(f"{output_dir} holds this run, finished: nothing to train (its adapter is loaded; --overwrite "
+                  "trains it again)")
+            load_adapter(model, output_dir)
+            return json.loads((output_dir / HISTORY_FILE).read_text()) if (output_dir / HISTORY_FILE).is_file() else []
+        carried = differences(read_record(output_dir), record) if action == "resume" else ()
+        write_record(output_dir, record, finished=False, resumed_anyway=carried)
+        history = _train(model, tokenizer, rows, output_dir, config, settings, action == "resume", progress,
+                         callbacks)
+        write_record(output_dir, record, finished=True)
+        return history
+
+
+LOCK_FILE = ".train.lock"
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def prepare_folder(output_dir) -> Path:
+    """`output_dir`, created and checked writable before any training: ValueError naming it otherwise."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test.", delete=True)
+        probe.close()
+    except FileExistsError:
+        raise ValueError(f"--output {output_dir} is a file, not a folder") from None
+    except NotADirectoryError:
+        raise ValueError(f"--output {output_dir}: a parent of it is a file, not a folder") from None
+    except OSError as error:
+        raise ValueError(f"--output {output_dir} is not writable ({error.strerror}); give a folder you can "
+                         "write to") from None
+    return output_dir
+
+
+def _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks):
     on_cuda = next(model.parameters()).is_cuda
     args = TrainingArguments(
         output_dir=str(output_dir),

@@ -18,6 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from fastdca import AdapterError, DCAConfig, TrainingDiverged, TrainingInterrupted
 from fastdca.cli import main
 from fastdca.patch import is_patched, load_adapter, patch, save_adapter
+from fastdca.run_record import write_record
 from fastdca.tasks import LetterConcatenation
 from fastdca.train import TrainSettings, train
 
@@ -37,13 +38,13 @@ def saved_adapter(tiny_model_dir, tmp_path):
     return tmp_path / "adapter"
 
 
-def run_training(tiny_model_dir, output, settings, callbacks=()):
+def run_training(tiny_model_dir, output, settings, callbacks=(), **options):
     task = LetterConcatenation(n_train=64, n_test=4)
     model, tokenizer = load_tiny(tiny_model_dir)
     torch.manual_seed(0)
     patch(model, CONFIG)
     return train(model, tokenizer, task.examples("train"), output, config=CONFIG, settings=settings,
-                 progress=False, callbacks=callbacks)
+                 progress=False, callbacks=callbacks, **options)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,8 +146,10 @@ def test_checkpoint_without_optimizer_state_is_refused(tiny_model_dir, tmp_path)
     run_training(tiny_model_dir, tmp_path / "run", settings)
     os.remove(tmp_path / "run" / "checkpoint-4" / "optimizer.pt")
     more = TrainSettings(max_steps=6, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=2)
-    with pytest.raises(AdapterError, match=r"checkpoint-4/optimizer\.pt is missing"):
+    with pytest.raises(ValueError, match=r"holds a finished run with other settings \(settings.max_steps: 4 -> 6\)"):
         run_training(tiny_model_dir, tmp_path / "run", more)
+    with pytest.raises(AdapterError, match=r"checkpoint-4/optimizer\.pt is missing"):
+        run_training(tiny_model_dir, tmp_path / "run", more, resume_anyway=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,6 +218,8 @@ def test_divergence_stops_and_keeps_the_last_finite_checkpoint(tiny_model_dir, t
 
 def test_divergence_before_any_checkpoint_leaves_the_output_as_it_was(tiny_model_dir, tmp_path, saved_adapter):
     before = (saved_adapter / "adapter.safetensors").read_bytes()
+    # the folder of a run stopped before its first checkpoint, still holding an earlier adapter
+    write_record(saved_adapter, {}, finished=False)
     settings = TrainSettings(max_steps=8, batch_size=4, learning_rate=1e-2, logging_steps=1, save_steps=50)
     with pytest.raises(TrainingDiverged, match=r"non-finite gradient.*nothing was written to"):
         run_training(tiny_model_dir, saved_adapter, settings, callbacks=[PoisonAt(grads_at=[2])])

@@ -130,6 +130,7 @@ def good_inputs():
     ("av", torch.randn(2, 4, 16), r"av must have shape \(2, 3, 16\)"),
     ("gate", torch.randn(2), r"gate must have shape \(4,\)"),
     ("q", torch.randn(2, 4, 5, 300), r"head dim D must be at most 256"),
+    ("q", torch.randn(0, 4, 5, 16), r"q must have B, Hq, T and D >= 1, got shape \(0, 4, 5, 16\)"),
     ("v", torch.randn(2, 2, 7, 16, dtype=torch.float64), r"v must have the dtype of q"),
     ("q", torch.randint(0, 3, (2, 4, 5, 16)), r"q must have dtype in"),
     ("gate", [0.0] * 4, r"gate must be a torch.Tensor"),
@@ -148,7 +149,9 @@ def test_bad_tensor_arguments(name, value, match):
     (dict(key_padding_mask=torch.ones(2, 7)), r"key_padding_mask must be a bool tensor"),
     (dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), r"key_padding_mask must have shape \(2, 7\)"),
     (dict(key_padding_mask=torch.ones(1, 7, dtype=torch.bool)), r"key_padding_mask must have shape \(2, 7\)"),
-    (dict(scale=-1.0), r"scale must be a positive number"),
+    (dict(scale=-1.0), r"scale must be a positive finite number"),
+    (dict(scale=float("inf")), r"scale must be a positive finite number"),
+    (dict(scale=float("nan")), r"scale must be a positive finite number"),
     (dict(gate_fn="sigmoid"), r"gate_fn must be one of \('tanh', 'identity'\)"),
     (dict(xg="mean"), r"xg must be one of"),
     (dict(backend="cuda"), r"backend must be one of"),
@@ -268,8 +271,10 @@ def test_a_window_covering_every_key_changes_nothing_and_bad_windows_and_caps_ar
     assert not torch.equal(plain, windowed)
     with pytest.raises(ValueError, match="window must be a positive integer"):
         dca_attention(**inputs, causal_len=2, window=0)
-    with pytest.raises(ValueError, match="softcap must be a positive number"):
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
         dca_attention(**inputs, causal_len=2, softcap=-1.0)
+    with pytest.raises(ValueError, match="softcap must be a positive finite number"):
+        dca_attention(**inputs, causal_len=2, softcap=float("inf"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

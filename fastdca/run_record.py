@@ -1,0 +1,114 @@
+"""What a training run in an output folder was started with (run.json), and the decision a new run
+into that folder takes from it: start, resume, or stop because the run there is finished or differs.
+
+run.json holds every setting that changes the result (the data's fingerprint, the model, the
+optimisation settings, the DCAConfig) and whether the run finished. A resume with other settings would
+silently mix two runs, and a new run into a finished run's folder would silently replace its adapter:
+both are refused, naming each difference, unless asked for (resume_anyway, overwrite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from fastdca.adapter_file import ADAPTER_FILE
+from fastdca.io import atomic_write_text
+
+RUN_FILE = "run.json"
+# TrainSettings fields that change what a run computes (logging, saving and progress do not)
+RESULT_SETTINGS = ("epochs", "max_steps", "batch_size", "grad_accum", "learning_rate", "weight_decay", "warmup",
+                   "lr_scheduler", "max_length", "seed", "bf16", "fp16", "nonfinite", "packing", "extra")
+
+
+def data_fingerprint(examples) -> str:
+    """sha256 of the examples' prompts and targets, in order."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.prompt, example.target]).encode())
+    return digest.hexdigest()
+
+
+def run_record(examples, settings, config, model=None) -> dict:
+    """The settings of a run that decide its result, as run.json stores them."""
+    return {"data": {"examples": len(examples), "sha256": data_fingerprint(examples)},
+            "model": model,
+            "settings": {name: getattr(settings, name) for name in RESULT_SETTINGS},
+            "config": config.to_dict()}
+
+
+def differences(saved: dict, record: dict) -> list:
+    """'name: old -> new' for each setting that differs between two run records."""
+    out = []
+    for section in ("data", "model", "settings", "config"):
+        old, new = saved.get(section), record.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for name in sorted(set(old) | set(new)):
+                if old.get(name) != new.get(name):
+                    out.append(f"{section}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
+        elif old != new:
+            out.append(f"{section}: {old!r} -> {new!r}")
+    return out
+
+
+def read_record(output_dir):
+    """The folder's run.json, or None where there is none; ValueError naming the file if it is unreadable."""
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is unreadable ({error}); delete it and pass --overwrite to start over") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} is not a run record (expected a JSON object); pass --overwrite to start over")
+    return saved
+
+
+def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> str:
+    """Decide what a run into `output_dir` does: "fresh", "resume", or "finished" (the folder holds this
+    very run, finished: nothing to train). ValueError where it holds another run and neither overwrite nor
+    (for an unfinished run) resume_anyway allows going on. overwrite removes the old run's adapter,
+    checkpoints and record first."""
+    output_dir = Path(output_dir)
+    saved = read_record(output_dir)
+    checkpoints = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
+    holds_results = (output_dir / ADAPTER_FILE).exists() or bool(checkpoints)
+    if overwrite:
+        for checkpoint in checkpoints:
+            shutil.rmtree(checkpoint)
+        for name in (ADAPTER_FILE, RUN_FILE):
+            (output_dir / name).unlink(missing_ok=True)
+        return "fresh"
+    if saved is None:
+        if holds_results:
+            raise ValueError(f"{output_dir} holds an adapter or checkpoints but no {RUN_FILE} to compare this run's "
+                             "settings with; pass --overwrite to replace it, or give another --output")
+        return "fresh"
+    diffs = differences(saved, record)
+    if saved.get("finished"):
+        if not diffs:
+            return "finished"
+        if resume and resume_anyway and checkpoints:
+            return "resume"        # continuing a finished run, for more steps say: asked for by name
+        raise ValueError(f"{output_dir} holds a finished run with other settings ({'; '.join(diffs)}); pass "
+                         "--overwrite to replace it, --resume-anyway to continue it from its last checkpoint with "
+                         "the new settings, or give another --output")
+    if not resume or not checkpoints:
+        return "fresh"
+    if diffs and not resume_anyway:
+        raise ValueError(f"{output_dir} holds an unfinished run with other settings ({'; '.join(diffs)}); resuming "
+                         "would mix them: pass --resume-anyway to resume with the new settings, --no-resume to "
+                         "start over, or give another --output")
+    return "resume"
+
+
+def write_record(output_dir, record: dict, *, finished: bool, resumed_anyway=()) -> None:
+    """run.json for the run now in `output_dir` (atomically); resumed_anyway lists the differences a
+    resume was allowed to carry over, kept with the record's earlier ones."""
+    saved = read_record(output_dir) or {}
+    history = list(saved.get("resumed_anyway", [])) + list(resumed_anyway)
+    body = dict(record, finished=finished, **({"resumed_anyway": history} if history else {}))
+    atomic_write_text(Path(output_dir) / RUN_FILE, json.dumps(body, indent=1, default=str))
