@@ -3,6 +3,7 @@ atomically, and reading them back checked (no pickle; every error names the file
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -75,11 +76,17 @@ def write(directory, tensors: dict, meta: dict) -> None:
         with open(path, "w") as f:
             f.write(text)
 
-    atomic_write_all({
-        os.path.join(directory, ADAPTER_FILE): lambda path: save_file(
-            tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)}),
-        os.path.join(directory, CONFIG_FILE): write_config,
-    })
+    weights_path = os.path.join(directory, ADAPTER_FILE)
+
+    def write_weights(path):
+        try:
+            save_file(tensors, path, metadata={"format": "pt", "fastdca_format_version": str(FORMAT_VERSION)})
+        except OSError:
+            raise
+        except Exception as error:      # safetensors reports I/O failures (a full disk) as its own error
+            raise OSError(errno.EIO, f"writing the adapter failed ({error})", weights_path) from None
+
+    atomic_write_all({weights_path: write_weights, os.path.join(directory, CONFIG_FILE): write_config})
 
 
 def read(directory) -> tuple:

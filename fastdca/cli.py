@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from fastdca.config import COMPILE_MODES
@@ -17,6 +18,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from fastdca.errors import TrainingDiverged, TrainingInterrupted
 
+    previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         if getattr(args, "dtype", None) is not None:
             from fastdca.models import resolve_dtype
@@ -32,6 +34,21 @@ def main(argv=None) -> int:
     except OSError as error:     # a file or folder the command could not read or write
         where = f": {error.filename}" if error.filename else ""
         parser.exit(2, f"fastdca {args.command}: error: {error.strerror or error}{where}\n")
+    except KeyboardInterrupt:    # a second Ctrl-C, while the first one's checkpoint was being written
+        parser.exit(130, f"fastdca {args.command}: interrupted again: stopped at once, without a new checkpoint "
+                         "(the folder's earlier checkpoints are whole; run the same command to resume)\n")
+    finally:
+        warnings.formatwarning = previous_format
+
+
+def _one_line_warning(message, category, filename, lineno, line=None):
+    """Warnings as the CLI prints them: one plain line, without the file and code line of where they arose."""
+    return f"fastdca: warning: {message}\n"
+
+
+def _add_command(commands, name, **kwargs):
+    """A subcommand whose --help shows every option's default."""
+    return commands.add_parser(name, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdca", description="DCA fine-tuning of LLaMA-family models.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="fine-tune a model with DCA on a task")
+    train = _add_command(commands, "train", help="fine-tune a model with DCA on a task")
     _model_arguments(train)
     _task_arguments(train)
     train.add_argument("--output", required=True, help="output directory (adapter, checkpoints, loss history)")
@@ -87,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "10 in a row)")
     train.set_defaults(run=run_train)
 
-    evaluate = commands.add_parser("eval", help="accuracy of a model (and adapter) on a task")
+    evaluate = _add_command(commands, "eval", help="accuracy of a model (and adapter) on a task")
     _model_arguments(evaluate)
     _task_arguments(evaluate)
     evaluate.add_argument("--adapter", default=None, help="adapter directory written by `fastdca train`")
@@ -105,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "written beside the predictions as <name>.xg_stats.json")
     evaluate.set_defaults(run=run_eval)
 
-    maps = commands.add_parser(
-        "inspect", help="the DCA paper's Fig. 3: each token's attention to the adapter tokens, for one or two "
+    maps = _add_command(
+        commands, "inspect", help="the DCA paper's Fig. 3: each token's attention to the adapter tokens, for one or two "
                         "prompts, and how far X_G differs between them")
     _model_arguments(maps)
     maps.add_argument("--adapter", default=None,
@@ -127,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "the gates, and per adapted layer the X_G difference); default fastdca-inspect")
     maps.set_defaults(run=run_inspect)
 
-    demo = commands.add_parser("demo", help="SmolLM2-135M on Letter Concatenation, before and after DCA")
+    demo = _add_command(commands, "demo", help="SmolLM2-135M on Letter Concatenation, before and after DCA")
     demo.add_argument("--model", default="smollm2", help="model directory (default: the embedded SmolLM2-135M)")
     demo.add_argument("--steps", type=int, default=150)
     demo.add_argument("--batch-size", type=int, default=8)
@@ -136,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="fastdca-demo", help="output directory")
     demo.set_defaults(run=run_demo)
 
-    sweep = commands.add_parser("sweep", help="a grid over DCAConfig fields and seeds: accuracy mean ± std, plots")
+    sweep = _add_command(commands, "sweep", help="a grid over DCAConfig fields and seeds: accuracy mean ± std, plots")
     sweep.add_argument("--model", required=True,
                        help="Hugging Face model directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
     _task_arguments(sweep)
@@ -153,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", required=True, help="sweep directory: results.jsonl, summary.md, sweep.png, runs/")
     sweep.set_defaults(run=run_sweep)
 
-    check = commands.add_parser("check", help="self-test: versions, numerics against the reference, GPU speed")
+    check = _add_command(commands, "check", help="self-test: versions, numerics against the reference, GPU speed")
     check.add_argument("--interpret", action="store_true",
                        help="on a CPU, check the Triton kernels under Triton's interpreter (slow)")
     check.add_argument("--no-speed", action="store_true", help="skip the timings (CUDA only)")
@@ -188,7 +205,9 @@ def _model_arguments(parser):
 
 def _task_arguments(parser):
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--task", help="a task name (see `fastdca.tasks.task_names()`)")
+    from fastdca.tasks import task_names
+
+    source.add_argument("--task", help=f"a task name: {', '.join(task_names())}")
     source.add_argument("--data", help="a data file in the LLM-Adapters JSON/JSONL format")
 
 
@@ -266,10 +285,12 @@ def run_eval(args) -> int:
         examples = examples[: args.limit]
     if args.xg_stats and args.adapter is None:
         raise ValueError("--xg-stats needs --adapter: a model without an adapter has no X_G")
+    output = args.output or str(Path(args.adapter or ".") / "predictions.jsonl")
+    if Path(output).is_dir():
+        raise ValueError(f"--output {output} is a folder; give the path of the predictions file to write")
     model, tokenizer = load(args)
     if args.adapter is not None:
         load_adapter(model, args.adapter)  # patches the model with the adapter's own config
-    output = args.output or str(Path(args.adapter or ".") / "predictions.jsonl")
     result = evaluate(model, tokenizer, task, examples, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, predictions_path=output)
     summary = {"task": task.name, "split": args.split, **result, "predictions": output}

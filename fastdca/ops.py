@@ -367,6 +367,10 @@ def _prompt_attention(q, k, v, scale, key_padding_mask, window=None):
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     visible = visible & key_padding_mask[:, None, None, :]                       # (B, 1, T, S)
+    # A padded slot's k and v never count, but a NaN there would: 0 weight times NaN is NaN in SDPA's
+    # matmuls (the fused kernels and the reference select instead of multiplying).
+    real = key_padding_mask[:, None, :, None]
+    k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
     has_key = visible.any(-1, keepdim=True)
     # A row with no visible key would be 0/0 = NaN, and its NaN would reach dk and dv in the
     # backward even if zeroed afterwards; let it see key 0 and zero its output instead.

@@ -89,6 +89,8 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     qf = q.to(ct)
     kf = k.to(ct).repeat_interleave(group, dim=1)
     vf = v.to(ct).repeat_interleave(group, dim=1)
+    if key_padding_mask is not None:
+        vf = vf.masked_fill(~key_padding_mask[:, None, :, None], 0)    # a padded key's value is never read
     akf = ak.to(ct).repeat_interleave(group, dim=0)
     avf = av.to(ct).repeat_interleave(group, dim=0)
 

@@ -71,8 +71,11 @@ def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, r
     """Decide what a run into `output_dir` does: "fresh", "resume", or "finished" (the folder holds this
     very run, finished: nothing to train). ValueError where it holds another run and neither overwrite nor
     (for an unfinished run) resume_anyway allows going on. overwrite removes the old run's adapter,
-    checkpoints and record first."""
+    checkpoints and record first. Temporary files of a killed write are removed (the caller holds the
+    folder's lock, so no live write owns them)."""
     output_dir = Path(output_dir)
+    for leftover in output_dir.glob(".*.tmp"):      # a write killed before its rename (fastdca.io)
+        leftover.unlink(missing_ok=True)
     saved = read_record(output_dir)
     checkpoints = sorted(output_dir.glob("checkpoint-*")) if output_dir.is_dir() else []
     holds_results = (output_dir / ADAPTER_FILE).exists() or bool(checkpoints)

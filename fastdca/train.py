@@ -153,6 +153,16 @@ def packing_collator():
     return DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
 
+class LogLastStep(TrainerCallback):
+    """Log the last step whatever logging_steps is, so that the history always ends at the final step
+    (with logging_steps above max_steps it would otherwise stay empty)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
 class DCATrainer(Trainer):
     """Trainer that checkpoints only the adapter and logs CE and the causal loss separately."""
 
@@ -363,6 +373,7 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
     checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
     if checkpoint is not None:
         check_checkpoint(checkpoint)
+    trainer.add_callback(LogLastStep())
     trainer.add_callback(NonFiniteGuard(trainer, settings.nonfinite))
     interrupt = InterruptGuard()
     trainer.add_callback(interrupt)
@@ -375,8 +386,11 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
     history = _write_history(trainer, output_dir)
     if interrupt.signum is not None:
+        # the checkpoint this interruption wrote, not the highest-numbered one (a restarted run's folder
+        # can still hold an older run's later checkpoints)
+        written = output_dir / f"checkpoint-{trainer.state.global_step}"
         raise TrainingInterrupted(interrupt.signum, trainer.state.global_step,
-                                  get_last_checkpoint(str(output_dir)))
+                                  str(written) if written.is_dir() else get_last_checkpoint(str(output_dir)))
     if trainer.is_world_process_zero():
         save_adapter(model, output_dir)
         warn_if_causal_term_inert(history, config.alpha)
@@ -397,12 +411,26 @@ CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, "optimizer.pt", "scheduler.pt", "
 
 def check_checkpoint(path) -> None:
     """Refuse to resume from a checkpoint folder that lacks a file resuming needs (Trainer would quietly
-    restart the optimizer or the schedule without it)."""
+    restart the optimizer or the schedule without it), or whose files are damaged: each is read here, so
+    the error names the file instead of coming from deep inside Trainer's resume."""
+    path = Path(path)
+    advice = f"delete {path} to resume from an earlier checkpoint, or pass --no-resume to start over"
     for name in CHECKPOINT_FILES:
-        if not (Path(path) / name).is_file():
-            raise AdapterError(f"{Path(path) / name} is missing: checkpoint {Path(path).name} cannot be resumed "
-                               f"exactly; delete {path} to resume from an earlier checkpoint, or pass --no-resume "
-                               "to start over")
+        if not (path / name).is_file():
+            raise AdapterError(f"{path / name} is missing: checkpoint {path.name} cannot be resumed exactly; {advice}")
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise AdapterError(f"{path / 'trainer_state.json'} is unreadable ({error}); {advice}") from None
+    fields = {"global_step": int, "log_history": list}
+    wrong = [name for name, kind in fields.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)]
+    if wrong:
+        raise AdapterError(f"{path / 'trainer_state.json'} has no valid {', '.join(wrong)}; {advice}")
+    for file in [path / "optimizer.pt", path / "scheduler.pt", *sorted(path.glob("rng_state*.pth"))]:
+        try:
+            torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as error:       # truncated zip, unpickling garbage, ...
+            raise AdapterError(f"{file} is damaged ({type(error).__name__}: {str(error)[:200]}); {advice}") from None
 
 
 def _write_history(trainer, output_dir) -> list:

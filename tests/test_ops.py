@@ -283,3 +283,19 @@ def test_a_window_covering_every_key_changes_nothing_and_bad_windows_and_caps_ar
 def test_torch_backend_with_soft_capped_scores_matches_reference(shape, window, dtype):
     """Gemma 2's attn_logit_softcapping, here at 2.0 so that the cap bends the scores of random inputs."""
     check_against_reference("torch", shape, "token", dtype, window=window, softcap=2.0)
+
+
+def test_nan_in_a_padded_key_slot_stays_out_of_real_tokens():
+    """A padded slot's k and v are never attended: whatever they hold (NaN from an uninitialised cache
+    slot, say) must not reach the real tokens. The reference and torch backends; the fused kernels still
+    multiply a padded slot's v by its 0 weight (changing their loads waits for a GPU check)."""
+    inputs, mask = good_inputs()
+    assert not mask.all()
+    poisoned = {n: t.clone() for n, t in inputs.items()}
+    poisoned["k"][~mask[:, None, :, None].expand_as(poisoned["k"])] = float("nan")
+    poisoned["v"][~mask[:, None, :, None].expand_as(poisoned["v"])] = float("nan")
+    for backend in ("reference", "torch"):
+        clean, _ = dca_attention(**inputs, causal_len=1, key_padding_mask=mask, backend=backend)
+        out, _ = dca_attention(**poisoned, causal_len=1, key_padding_mask=mask, backend=backend)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out, clean, rtol=0, atol=0)

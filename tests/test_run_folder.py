@@ -124,3 +124,87 @@ def test_files_get_the_umask_mode(tiny_model_dir, tmp_path):
 def test_counts_below_one_are_refused(argv, capsys):
     assert exit_code(argv) == 2
     assert "expected a positive integer" in capsys.readouterr().err
+
+
+def test_damaged_checkpoint_files_are_named_before_resuming(tiny_model_dir, tmp_path):
+    from fastdca import AdapterError
+    from fastdca.train import check_checkpoint
+
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, out)) == 0
+    checkpoint = out / "checkpoint-2"
+    check_checkpoint(checkpoint)
+    damages = {"trainer_state.json": (b"", "trainer_state.json is unreadable"),
+               "optimizer.pt": (None, "optimizer.pt is damaged"),
+               "scheduler.pt": (b"\x80\x04garbage", "scheduler.pt is damaged")}
+    for name, (content, message) in damages.items():
+        original = (checkpoint / name).read_bytes()
+        (checkpoint / name).write_bytes(original[: len(original) // 2] if content is None else content)
+        with pytest.raises(AdapterError, match=message):
+            check_checkpoint(checkpoint)
+        (checkpoint / name).write_bytes(original)
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    (checkpoint / "trainer_state.json").write_text(json.dumps(dict(state, global_step="two")))
+    with pytest.raises(AdapterError, match="trainer_state.json has no valid global_step"):
+        check_checkpoint(checkpoint)
+
+
+def test_a_failed_adapter_write_is_an_os_error_naming_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+
+    from fastdca import adapter_file
+
+    def full_disk(*args, **kwargs):
+        raise RuntimeError("No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left on device") as raised:
+        adapter_file.write(tmp_path, {"w": torch.zeros(2)}, {})
+    assert raised.value.filename == str(tmp_path / "adapter.safetensors")
+    assert list(tmp_path.iterdir()) == []       # no temporary file left behind
+
+
+def test_leftover_temporary_files_of_a_killed_write_are_removed(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".adapter.safetensors.k1ll3d.tmp").write_bytes(b"")
+    assert main(train_argv(tiny_model_dir, out)) == 0
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_the_history_ends_at_the_last_step_whatever_logging_steps_is(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert main(train_argv(tiny_model_dir, out, "--logging-steps", "10")) == 0
+    assert [h["step"] for h in json.loads((out / "loss_history.json").read_text())] == [2]
+
+
+def test_cli_misc_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    import fastdca.cli as cli
+    from fastdca.tasks import get_task
+
+    with pytest.raises(ValueError, match=r"task 'letter_concat' does not take the options \['n_trian'\]"):
+        get_task("letter_concat", n_trian=3)
+    assert exit_code(["eval", "--model", "smollm2", "--task", "letter_concat", "--output", str(tmp_path)]) == 2
+    assert "is a folder; give the path of the predictions file" in capsys.readouterr().err
+
+    def second_ctrl_c(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_check", second_ctrl_c)
+    assert exit_code(["check"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted again" in err and "Traceback" not in err
+
+    seen = []
+
+    def warns(args):
+        seen.append(warnings.formatwarning("the causal term barely pulled", UserWarning, "/x/train.py", 328,
+                                           "warn_if_causal_term_inert(history)"))
+        return 0
+
+    monkeypatch.setattr(cli, "run_check", warns)
+    assert exit_code(["check"]) == 0
+    assert seen == ["fastdca: warning: the causal term barely pulled\n"]     # one plain line, no path or code

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from pathlib import Path
 
@@ -64,7 +65,12 @@ def get_task(name: str | os.PathLike, **kwargs) -> Task:
     key = name.strip().lower().replace("-", "_").replace(" ", "_")
     key = _ALIASES.get(key, key)
     if key in TASKS:
-        return TASKS[key](**kwargs)
+        try:
+            return TASKS[key](**kwargs)
+        except TypeError as error:      # an option the task does not take
+            params = [p for p in inspect.signature(TASKS[key]).parameters]
+            raise ValueError(f"task {key!r} does not take the options {sorted(kwargs)} ({error}); its options: "
+                             f"{', '.join(params)}") from None
     looks_like_path = name.endswith((".json", ".jsonl")) or os.sep in name or "/" in name
     if looks_like_path or Path(name).is_file():
         if not Path(name).exists():
