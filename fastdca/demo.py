@@ -52,7 +52,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
     train_seconds = time.perf_counter() - train_started
     after = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
                      predictions_path=output_dir / "predictions_after.jsonl")
-    plot = plot_losses(history, output_dir / "losses.png")
+    plot = plot_losses(history, output_dir / "losses.png", accuracy=(before["accuracy"], after["accuracy"]))
 
     total = time.perf_counter() - started
     print()
@@ -65,23 +65,29 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
             "plot": str(plot), "history": history}
 
 
-def plot_losses(history: list[dict], path: Path) -> Path:
-    """CE, causal loss and the causal term's share of the adapter gradient against the step, as a PNG."""
+def plot_losses(history: list[dict], path: Path, accuracy=None) -> Path:
+    """CE, causal loss and the causal term's share of the adapter gradient against the step, as a PNG;
+    `accuracy` ((before, after) fractions) goes in the title. CE starts an order of magnitude above where
+    it settles, so it is drawn on a log scale, which keeps the later steps readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, (ce_ax, causal_ax, share_ax) = plt.subplots(1, 3, figsize=(14, 3.5))
-    ce_ax.plot(steps, [h["ce"] for h in history], color="tab:blue")
-    ce_ax.set(title="cross-entropy", xlabel="step")
+    fig, (ce_ax, causal_ax, share_ax) = plt.subplots(1, 3, figsize=(14, 4))
+    ce_ax.semilogy(steps, [h["ce"] for h in history], color="tab:blue")
+    ce_ax.set(title="cross-entropy", xlabel="step", ylabel="CE (nats per token, log scale)")
     causal_ax.plot(steps, [h["causal_loss"] for h in history], color="tab:orange")
-    causal_ax.set(title="causal loss (Var of X_G)", xlabel="step")
+    causal_ax.set(title="causal loss", xlabel="step", ylabel="L_causal (variance of X_G)")
     shares = [(h["step"], h["grad_share"]) for h in history if h.get("grad_share")]
     if shares:
         share_ax.semilogy(*zip(*shares), color="tab:green")
-    share_ax.set(title="causal term's share of the adapter gradient", xlabel="step")
+    share_ax.set(title="causal term's share of the adapter gradient", xlabel="step",
+                 ylabel="||d term|| / ||d CE|| (log scale)")
+    if accuracy is not None:
+        before, after = accuracy
+        fig.suptitle(f"DCA training: held-out accuracy {before:.0%} before, {after:.0%} after")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

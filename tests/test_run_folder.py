@@ -208,3 +208,59 @@ def test_cli_misc_errors_are_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "run_check", warns)
     assert exit_code(["check"]) == 0
     assert seen == ["fastdca: warning: the causal term barely pulled\n"]     # one plain line, no path or code
+
+
+CLI_DRIVER = """
+import os, signal, sys
+from transformers import TrainerCallback
+import fastdca.train
+from fastdca.cli import main
+
+kill_at, argv = int(sys.argv[1]), sys.argv[2:]
+
+
+class SignalAt(TrainerCallback):
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == kill_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+original = fastdca.train.train
+
+
+def train(*args, callbacks=(), **kwargs):
+    return original(*args, callbacks=[*callbacks, *([SignalAt()] if kill_at else [])], **kwargs)
+
+
+fastdca.train.train = train
+sys.exit(main(argv))
+"""
+
+
+def test_a_cli_run_interrupted_and_resumed_equals_the_same_command_uninterrupted(tiny_model_dir, tmp_path):
+    """The command alone decides the result: --seed seeds the adapter's prompts, the resume restores the rest."""
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    kill_at = random.SystemRandom().randrange(2, 6)
+    script = tmp_path / "driver.py"
+    script.write_text(CLI_DRIVER)
+
+    def run(output, kill):
+        argv = train_argv(tiny_model_dir, output, "--max-steps", "6", "--save-steps", "100", "--seed", "5")
+        return subprocess.run([sys.executable, str(script), str(kill), *argv], capture_output=True, text=True,
+                              timeout=600)
+
+    interrupted = run(tmp_path / "run", kill_at)
+    assert interrupted.returncode == 128 + signal.SIGTERM, (kill_at, interrupted.stderr[-2000:])
+    assert f"checkpoint-{kill_at}" in interrupted.stderr.strip().splitlines()[-1]
+    assert run(tmp_path / "run", 0).returncode == 0
+    assert run(tmp_path / "straight", 0).returncode == 0
+    a = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{name} (killed at step {kill_at})")
