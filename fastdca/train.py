@@ -297,6 +297,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
                   "trains it again)")
             load_adapter(model, output_dir)
             return json.loads((output_dir / HISTORY_FILE).read_text()) if (output_dir / HISTORY_FILE).is_file() else []
+        check_free_space(output_dir, model, settings)
         carried = differences(read_record(output_dir), record) if action == "resume" else ()
         write_record(output_dir, record, finished=False, resumed_anyway=carried)
         history = _train(model, tokenizer, rows, output_dir, config, settings, action == "resume", progress,
@@ -327,6 +328,19 @@ def prepare_folder(output_dir) -> Path:
         raise ValueError(f"--output {output_dir} is not writable ({error.strerror}); give a folder you can "
                          "write to") from None
     return output_dir
+
+
+def check_free_space(output_dir, model, settings) -> None:
+    """ValueError, before training, when `output_dir`'s disk cannot hold what the run writes: the adapter, and
+    each kept checkpoint's adapter, optimizer state (two moments) and small files, with a margin of 2x."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    kept = settings.save_total_limit if settings.save_total_limit is not None else 10
+    needed = 2 * (trainable * (1 + 4 * kept) + (kept + 1) * 1_000_000)
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise ValueError(f"--output {output_dir} has {free / 1e6:.0f} MB free and this run writes up to about "
+                         f"{needed / 2e6:.0f} MB (adapter and {kept} checkpoints); free some space or choose "
+                         "another folder")
 
 
 def _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks):

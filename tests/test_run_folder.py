@@ -264,3 +264,14 @@ def test_a_cli_run_interrupted_and_resumed_equals_the_same_command_uninterrupted
     b = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
     for name in b:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=f"{name} (killed at step {kill_at})")
+
+
+def test_a_disk_too_full_for_the_run_is_refused_before_training(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    assert exit_code(train_argv(tiny_model_dir, tmp_path / "run")) == 2
+    assert "has 0 MB free and this run writes up to about" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
