@@ -9,6 +9,7 @@ the cross-entropy and the causal loss separately.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -330,6 +331,12 @@ def prepare_folder(output_dir) -> Path:
     return output_dir
 
 
+def _is_write_failure(error: RuntimeError) -> bool:
+    """A RuntimeError from torch.save's writer (PytorchStreamWriter, inline_container), not from training."""
+    text = str(error)
+    return "PytorchStreamWriter" in text or "inline_container" in text
+
+
 def check_free_space(output_dir, model, settings) -> None:
     """ValueError, before training, when `output_dir`'s disk cannot hold what the run writes: the adapter, and
     each kept checkpoint's adapter, optimizer state (two moments) and small files, with a margin of 2x."""
@@ -398,6 +405,12 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         _write_history(trainer, output_dir)
         kept = _keep_last_checkpoint(trainer, output_dir)
         raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
+    except RuntimeError as error:
+        if not _is_write_failure(error):
+            raise
+        # torch.save's zip writer reports a full disk as an internal assertion that names no file
+        raise OSError(errno.EIO, f"writing checkpoint {trainer.state.global_step} failed (is the disk full? "
+                                 f"{str(error).splitlines()[0][:160]})", str(output_dir)) from None
     history = _write_history(trainer, output_dir)
     if interrupt.signum is not None:
         # the checkpoint this interruption wrote, not the highest-numbered one (a restarted run's folder

@@ -275,3 +275,20 @@ def test_a_disk_too_full_for_the_run_is_refused_before_training(tiny_model_dir, 
     assert exit_code(train_argv(tiny_model_dir, tmp_path / "run")) == 2
     assert "has 0 MB free and this run writes up to about" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import torch
+
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 10432 vs 10320")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert exit_code(train_argv(tiny_model_dir, out)) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "writing checkpoint 1 failed (is the disk full?" in last and str(out) in last
