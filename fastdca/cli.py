@@ -112,8 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the task's")
-    evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl "
-                          "in the adapter directory, else in the current directory)")
+    evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl in the "
+                          "adapter directory; without --adapter none are written unless --output is given)")
     evaluate.add_argument("--xg-stats", action="store_true",
                           help="also measure Var(X_G) across the evaluated samples per adapted layer (needs "
                                "--adapter): the unbiased variance over samples of each sample's X_G (before "
@@ -285,8 +285,8 @@ def run_eval(args) -> int:
         examples = examples[: args.limit]
     if args.xg_stats and args.adapter is None:
         raise ValueError("--xg-stats needs --adapter: a model without an adapter has no X_G")
-    output = args.output or str(Path(args.adapter or ".") / "predictions.jsonl")
-    if Path(output).is_dir():
+    output = args.output or (str(Path(args.adapter) / "predictions.jsonl") if args.adapter else None)
+    if output is not None and Path(output).is_dir():
         raise ValueError(f"--output {output} is a folder; give the path of the predictions file to write")
     model, tokenizer = load(args)
     if args.adapter is not None:

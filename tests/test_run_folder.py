@@ -292,3 +292,13 @@ def test_a_full_disk_during_a_checkpoint_names_the_folder(tiny_model_dir, tmp_pa
     assert exit_code(train_argv(tiny_model_dir, out)) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "writing checkpoint 1 failed (is the disk full?" in last and str(out) in last
+
+
+def test_eval_of_a_base_model_writes_no_file_unless_asked(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", "letter_concat", "--limit", "2", "--batch-size", "2"]
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["predictions"] is None
+    assert list(tmp_path.iterdir()) == []
+    assert main(argv + ["--output", "base.jsonl"]) == 0
+    assert (tmp_path / "base.jsonl").is_file()
