@@ -32,11 +32,13 @@ def data_fingerprint(examples) -> str:
 
 
 def run_record(examples, settings, config, model=None) -> dict:
-    """The settings of a run that decide its result, as run.json stores them."""
-    return {"data": {"examples": len(examples), "sha256": data_fingerprint(examples)},
-            "model": model,
-            "settings": {name: getattr(settings, name) for name in RESULT_SETTINGS},
-            "config": config.to_dict()}
+    """The settings of a run that decide its result, as run.json stores them (through JSON, so that a
+    record compares equal to the one read back: tuples become lists)."""
+    record = {"data": {"examples": len(examples), "sha256": data_fingerprint(examples)},
+              "model": model,
+              "settings": {name: getattr(settings, name) for name in RESULT_SETTINGS},
+              "config": config.to_dict()}
+    return json.loads(json.dumps(record, default=str))
 
 
 def differences(saved: dict, record: dict) -> list:
