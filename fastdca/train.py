@@ -289,15 +289,18 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     output_dir = prepare_folder(output_dir)
     record = run_record(examples, settings, config, model_name)
     if not _is_rank_zero():
-        # rank 0 decides and writes; the others follow its checkpoints
-        return _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks)
+        # rank 0 decides, cleans and writes; the others read the same record and follow its checkpoints
+        saved = None if overwrite else read_record(output_dir)
+        if saved is not None and saved.get("finished") and not differences(saved, record):
+            return _finished_run(model, output_dir)
+        return _train(model, tokenizer, rows, output_dir, config, settings, resume and not overwrite, progress,
+                      callbacks)
     with only_writer(output_dir, LOCK_FILE, "fastdca train"):
         action = prepare_output(output_dir, record, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
         if action == "finished":
             print(f"{output_dir} holds this run, finished: nothing to train (its adapter is loaded; --overwrite "
                   "trains it again)")
-            load_adapter(model, output_dir)
-            return json.loads((output_dir / HISTORY_FILE).read_text()) if (output_dir / HISTORY_FILE).is_file() else []
+            return _finished_run(model, output_dir)
         check_free_space(output_dir, model, settings)
         carried = differences(read_record(output_dir), record) if action == "resume" else ()
         write_record(output_dir, record, finished=False, resumed_anyway=carried)
@@ -308,6 +311,13 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
 
 
 LOCK_FILE = ".train.lock"
+
+
+def _finished_run(model, output_dir) -> list:
+    """A finished run's result without training: its adapter loaded into `model`, its history."""
+    load_adapter(model, output_dir)
+    history = output_dir / HISTORY_FILE
+    return json.loads(history.read_text()) if history.is_file() else []
 
 
 def _is_rank_zero() -> bool:
