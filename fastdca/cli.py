@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--n-test", type=int, default=100, help="held-out names evaluated")
     demo.add_argument("--output", default="fastdca-demo", help="output directory")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="train again although OUTPUT holds this demo's finished run (by default it is reused)")
     demo.set_defaults(run=run_demo)
 
     sweep = _add_command(commands, "sweep", help="a grid over DCAConfig fields and seeds: accuracy mean ± std, plots")
@@ -335,7 +337,7 @@ def run_demo(args) -> int:
     from fastdca.demo import demo
 
     demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-         n_test=args.n_test, output_dir=args.output)
+         n_test=args.n_test, output_dir=args.output, overwrite=args.overwrite)
     return 0
 
 

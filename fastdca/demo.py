@@ -15,8 +15,9 @@ from fastdca.io import atomic_write
 
 
 def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learning_rate: float = 1e-2,
-         n_test: int = 100, output_dir="fastdca-demo", progress: bool = True) -> dict:
-    """Run the demo; returns {"before", "after", "train_seconds", "plot", ...}."""
+         n_test: int = 100, output_dir="fastdca-demo", progress: bool = True, overwrite: bool = False) -> dict:
+    """Run the demo; returns {"before", "after", "train_seconds", "plot", ...}. An interrupted demo resumes
+    from its checkpoint; a finished one is reused (its adapter loaded, no training) unless overwrite."""
     import torch
 
     from fastdca.eval import evaluate
@@ -48,7 +49,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
                              save_steps=max(steps // 2, 1), logging_steps=max(steps // 30, 1))
     train_started = time.perf_counter()
     history = train(net, tokenizer, task.examples("train"), output_dir / "adapter", config=config,
-                    settings=settings, progress=progress)
+                    settings=settings, progress=progress, overwrite=overwrite)
     train_seconds = time.perf_counter() - train_started
     after = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
                      predictions_path=output_dir / "predictions_after.jsonl")

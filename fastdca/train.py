@@ -299,7 +299,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         action = prepare_output(output_dir, record, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
         if action == "finished":
             print(f"{output_dir} holds this run, finished: nothing to train (its adapter is loaded; --overwrite "
-                  "trains it again)")
+                  "trains it again from the start)")
             return _finished_run(model, output_dir)
         check_free_space(output_dir, model, settings)
         carried = differences(read_record(output_dir), record) if action == "resume" else ()

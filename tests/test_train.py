@@ -198,3 +198,11 @@ def test_demo_smoke_run(tiny_model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "base model" in printed and "after DCA (2 steps)" in printed
     assert (tmp_path / "demo" / "losses.png").stat().st_size > 1000
+    adapter = (tmp_path / "demo" / "adapter" / "adapter.safetensors").read_bytes()
+    argv = ["demo", "--model", str(tiny_model_dir), "--steps", "2", "--batch-size", "2", "--n-test", "4",
+            "--output", str(tmp_path / "demo")]
+    assert main(argv) == 0                  # run again: the finished run is reused, not retrained
+    assert "holds this run, finished: nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "demo" / "adapter" / "adapter.safetensors").read_bytes() == adapter
+    assert main(argv + ["--overwrite"]) == 0
+    assert "nothing to train" not in capsys.readouterr().out
