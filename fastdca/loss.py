@@ -45,27 +45,48 @@ def layer_causal_loss(xg_stats, *, variance="sample", real=None, project=None, d
 def causal_loss(layer_stats, *, variance="sample", real=None, projections=None, distributed=True):
     """L_causal: the mean of layer_causal_loss over the layers whose statistics `layer_stats` lists (the
     top L' adapted layers of one forward), with `projections` one `project` per layer (None: none).
+    The layers must have been computed on the same samples and tokens, as one forward's layers are: their
+    counts (sample) and `real` (token) are shared."""
+    projections = [None] * len(layer_stats) if projections is None else list(projections)
+    features = [layer_features(stats, variance=variance, project=project)
+                for stats, project in zip(layer_stats, projections)]
+    return causal_loss_of_features(features, variance=variance, real=real, distributed=distributed)
 
-    Computed as one variance over the layers' statistics laid side by side along the feature axis: the
-    mean over layers of each layer's mean over its F features is the mean over all L * F features when
-    every layer has F (layers are grouped by F otherwise). One pass of the variance's dozen tensor ops
-    for all layers instead of one per layer. The layers must have been computed on the same samples
-    and tokens, as one forward's layers are: their counts (sample) and `real` (token) are shared.
-    """
+
+def layer_features(xg_stats, *, variance="sample", project=None):
+    """What one layer's variance is taken over, from its statistics (as for layer_causal_loss):
+    variance="sample" -> (each sample's mean X_G (B, F), the counts (B,)), flattened over (head, dim) and
+    projected when asked (the mean is taken before the projection: o_proj commutes with it only without a
+    bias; a sample with no real token gets 0 and is left out by its count); "token" -> X_G per token
+    (B, T, F), projected when asked. In the compute dtype. A patched model forms these inside each layer's
+    forward, where a sharded o_proj (FSDP) has its weights gathered."""
+    if variance == "sample":
+        sums, counts = xg_stats
+        flat = sums.to(compute_dtype(sums.dtype)).reshape(sums.shape[0], -1)
+        means = flat / counts.clamp(min=1).to(flat.dtype)[:, None]
+        return (means if project is None else project(means).to(means.dtype)), counts
+    if variance == "token":
+        B, T = xg_stats.shape[:2]
+        flat = xg_stats.to(compute_dtype(xg_stats.dtype)).reshape(B, T, -1)
+        return flat if project is None else project(flat).to(flat.dtype)
+    raise ValueError(f"variance must be 'sample' or 'token', got {variance!r}")
+
+
+def causal_loss_of_features(features, *, variance="sample", real=None, distributed=True):
+    """L_causal from each layer's `layer_features`: one variance over the layers' features laid side by
+    side along the feature axis. The mean over layers of each layer's mean over its F features is the mean
+    over all L * F features when every layer has F (layers are grouped by F otherwise): one pass of the
+    variance's dozen tensor ops for all layers instead of one per layer."""
     if variance not in ("sample", "token"):
         raise ValueError(f"variance must be 'sample' or 'token', got {variance!r}")
-    if len(layer_stats) == 0:
+    if len(features) == 0:
         raise ValueError("layer_stats must hold at least one layer's statistics")
-    projections = [None] * len(layer_stats) if projections is None else list(projections)
     if variance == "sample":
-        counts = layer_stats[0][1]
-        dtype = compute_dtype(layer_stats[0][0].dtype)
-        divisor = counts.clamp(min=1).to(dtype)[:, None]                                   # (B, 1)
-        features = [_sample_means(sums, divisor, project) for (sums, _), project in zip(layer_stats, projections)]
-        weight = (counts > 0).to(dtype)[:, None]                                           # (B, 1)
+        counts = features[0][1]
+        features = [means for means, _ in features]
+        weight = (counts > 0).to(features[0].dtype)[:, None]                               # (B, 1)
         variance_of = lambda x: _weighted_variance(x, weight, distributed).mean()  # noqa: E731
     else:
-        features = [_token_features(x_g, project) for x_g, project in zip(layer_stats, projections)]
         variance_of = lambda x: _token_variance(x, real, distributed)  # noqa: E731
     groups = {}
     for x in features:
@@ -73,22 +94,6 @@ def causal_loss(layer_stats, *, variance="sample", real=None, projections=None, 
     losses = [variance_of(torch.cat(xs, dim=-1) if len(xs) > 1 else xs[0]) * len(xs) for xs in groups.values()]
     total = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
     return total / len(features)
-
-
-def _sample_means(sums, divisor, project):
-    """(B, F): each sample's mean X_G (sums over divisor, its count or 1), flattened over (head, dim),
-    projected when asked. Samples with no real token get 0 (they are left out by weight). The mean is
-    taken before the projection: o_proj commutes with it only without a bias."""
-    flat = sums.to(compute_dtype(sums.dtype)).reshape(sums.shape[0], -1)
-    means = flat / divisor
-    return means if project is None else project(means).to(means.dtype)
-
-
-def _token_features(x_g, project):
-    """(B, T, F): X_G per token, flattened over (head, dim), projected when asked."""
-    B, T = x_g.shape[:2]
-    flat = x_g.to(compute_dtype(x_g.dtype)).reshape(B, T, -1)
-    return flat if project is None else project(flat).to(flat.dtype)
 
 
 def _token_variance(flat, real, distributed):

@@ -92,12 +92,12 @@ def test_one_decoder_layer_compiles_with_fullgraph():
     def run_layer(h, mask):
         state.xg_mode, state.recording, state.stats = "sample", True, {}
         out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
-        return out, state.stats[layer.self_attn.dca.layer_idx][0]
+        return out, state.stats[layer.self_attn.dca.layer_idx][0]      # (per-sample means, counts)
 
-    expected, (sums, counts) = run_layer(h, mask)
-    compiled, (c_sums, c_counts) = torch.compile(run_layer, fullgraph=True, backend="aot_eager")(h, mask)
+    expected, (means, counts) = run_layer(h, mask)
+    compiled, (c_means, c_counts) = torch.compile(run_layer, fullgraph=True, backend="aot_eager")(h, mask)
     assert_fp32_close(compiled, expected)
-    assert_fp32_close(c_sums, sums)
+    assert_fp32_close(c_means, means)
     assert torch.equal(c_counts, counts) and counts.tolist() == [T, T - 4, T]
 
 

@@ -19,6 +19,7 @@ from fastdca.hf.adapter import DCAAdapter
 from fastdca.hf.masks import key_padding_of_call, packing_of_call
 from fastdca.hf.records import adapter_attention_record
 from fastdca.hf.state import STATE_ATTR
+from fastdca.loss import layer_features
 from fastdca.ops import dca_attention, effective_window, packed_causal_attention
 
 
@@ -105,23 +106,33 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
                                softcap=softcap, gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
     if key_padding is not None and state.base_impl == "eager":
         out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
-    if stats is not None and state.recording:
-        if state.grad_enabled and not torch.is_grad_enabled():
-            # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
-            # gets a graph: the causal loss would silently lose its gradient.
-            raise RuntimeError("the DCA causal loss needs non-reentrant gradient checkpointing: call "
-                               "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
-                               "False}) (the default), or set DCAConfig(alpha=0)")
-        real = None if key_padding is None else key_padding[:, S - T:]
-        # A packed row's X_G is laid out per sample in the post-hook, outside the layer: under gradient
-        # checkpointing the recomputation, which records nothing, must save the very tensors the forward did.
-        unpack = packing if xg == "token" else None
-        state.stats[adapter.layer_idx] = (stats, real, unpack, module.o_proj if cfg.xg_space == "hidden" else None,
-                                          dtype)
+    if stats is not None:
+        # What the variance is taken over is formed here, inside the layer's forward, where a sharded
+        # o_proj (FSDP) has its weights gathered; also when nothing is recorded, so that a gradient
+        # checkpoint's recomputation saves the very tensors the forward did. A packed row's tokens are
+        # laid out per sample in the post-hook, outside the layer, for the same reason.
+        project = _projector(module.o_proj, dtype) if cfg.xg_space == "hidden" else None
+        features = layer_features(stats, variance=xg, project=project)
+        if state.recording:
+            if state.grad_enabled and not torch.is_grad_enabled():
+                # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output
+                # gets a graph: the causal loss would silently lose its gradient.
+                raise RuntimeError("the DCA causal loss needs non-reentrant gradient checkpointing: call "
+                                   "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                                   "False}) (the default), or set DCAConfig(alpha=0)")
+            real = None if key_padding is None else key_padding[:, S - T:]
+            state.stats[adapter.layer_idx] = (features, real, packing if xg == "token" else None)
     if state.attention_records is not None and adapter.layer_idx in state.recorded_layers:
         state.attention_records[adapter.layer_idx] = adapter_attention_record(
             query, ak, av, gate, cfg, scaling, key_padding, S)
     return out, None
+
+
+def _projector(o_proj, dtype):
+    def project(x):
+        return o_proj(x.to(dtype))  # fastdca.loss casts the result back to the statistics' dtype
+
+    return project
 
 
 def _as_eager_where_no_key_is_visible(out, value, key_padding, T):

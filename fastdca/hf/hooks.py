@@ -21,7 +21,7 @@ from fastdca.hf import peft as peft_integration
 from fastdca.hf import trl as trl_integration
 from fastdca.hf.masks import unpack_tokens, unpacked_layout
 from fastdca.hf.state import STATE_ATTR
-from fastdca.loss import causal_loss
+from fastdca.loss import causal_loss_of_features
 
 
 def pre_hook(model, args, kwargs):
@@ -65,14 +65,13 @@ def post_hook(model, args, kwargs, output):
     cfg = state.config
     layers = [stats[idx] for idx in sorted(stats)]
     # Every adapted layer of one forward saw the same rows: one padding (or packing) for all of them.
-    _, real, unpack, _, _ = layers[0]
-    xg_stats = [layer[0] for layer in layers]
+    _, real, unpack = layers[0]
+    features = [layer[0] for layer in layers]
     if unpack is not None:
-        layout = unpacked_layout(*unpack, xg_stats[0].shape[1], xg_stats[0].device)
-        xg_stats, real = [unpack_tokens(x_g, layout) for x_g in xg_stats], layout[2]
-    projections = [None if o_proj is None else _projector(o_proj, dtype) for _, _, _, o_proj, dtype in layers]
-    lc = causal_loss(xg_stats, variance=cfg.variance, real=real, projections=projections,
-                     distributed=cfg.variance_scope == "global")
+        layout = unpacked_layout(*unpack, features[0].shape[1], features[0].device)
+        features, real = [unpack_tokens(f, layout) for f in features], layout[2]
+    lc = causal_loss_of_features(features, variance=cfg.variance, real=real,
+                                 distributed=cfg.variance_scope == "global")
     # The term as added to the loss: alpha * L_causal, weighted by the micro-batch's share of the label
     # tokens under Trainer's num_items_in_batch.
     term = cfg.alpha * (1.0 if labels is None else _share(state, labels)) * lc
@@ -138,10 +137,3 @@ def _share(state, labels):
     total = state.num_items
     total = total.to(count.device) if isinstance(total, torch.Tensor) else torch.tensor(total, device=count.device)
     return (count.float() / total.float().clamp(min=1)).squeeze()
-
-
-def _projector(o_proj, dtype):
-    def project(x):
-        return o_proj(x.to(dtype))  # fastdca.loss casts the result back to the statistics' dtype
-
-    return project

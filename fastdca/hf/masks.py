@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fastdca.reference import sequence_ids
+
 
 def key_padding_of_call(state, attention_mask, B, T, S, windowed=False):
     """The key padding mask; every layer of one type gets the same mask object in a forward, so eager calls
@@ -85,19 +87,31 @@ def _read_packing(cu_q, cu_k, position_ids, query, key, attention_mask):
         return (cu, lengths) if len(lengths) > 1 else None
     # Restarting position_ids mean packing only for one row without padding or cache: left-padded
     # generation batches give their pads position 1, which would read as restarts.
-    if not _may_hold_restarts(position_ids, query, key) or _padding_of(attention_mask, T):
+    if not _may_hold_restarts(position_ids, query, key):
         return None
     positions = position_ids.reshape(-1)
     starts = torch.ones(T, dtype=torch.bool, device=positions.device)
     starts[1:] = positions[1:] != positions[:-1] + 1
     cu = torch.cat([starts.nonzero().flatten(), torch.tensor([T], device=positions.device)]).to(torch.int32)
-    if cu.numel() <= 2:
+    if cu.numel() <= 2 or not _mask_allows_packing(attention_mask, cu, T):
         return None
     return cu.to(query.device), cu.diff().tolist()
 
 
-def _padding_of(attention_mask, S) -> bool:
-    return attention_mask is not None and key_padding_mask(attention_mask, 1, S, S) is not None
+def _mask_allows_packing(attention_mask, cu, T) -> bool:
+    """Whether restarting position_ids with this mask are packed sequences: no mask; or the (1, 1, T, T)
+    mask transformers builds from the restarts itself (causal within each sequence; it does so when it
+    materialises the mask, e.g. under gradient checkpointing); or a mask without padding. A padded mask
+    with restarts is a left-padded batch, not packing."""
+    if attention_mask is None:
+        return True
+    if attention_mask.dim() == 4 and attention_mask.shape[-2:] == (T, T):
+        ids = sequence_ids(cu.to(attention_mask.device), T)
+        positions = torch.arange(T, device=attention_mask.device)
+        within_sequences = (ids[:, None] == ids[None, :]) & (positions[None, :] <= positions[:, None])
+        if torch.equal(_visible(attention_mask[0, 0]), within_sequences):
+            return True
+    return key_padding_mask(attention_mask, 1, T, T) is None
 
 
 def unpacked_layout(cu_seqlens, lengths, S, device):
@@ -112,8 +126,9 @@ def unpacked_layout(cu_seqlens, lengths, S, device):
 
 
 def unpack_tokens(x_g, layout):
-    """X_G of a packed row (1, S, Hq, D) laid out as right-padded samples (N, max length, Hq, D), by the
-    layout of `unpacked_layout`: the token variance compares the t-th tokens of the samples."""
+    """A packed row's per-token tensor (1, S, ...) (X_G, or the causal loss's per-token features) laid out as
+    right-padded samples (N, max length, ...), by the layout of `unpacked_layout`: the token variance
+    compares the t-th tokens of the samples."""
     ids, offsets, real = layout
     return x_g.new_zeros(*real.shape, *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
 
