@@ -1,5 +1,6 @@
 """DCA under FSDP2 (torch.distributed.fsdp.fully_shard): two gloo processes, each with its decoder layers and
-root sharded and half of the batch, train as one process on the whole batch does (losses and adapter)."""
+root sharded and half of the batch, train as one process on the whole batch does (losses and adapter), and
+save the whole adapter once, which a sharded model loads back."""
 
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastdca
@@ -79,7 +81,7 @@ def train_steps(model, steps):
     return losses
 
 
-def worker(rank, port, variance, xg_space, layout, checkpointing, results):
+def worker(rank, port, variance, xg_space, layout, checkpointing, folder, results):
     from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -91,7 +93,15 @@ def worker(rank, port, variance, xg_space, layout, checkpointing, results):
         fully_shard(model)
         losses = train_steps(model, [rank_part(b, rank, layout) for b in batches(layout, 3)])
         adapter = {name: p.full_tensor().detach().clone() for name, p in adapter_state_dict(model).items()}
-        results[rank] = (losses, adapter)
+        # every rank saves; rank 0 writes the whole adapter, and a fresh sharded model loads it back
+        fastdca.save_adapter(model, folder)
+        fresh = patched_model(variance, xg_space, checkpointing)
+        for layer in fresh.model.layers:
+            fully_shard(layer)
+        fully_shard(fresh)
+        fastdca.load_adapter(fresh, folder)
+        reloaded = {name: p.full_tensor().detach().clone() for name, p in adapter_state_dict(fresh).items()}
+        results[rank] = (losses, adapter, reloaded)
     finally:
         dist.destroy_process_group()
 
@@ -102,16 +112,22 @@ def worker(rank, port, variance, xg_space, layout, checkpointing, results):
     ("token", "head", "packed", False),
     ("sample", "hidden", "packed", True),
 ])
-def test_fsdp2_sharded_training_equals_one_process_on_the_whole_batch(variance, xg_space, layout, checkpointing):
+def test_fsdp2_sharded_training_equals_one_process_on_the_whole_batch(variance, xg_space, layout, checkpointing,
+                                                                    tmp_path):
     results = mp.Manager().dict()
-    mp.spawn(worker, args=(free_port(), variance, xg_space, layout, checkpointing, results), nprocs=WORLD,
+    folder = str(tmp_path / "adapter")
+    mp.spawn(worker, args=(free_port(), variance, xg_space, layout, checkpointing, folder, results), nprocs=WORLD,
              join=True)
     whole = batches(layout, 3)
     single = patched_model(variance, xg_space, checkpointing)
     expected_losses = train_steps(single, [as_one_row(b) if layout == "packed" else b for b in whole])
     expected_adapter = {name: p.detach() for name, p in adapter_state_dict(single).items()}
+    saved = load_file(os.path.join(folder, "adapter.safetensors"))
+    assert saved.keys() == expected_adapter.keys()
     for rank in range(WORLD):
-        losses, adapter = results[rank]
+        losses, adapter, reloaded = results[rank]
+        for name, value in adapter.items():
+            assert torch.equal(saved[name], value) and torch.equal(reloaded[name], value), name
         for step, ((loss, causal), (e_loss, e_causal)) in enumerate(zip(losses, expected_losses)):
             # every rank holds the global causal loss; its loss is its own CE plus that term
             torch.testing.assert_close(causal, e_causal, rtol=1e-4, atol=1e-7, msg=f"rank {rank} step {step}")

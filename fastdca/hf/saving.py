@@ -12,11 +12,16 @@ from fastdca.hf.state import adapter_state_dict, state_of, unwrap
 
 
 def save_adapter(model: nn.Module, directory) -> None:
-    """Write `adapter.safetensors` and `dca_config.json` into `directory`, together and atomically."""
+    """Write `adapter.safetensors` and `dca_config.json` into `directory`, together and atomically.
+
+    A model sharded with FSDP2 (DTensor parameters): every rank calls it, the parameters are gathered
+    (a collective), and rank 0 alone writes the whole, unsharded adapter."""
     model = unwrap(model)
     state = state_of(model)
-    tensors = {name: p.detach().to("cpu", torch.float32).contiguous()
+    tensors = {name: _whole(p).to("cpu", torch.float32).contiguous()
                for name, p in adapter_state_dict(model).items()}
+    if any(_is_sharded(p) for p in adapter_state_dict(model).values()) and torch.distributed.get_rank() != 0:
+        return
     bad = adapter_file.non_finite(tensors)
     if bad:
         raise AdapterError(f"refusing to write a non-finite adapter to {directory}: {bad[0]}"
@@ -54,7 +59,22 @@ def check_same_model(info: dict, saved_model: dict, directory) -> None:
 
 
 def copy_adapter(model: nn.Module, tensors: dict) -> None:
-    """Copy checked adapter tensors into the patched model's DCA parameters."""
+    """Copy checked adapter tensors into the patched model's DCA parameters (each rank's shard of them
+    where FSDP2 sharded them: every rank reads the same file)."""
     with torch.no_grad():
         for name, p in adapter_state_dict(model).items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+            value = tensors[name].to(p.device, p.dtype)
+            if _is_sharded(p):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(value, p.device_mesh, p.placements)
+            p.copy_(value)
+
+
+def _is_sharded(p) -> bool:
+    """A DTensor parameter (FSDP2's fully_shard)."""
+    return hasattr(p, "device_mesh") and hasattr(p, "full_tensor")
+
+
+def _whole(p):
+    return (p.full_tensor() if _is_sharded(p) else p).detach()
