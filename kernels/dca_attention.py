@@ -489,13 +489,15 @@ def _dca_decode_combine_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_scale, stride_qt, stride_qd,
-                       stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T, S, WINDOW,
-                       SOFTCAP, Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
-                       UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr):
+def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dq_base, dk, dv, qk_scale, sm_scale, stride_qt,
+                       stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T,
+                       S, D, WINDOW, SOFTCAP, Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                       HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv). With
-    packed sequences key j is seen only by the queries before key_end[j], the end of its sequence."""
+    packed sequences key j is seen only by the queries before key_end[j], the end of its sequence. With
+    ATOMIC_DQ each block's dq share, dS k * scale, is also added to the float32 dq buffer at dq_base
+    ((T, D) contiguous) with atomics: the separate dq kernel and its recomputation of P and dP are not run."""
     BLOCK_M: tl.constexpr = offs_m0.shape[0]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
@@ -526,7 +528,11 @@ def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dk, dv, qk_s
         dst = pt * (dpt - delta[None, :])
         if HAS_SOFTCAP:
             dst = dst * (1.0 - tanh_t * tanh_t)      # through the cap: d(c tanh(s / c)) / ds
-        dk += _dot(_operand(dst, Q, UPCAST), q, IEEE)
+        dst_op = _operand(dst, Q, UPCAST)
+        dk += _dot(dst_op, q, IEEE)
+        if ATOMIC_DQ:
+            dq = _dot(tl.trans(dst_op), k, IEEE) * sm_scale                            # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(dq_base + offs_m[:, None] * D + offs_d[None, :], dq, mask=md_mask)
     return dk, dv
 
 
@@ -669,7 +675,7 @@ def _dca_bwd_adapter_kernel(
 
 @triton.jit
 def _dca_bwd_dkdv_kernel(
-    Q, K, V, KPM, SEQ_END, DOUT, LSE, DELTA, DK, DV,
+    Q, K, V, KPM, SEQ_END, DOUT, LSE, DELTA, DK, DV, DQ_ACC,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -678,15 +684,18 @@ def _dca_bwd_dkdv_kernel(
     stride_mb,
     Hq, Hkv, T, S, D, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
-    int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S).
+    int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S); DQ_ACC (B, Hq, T, D) float32,
+    holding the adapter's dq term (read and added to with ATOMIC_DQ only).
 
     With P^T recomputed from the saved lse, for each query head h of the kv group and each query block:
         dv += P^T dout;  dP^T = v dout^T;  dS^T = P^T * (dP^T - delta);  dk += dS^T q * scale
-    Summing the group's heads here, in a fixed order, is the GQA reduction (no atomics).
+    and with ATOMIC_DQ also DQ_ACC[h, block] += dS k * scale (float32 atomics: 5 matmuls and 1 exp a tile in
+    all, against 7 and 2 with the dq kernel; the order of the additions, hence dq's rounding, varies).
+    Summing the group's heads here, in a fixed order, is the GQA reduction of dk and dv (no atomics).
     """
     pid_n = tl.program_id(0)
     pid_bkh = tl.program_id(1)
@@ -734,14 +743,15 @@ def _dca_bwd_dkdv_kernel(
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOUT + b * stride_ob + h * stride_oh
         row_base = (b * Hq + h) * T
-        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
-                                    stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, lo, full_lo, T, S, WINDOW, SOFTCAP, Q, DOUT, True, HAS_KPM,
-                                    HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
-        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dk, dv, qk_scale,
-                                    stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok,
-                                    key_ok, key_end, full_lo, hi, T, S, WINDOW, SOFTCAP, Q, DOUT, False, HAS_KPM,
-                                    HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
+        dq_base = DQ_ACC + row_base * D
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base, dk, dv,
+                                    qk_scale, sm_scale, stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0,
+                                    offs_d, d_ok, key_ok, key_end, lo, full_lo, T, S, D, WINDOW, SOFTCAP, Q, DOUT,
+                                    True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ)
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base, dk, dv,
+                                    qk_scale, sm_scale, stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0,
+                                    offs_d, d_ok, key_ok, key_end, full_lo, hi, T, S, D, WINDOW, SOFTCAP, Q, DOUT,
+                                    False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -999,6 +1009,14 @@ def _direct(kernel):
     return kernel
 
 
+def atomic_dq_enabled() -> bool:
+    """Whether the backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls
+    and 1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel. Off unless
+    FASTDCA_ATOMIC_DQ=1, and never while torch.use_deterministic_algorithms is on: atomics add in a varying
+    order. Not the default until a GPU run has checked it (`fastdca check` runs both)."""
+    return os.environ.get("FASTDCA_ATOMIC_DQ") == "1" and not torch.are_deterministic_algorithms_enabled()
+
+
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "
@@ -1217,18 +1235,22 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    atomic = atomic_dq_enabled()
     with _on_device(q):
         launch(_dca_bwd_dkdv_kernel)[(_cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, kpm, seq_end, dout, lse, delta, dk, dv,
+            q, k, v, kpm, seq_end, dout, lse, delta, dk, dv, dq_acc,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
             Hq, Hkv, T, S, D, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None,
+            HAS_SOFTCAP=softcap is not None, ATOMIC_DQ=atomic,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
+    if atomic:
+        return (dq_acc.to(q.dtype), dk, dv, *adapter_grads)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    with _on_device(q):
         launch(_dca_bwd_dq_kernel)[(_cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
             q, k, v, kpm, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
             float(scale),

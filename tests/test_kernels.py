@@ -270,3 +270,46 @@ def test_sliding_window_and_soft_cap_bf16_match_reference():
 def test_soft_cap_without_a_window_matches_reference(shape):
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, torch.float32, softcap=2.0)
+
+
+ATOMIC_CASES = [
+    pytest.param(SHAPES[1].values[0], None, None, torch.float32, id="gqa-d80-left"),
+    pytest.param(SHAPES[5].values[0], None, None, torch.float16, id="cache-T21-S70-left-fp16"),
+    pytest.param(SHAPES[6].values[0], None, None, torch.float32, id="two-query-blocks-right"),
+    pytest.param((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, 2.0, torch.float32, id="packed-window-softcap"),
+]
+
+
+@pytest.mark.parametrize("shape, window, softcap, dtype", ATOMIC_CASES)
+def test_atomic_dq_backward_matches_reference(monkeypatch, shape, window, softcap, dtype):
+    """FASTDCA_ATOMIC_DQ=1: dq accumulated with atomics inside the dk/dv kernel, no dq kernel launched."""
+    from fastdca.kernels import dca_attention as kmod
+
+    monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
+    assert kmod.atomic_dq_enabled()
+    launched = []
+    dq_kernel = kmod._dca_bwd_dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return dq_kernel[grid]
+
+    monkeypatch.setattr(kmod, "_dca_bwd_dq_kernel", Spy())
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
+    assert launched == []
+
+
+def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypatch):
+    from fastdca.kernels import dca_attention as kmod
+
+    monkeypatch.delenv("FASTDCA_ATOMIC_DQ", raising=False)
+    assert not kmod.atomic_dq_enabled()
+    monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not kmod.atomic_dq_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert kmod.atomic_dq_enabled()
