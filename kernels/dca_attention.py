@@ -876,6 +876,13 @@ _LAUNCH = {
         bwd_dq=     {64: (64, 32, 4, 2),   128: (64, 32, 4, 2),   256: (32, 32, 8, 2)},
     ),
 }
+# bwd_dkdv with FASTDCA_ATOMIC_DQ (the dq tile and its atomics are live in the loop too): the largest
+# tiles of the compile report with 0 spill bytes on Triton 3.9 (D = 256 keeps the dq kernel). Untimed:
+# the first GPU run decides (`fastdca check`, `python benchmarks/tune_kernels.py`).
+_ATOMIC_DKDV = {
+    90: {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (32, 32, 8, 2)},
+    80: {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 32, 8, 2)},
+}
 # T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
 # forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
 # the backward): 16-row query blocks, tl.dot's minimum. Decoding is bound by reading K and V, and
@@ -910,6 +917,8 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
         return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     if dtype == torch.float32:
         block_m, block_n, warps, stages = _FP32[max(64, block_d)]
+    elif kernel == "bwd_dkdv_atomic":
+        block_m, block_n, warps, stages = _ATOMIC_DKDV[90 if arch == 90 else 80][max(64, block_d)]
     else:
         block_m, block_n, warps, stages = _LAUNCH[90 if arch == 90 else 80][kernel][max(64, block_d)]
         if T <= 16 and kernel in ("fwd", "bwd_adapter"):
@@ -917,7 +926,7 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-KERNELS = ("fwd", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dq")
+KERNELS = ("fwd", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")
 
 
 def _configs(D, T, dtype, device, overrides):
@@ -1013,7 +1022,7 @@ def atomic_dq_enabled() -> bool:
     """Whether the backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls
     and 1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel. Off unless
     FASTDCA_ATOMIC_DQ=1, and never while torch.use_deterministic_algorithms is on: atomics add in a varying
-    order. Not the default until a GPU run has checked it (`fastdca check` runs both)."""
+    order. Not the default until a GPU run has checked it. Head dims up to 128 (D = 256 keeps the dq kernel)."""
     return os.environ.get("FASTDCA_ATOMIC_DQ") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
@@ -1177,7 +1186,8 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     H = causal_len
     group = Hq // Hkv
     cfgs = _configs(D, T, q.dtype, q.device, configs)
-    acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv"], cfgs["bwd_dq"]
+    atomic = atomic_dq_enabled() and head_block(D) <= 128
+    acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv_atomic" if atomic else "bwd_dkdv"], cfgs["bwd_dq"]
     if softcap is not None and not configs:
         # the cap's derivative is one more score tile live through two dots: half the key tile of the
         # dq loop (sm_90) or of the dk/dv loop (sm_80) keeps them from spilling (compile report, +softcap)
@@ -1235,7 +1245,6 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    atomic = atomic_dq_enabled()
     with _on_device(q):
         launch(_dca_bwd_dkdv_kernel)[(_cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
             q, k, v, kpm, seq_end, dout, lse, delta, dk, dv, dq_acc,

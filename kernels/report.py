@@ -69,11 +69,12 @@ def _targeting(module, arch):
 
 
 def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None,
-                    softcap=None):
+                    softcap=None, atomic_dq=False):
     """(kernel, grid, args, kwargs) of every launch the forward and backward launchers make on a GPU of
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
     sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
-    the prompt scores, or None."""
+    the prompt scores, or None; `atomic_dq`: the backward with FASTDCA_ATOMIC_DQ=1 (dq accumulated in the
+    dk/dv kernel)."""
     import torch
 
     from fastdca.kernels import dca_attention as k
@@ -88,10 +89,18 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording(k, log), _targeting(k, arch):
-        out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
-        dxg = torch.zeros(B, Hq, H) if xg == "sample" else (torch.zeros_like(out) if xg == "token" else None)
-        k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
+    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
+    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if atomic_dq else "0"
+    try:
+        with _recording(k, log), _targeting(k, arch):
+            out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
+            dxg = None if extra is None else torch.zeros_like(extra)
+            k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDCA_ATOMIC_DQ")
+        else:
+            os.environ["FASTDCA_ATOMIC_DQ"] = saved
     return log
 
 
@@ -233,6 +242,8 @@ VARIANT_CASES = (("float16", 128, "token", True, ("fwd", "bwd_adapter"), None),
                  ("float16", 64, "token", "packed", ("fwd", "bwd_dkdv", "bwd_dq"), {"window": 256}),
                  ("bfloat16", 128, "sample", True, ("fwd", "decode_split", "bwd_dkdv", "bwd_dq"),
                   {"window": 256, "softcap": 50.0}),
+                 ("float16", 128, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
+                 ("bfloat16", 64, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
                  ("float32", 64, "sample", True, None, None), ("float32", 128, "sample", True, None, None))
 
 
