@@ -5,15 +5,17 @@
 2. Numerics: `dca_attention` on the backend `auto` picks (with `interpret`, the Triton kernels under
    Triton's interpreter on the CPU) against `fastdca.reference` in float64, on MHA, GQA, padded and
    decoding shapes, in every dtype the device runs: the output, the X_G statistics and the six
-   gradients, each by its normwise relative error ||x - ref|| / ||ref||.
+   gradients, each by its normwise relative error ||x - ref|| / ||ref||. On the triton backend also with
+   FASTDCA_ATOMIC_DQ=1 (dq accumulated in the dk/dv kernel, behind a switch until a GPU run checks it).
 3. Speed (CUDA only): forward and backward of `dca_attention` against SDPA on the prompt-only problem
    (the same attention without the adapter: less work than DCA, so the floor), LLaMA-7B (32/32) and
    Llama-3-8B (32/8) heads, D = 128, T = 2048, B = 4, bf16 (fp16 where bf16 is unsupported): time,
-   TFLOP/s of the causal prompt attention and peak memory.
+   TFLOP/s of the causal prompt attention and peak memory; fastdca with atomic dq beside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -103,6 +105,20 @@ def check_numerics(device, backend, dtype, shape, seed=0):
     return {n: _relative_error(actual[n], expected[n]) for n in expected}
 
 
+@contextlib.contextmanager
+def atomic_dq(on: bool):
+    """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
+    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
+    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDCA_ATOMIC_DQ")
+        else:
+            os.environ["FASTDCA_ATOMIC_DQ"] = saved
+
+
 def _time_ms(fn, warmup=5, repeat=15, calls=10):
     """Median over `repeat` samples of CUDA-event time per call, each sample `calls` back-to-back calls:
     the GPU's time per call when the host keeps ahead of it, as in a training loop."""
@@ -149,19 +165,21 @@ def check_speed(B=4, T=2048, D=128, M=10):
         ak, av, gate = rand(Hkv, M, D), rand(Hkv, M, D), rand(Hq)
         flops = 4 * B * Hq * D * T * (T + 1) / 2          # q k^T and P v over the causal half
         impls = {
-            "fastdca": lambda: dca_attention(q, k, v, ak, av, gate, causal_len=2)[0],
-            "sdpa (prompt only)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                         enable_gqa=Hq != Hkv),
+            "fastdca": (lambda: dca_attention(q, k, v, ak, av, gate, causal_len=2)[0], False),
+            "fastdca atomic dq": (lambda: dca_attention(q, k, v, ak, av, gate, causal_len=2)[0], True),
+            "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                                          enable_gqa=Hq != Hkv), False),
         }
-        for impl, fn in impls.items():
-            with torch.no_grad():
-                fwd = _time_ms(fn)
-            bwd, grad = _backward_ms(fn, (q, k, v))
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            torch.autograd.grad(fn(), (q, k, v), grad)
-            peak = torch.cuda.max_memory_allocated() - base
+        for impl, (fn, atomic) in impls.items():
+            with atomic_dq(atomic):
+                with torch.no_grad():
+                    fwd = _time_ms(fn)
+                bwd, grad = _backward_ms(fn, (q, k, v))
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                torch.autograd.grad(fn(), (q, k, v), grad)
+                peak = torch.cuda.max_memory_allocated() - base
             rows.append(dict(heads=heads, impl=impl, dtype=str(dtype).replace("torch.", ""), B=B, T=T, D=D,
                              fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd / 1e9,
                              bwd_tflops=2.5 * flops / bwd / 1e9, peak_mb=peak / 2**20))
@@ -170,8 +188,16 @@ def check_speed(B=4, T=2048, D=128, M=10):
 
 def run_check(interpret=False, json_path=None, speed=True) -> int:
     """Print the report; 1 if any numerics check failed, else 0."""
-    if interpret:
-        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+    if interpret and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            # Triton reads the flag when it is imported, and the CLI's imports already did: run the check
+            # again in a process that has the flag from its start
+            import subprocess
+
+            argv = [sys.executable, "-m", "fastdca.cli", "check", "--interpret", *([] if speed else ["--no-speed"]),
+                    *(["--json", str(json_path)] if json_path else [])]
+            return subprocess.run(argv, env=dict(os.environ, TRITON_INTERPRET="1")).returncode
+        os.environ["TRITON_INTERPRET"] = "1"
     import torch
 
     from fastdca.ops import resolve_backend
@@ -186,19 +212,22 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
     failures = 0
     print("\nnumerics against fastdca.reference in float64 (normwise relative error of out, X_G sums and the "
           "six gradients; worst of them)")
-    print(f"  {'dtype':9s} {'backend':9s} {'shape':8s} {'worst':>9s} {'tensor':6s} {'allowed':>9s}  result")
+    print(f"  {'dtype':9s} {'backend':16s} {'shape':8s} {'worst':>9s} {'tensor':6s} {'allowed':>9s}  result")
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         probe = torch.empty(0, device=device, dtype=dtype)
         backend = "triton" if interpret else resolve_backend(None, probe)
-        for shape in SHAPES:
-            errors = check_numerics(device, backend, dtype, shape)
-            worst = max(errors, key=errors.get)
-            ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]
-            failures += not ok
-            report["numerics"].append(dict(dtype=name, backend=backend, shape=shape[0], errors=errors, ok=ok))
-            print(f"  {name:9s} {backend:9s} {shape[0]:8s} {errors[worst]:9.2e} {worst:6s} "
-                  f"{NORMWISE_TOLERANCE[name]:9.2e}  {'ok' if ok else 'FAILED'}")
+        variants = [(backend, False)] + ([("triton+atomic-dq", True)] if backend == "triton" else [])
+        for label, atomic in variants:
+            for shape in SHAPES:
+                with atomic_dq(atomic):
+                    errors = check_numerics(device, backend, dtype, shape)
+                worst = max(errors, key=errors.get)
+                ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]
+                failures += not ok
+                report["numerics"].append(dict(dtype=name, backend=label, shape=shape[0], errors=errors, ok=ok))
+                print(f"  {name:9s} {label:16s} {shape[0]:8s} {errors[worst]:9.2e} {worst:6s} "
+                      f"{NORMWISE_TOLERANCE[name]:9.2e}  {'ok' if ok else 'FAILED'}")
     if speed and device.type == "cuda":
         report["speed"] = check_speed()
         print("\nspeed: causal attention, B=4, T=2048, D=128 (TFLOP/s of the prompt attention; backward 2.5x the "

@@ -313,3 +313,21 @@ def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypa
     finally:
         torch.use_deterministic_algorithms(False)
     assert kmod.atomic_dq_enabled()
+
+
+def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag(monkeypatch):
+    """`fastdca check --interpret` from the CLI, whose imports load Triton first: the flag only works set
+    before that import, so the check runs again in a process started with it (it failed with
+    "Cannot call @triton.jit'd outside of the scope of a kernel")."""
+    import subprocess
+    import sys
+
+    from fastdca import check
+
+    calls = []
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(subprocess, "run", lambda argv, env: calls.append((argv, env)) or SimpleNamespace(returncode=0))
+    assert "triton" in sys.modules
+    assert check.run_check(interpret=True, speed=False) == 0
+    (argv, env), = calls
+    assert argv[1:] == ["-m", "fastdca.cli", "check", "--interpret", "--no-speed"] and env["TRITON_INTERPRET"] == "1"

@@ -106,7 +106,7 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
                                softcap=softcap, gate_fn=cfg.gate_fn, xg=xg, backend=state.backend)
     if key_padding is not None and state.base_impl == "eager":
         out = _as_eager_where_no_key_is_visible(out, value, key_padding, T)
-    if stats is not None:
+    if xg is not None and stats is not None:
         # What the variance is taken over is formed here, inside the layer's forward, where a sharded
         # o_proj (FSDP) has its weights gathered; also when nothing is recorded, so that a gradient
         # checkpoint's recomputation saves the very tensors the forward did. A packed row's tokens are
