@@ -105,20 +105,6 @@ def check_numerics(device, backend, dtype, shape, seed=0):
     return {n: _relative_error(actual[n], expected[n]) for n in expected}
 
 
-@contextlib.contextmanager
-def atomic_dq(on: bool):
-    """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
-    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
-    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FASTDCA_ATOMIC_DQ")
-        else:
-            os.environ["FASTDCA_ATOMIC_DQ"] = saved
-
-
 def _time_ms(fn, warmup=5, repeat=15, calls=10):
     """Median over `repeat` samples of CUDA-event time per call, each sample `calls` back-to-back calls:
     the GPU's time per call when the host keeps ahead of it, as in a training loop."""
@@ -153,6 +139,7 @@ def check_speed(B=4, T=2048, D=128, M=10):
     import torch
     import torch.nn.functional as F
 
+    from fastdca.kernels.dca_attention import atomic_dq
     from fastdca.ops import dca_attention
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -217,10 +204,14 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
         name = str(dtype).replace("torch.", "")
         probe = torch.empty(0, device=device, dtype=dtype)
         backend = "triton" if interpret else resolve_backend(None, probe)
-        variants = [(backend, False)] + ([("triton+atomic-dq", True)] if backend == "triton" else [])
-        for label, atomic in variants:
+        variants = [(backend, contextlib.nullcontext)]
+        if backend == "triton":     # the kernels (and Triton) are imported only where they run
+            from fastdca.kernels.dca_attention import atomic_dq
+
+            variants = [(backend, lambda: atomic_dq(False)), ("triton+atomic-dq", lambda: atomic_dq(True))]
+        for label, switch in variants:
             for shape in SHAPES:
-                with atomic_dq(atomic):
+                with switch():
                     errors = check_numerics(device, backend, dtype, shape)
                 worst = max(errors, key=errors.get)
                 ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]

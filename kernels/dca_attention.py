@@ -1026,6 +1026,20 @@ def atomic_dq_enabled() -> bool:
     return os.environ.get("FASTDCA_ATOMIC_DQ") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
+@contextlib.contextmanager
+def atomic_dq(on: bool):
+    """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
+    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
+    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTDCA_ATOMIC_DQ")
+        else:
+            os.environ["FASTDCA_ATOMIC_DQ"] = saved
+
+
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "

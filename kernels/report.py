@@ -89,18 +89,10 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
-    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if atomic_dq else "0"
-    try:
-        with _recording(k, log), _targeting(k, arch):
-            out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
-            dxg = None if extra is None else torch.zeros_like(extra)
-            k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
-    finally:
-        if saved is None:
-            os.environ.pop("FASTDCA_ATOMIC_DQ")
-        else:
-            os.environ["FASTDCA_ATOMIC_DQ"] = saved
+    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq):
+        out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
+        dxg = None if extra is None else torch.zeros_like(extra)
+        k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
     return log
 
 
