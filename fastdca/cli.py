@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -235,7 +234,7 @@ def load(args):
 def run_train(args) -> int:
     from fastdca.config import DCAConfig
     from fastdca.hf import describe, patch
-    from fastdca.train import TrainSettings, train
+    from fastdca.train import TrainSettings, is_rank_zero, train
 
     task = resolve_task(args)
     examples = task.examples("train")
@@ -262,7 +261,7 @@ def run_train(args) -> int:
     history = train(model, tokenizer, examples, args.output, config=config, settings=settings,
                     resume=not args.no_resume, overwrite=args.overwrite, resume_anyway=args.resume_anyway,
                     model_name=_model_name(args))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_rank_zero():
         last = history[-1] if history else {}
         print(f"adapter saved in {args.output}; last logged ce={last.get('ce')} "
               f"causal_loss={last.get('causal_loss')}")

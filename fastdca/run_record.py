@@ -69,9 +69,9 @@ def read_record(output_dir):
     return saved
 
 
-def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> str:
-    """Decide what a run into `output_dir` does: "fresh", "resume", or "finished" (the folder holds this
-    very run, finished: nothing to train). ValueError where it holds another run and neither overwrite nor
+def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> tuple:
+    """Decide what a run into `output_dir` does: (action, the differences a resume carries over) with action
+    "fresh", "resume", or "finished" (the folder holds this very run, finished: nothing to train). ValueError where it holds another run and neither overwrite nor
     (for an unfinished run) resume_anyway allows going on. overwrite removes the old run's adapter,
     checkpoints and record first. Temporary files of a killed write are removed (the caller holds the
     folder's lock, so no live write owns them)."""
@@ -86,28 +86,28 @@ def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, r
             shutil.rmtree(checkpoint)
         for name in (ADAPTER_FILE, RUN_FILE):
             (output_dir / name).unlink(missing_ok=True)
-        return "fresh"
+        return "fresh", []
     if saved is None:
         if holds_results:
             raise ValueError(f"{output_dir} holds an adapter or checkpoints but no {RUN_FILE} to compare this run's "
                              "settings with; pass --overwrite to replace it, or give another --output")
-        return "fresh"
+        return "fresh", []
     diffs = differences(saved, record)
     if saved.get("finished"):
         if not diffs:
-            return "finished"
+            return "finished", []
         if resume and resume_anyway and checkpoints:
-            return "resume"        # continuing a finished run, for more steps say: asked for by name
+            return "resume", diffs     # continuing a finished run, for more steps say: asked for by name
         raise ValueError(f"{output_dir} holds a finished run with other settings ({'; '.join(diffs)}); pass "
                          "--overwrite to replace it, --resume-anyway to continue it from its last checkpoint with "
                          "the new settings, or give another --output")
     if not resume or not checkpoints:
-        return "fresh"
+        return "fresh", []
     if diffs and not resume_anyway:
         raise ValueError(f"{output_dir} holds an unfinished run with other settings ({'; '.join(diffs)}); resuming "
                          "would mix them: pass --resume-anyway to resume with the new settings, --no-resume to "
                          "start over, or give another --output")
-    return "resume"
+    return "resume", diffs
 
 
 def write_record(output_dir, record: dict, *, finished: bool, resumed_anyway=()) -> None:

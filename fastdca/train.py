@@ -288,7 +288,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     rows = tokenize_examples(examples, tokenizer, settings.max_length)
     output_dir = prepare_folder(output_dir)
     record = run_record(examples, settings, config, model_name)
-    if not _is_rank_zero():
+    if not is_rank_zero():
         # rank 0 decides, cleans and writes; the others read the same record and follow its checkpoints
         saved = None if overwrite else read_record(output_dir)
         if saved is not None and saved.get("finished") and not differences(saved, record):
@@ -296,13 +296,13 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         return _train(model, tokenizer, rows, output_dir, config, settings, resume and not overwrite, progress,
                       callbacks)
     with only_writer(output_dir, LOCK_FILE, "fastdca train"):
-        action = prepare_output(output_dir, record, resume=resume, overwrite=overwrite, resume_anyway=resume_anyway)
+        action, carried = prepare_output(output_dir, record, resume=resume, overwrite=overwrite,
+                                         resume_anyway=resume_anyway)
         if action == "finished":
             print(f"{output_dir} holds this run, finished: nothing to train (its adapter is loaded; --overwrite "
                   "trains it again from the start)")
             return _finished_run(model, output_dir)
         check_free_space(output_dir, model, settings)
-        carried = differences(read_record(output_dir), record) if action == "resume" else ()
         write_record(output_dir, record, finished=False, resumed_anyway=carried)
         history = _train(model, tokenizer, rows, output_dir, config, settings, action == "resume", progress,
                          callbacks)
@@ -320,7 +320,9 @@ def _finished_run(model, output_dir) -> list:
     return json.loads(history.read_text()) if history.is_file() else []
 
 
-def _is_rank_zero() -> bool:
+def is_rank_zero() -> bool:
+    """This process is rank 0 of a torchrun / accelerate launch, or the only one (read before
+    torch.distributed is set up, as launchers set RANK)."""
     return int(os.environ.get("RANK", "0")) == 0
 
 

@@ -31,6 +31,21 @@ def fresh_launch_configs():
     kmod._table_configs.cache_clear()
 
 
+def spy_on_launches(monkeypatch, name):
+    """The grids `fastdca.kernels`' kernel `name` is launched with from now on (it still runs)."""
+    from fastdca.kernels import dca_attention as kmod
+
+    launched, kernel = [], getattr(kmod, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(kmod, name, Spy())
+    return launched
+
+
 # (B, Hq, Hkv, T, S, D, M, H, padding)
 SHAPES = [
     pytest.param((2, 4, 4, 20, 20, 64, 10, 2, None), id="mha-d64"),
@@ -218,15 +233,7 @@ def test_flash_decoding_splits_the_keys(monkeypatch, shape, dtype):
         return dict(config, BLOCK_N=16, SPLITS=3) if kernel == "decode" else config
 
     monkeypatch.setattr(kmod, "launch_config", small)
-    launched = []
-    split_kernel = kmod._dca_decode_split_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return split_kernel[grid]
-
-    monkeypatch.setattr(kmod, "_dca_decode_split_kernel", Spy())
+    launched = spy_on_launches(monkeypatch, "_dca_decode_split_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype)
     assert launched and all(grid[0] >= 2 for grid in launched)     # chunks rounded up to whole 16-key blocks
@@ -287,15 +294,7 @@ def test_atomic_dq_backward_matches_reference(monkeypatch, shape, window, softca
 
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
     assert kmod.atomic_dq_enabled()
-    launched = []
-    dq_kernel = kmod._dca_bwd_dq_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return dq_kernel[grid]
-
-    monkeypatch.setattr(kmod, "_dca_bwd_dq_kernel", Spy())
+    launched = spy_on_launches(monkeypatch, "_dca_bwd_dq_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
     assert launched == []

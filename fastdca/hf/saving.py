@@ -18,9 +18,9 @@ def save_adapter(model: nn.Module, directory) -> None:
     (a collective), and rank 0 alone writes the whole, unsharded adapter."""
     model = unwrap(model)
     state = state_of(model)
-    tensors = {name: _whole(p).to("cpu", torch.float32).contiguous()
-               for name, p in adapter_state_dict(model).items()}
-    if any(_is_sharded(p) for p in adapter_state_dict(model).values()) and torch.distributed.get_rank() != 0:
+    params = adapter_state_dict(model)
+    tensors = {name: _whole(p).to("cpu", torch.float32).contiguous() for name, p in params.items()}
+    if any(_is_sharded(p) for p in params.values()) and torch.distributed.get_rank() != 0:
         return
     bad = adapter_file.non_finite(tensors)
     if bad:
