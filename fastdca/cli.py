@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "the mode is reduce-overhead (CUDA graphs)")
     opt.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
                      help="torch.compile mode with --compile (default: reduce-overhead on CUDA, default elsewhere)")
+    opt.add_argument("--gradient-checkpointing", action="store_true",
+                     help="recompute each decoder layer in the backward instead of keeping its activations "
+                          "(non-reentrant; the same loss and gradients, less memory, a slower step)")
+    opt.add_argument("--fsdp", action="store_true",
+                     help="shard the model over the launched processes (FSDP2 through accelerate, GPUs only; "
+                          "launch with torchrun or accelerate launch): each decoder layer is one unit, the "
+                          "adapter and its checkpoints are saved whole; see the README's scale-out section")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--save-steps", type=int, default=500)
     opt.add_argument("--logging-steps", type=int, default=10)
@@ -228,7 +235,15 @@ def load(args):
         if args.load_in_4bit or args.load_in_8bit:
             raise ValueError("--load-in-4bit/--load-in-8bit need a model directory, not the embedded smollm2")
         return load_smollm2(dtype=dtype)
-    return load_model(args.model, dtype=dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    if not getattr(args, "fsdp", False):
+        return load_model(args.model, dtype=dtype, load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit)
+    if args.load_in_8bit:
+        raise ValueError("--fsdp cannot shard bitsandbytes' 8-bit weights; use --load-in-4bit (nf4) or no "
+                         "quantisation with --fsdp")
+    # nf4 is quantised on the process's own GPU, packed in the compute dtype so that FSDP2 shards it; an
+    # unquantised model is loaded on the CPU and FSDP2 moves each rank's shard to its GPU
+    return load_model(args.model, dtype=dtype, load_in_4bit=args.load_in_4bit,
+                      **({"quant_storage": dtype} if args.load_in_4bit else {"device": "cpu"}))
 
 
 def run_train(args) -> int:
@@ -251,7 +266,12 @@ def run_train(args) -> int:
                              grad_accum=args.grad_accum, learning_rate=args.lr, max_length=args.max_length,
                              seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
                              bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16", nonfinite=args.nonfinite,
-                             packing=args.packing, compile=args.compile, compile_mode=args.compile_mode)
+                             packing=args.packing, compile=args.compile, compile_mode=args.compile_mode,
+                             gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
+    if args.fsdp:
+        from fastdca.fsdp import check_launch
+
+        check_launch()      # before the model loads
     model, tokenizer = load(args)
     from transformers import set_seed
 

@@ -59,7 +59,9 @@ class NonFiniteGuard(TrainerCallback):
 
 class InterruptGuard(TrainerCallback):
     """While active (a context manager), SIGINT and SIGTERM only set a flag; at the end of the current
-    optimisation step the Trainer then writes a checkpoint and stops. A second signal interrupts at once."""
+    optimisation step the Trainer then writes a checkpoint and stops. A second signal interrupts at once.
+    Under several processes the ranks agree at each step's end: a signal to any one of them stops all at
+    the same step (a checkpoint is written by all together)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -85,7 +87,19 @@ class InterruptGuard(TrainerCallback):
         self.signum = signum
 
     def on_step_end(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            self.signum = _signal_on_any_rank(self.signum)
         if self.signum is not None:
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _signal_on_any_rank(signum):
+    """The signal one of the ranks received (the highest number), or None: a collective every rank calls."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    flag = torch.tensor([signum or 0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item()) or None

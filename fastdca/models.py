@@ -14,6 +14,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -113,8 +114,12 @@ def _convert_smollm2(gguf: Path, cache: Path, stamp: dict) -> None:
 
 
 def default_device() -> torch.device:
-    """The device models are loaded onto: the current CUDA GPU where there is one, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    """The device models are loaded onto: the current CUDA GPU where there is one (a launched process's
+    own, LOCAL_RANK, under torchrun / accelerate launch), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    return torch.device("cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device())
 
 
 DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
@@ -155,11 +160,13 @@ def load_smollm2(dtype: torch.dtype = torch.float32, *, cache_dir: str | os.Path
 
 
 def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
-               load_in_8bit: bool = False, device=None):
+               load_in_8bit: bool = False, device=None, quant_storage: Optional[torch.dtype] = None):
     """Load a local Hugging Face causal LM directory (or a ``.gguf`` file) and its tokenizer.
 
     ``load_in_4bit`` (nf4) / ``load_in_8bit`` quantise the linear layers through bitsandbytes, with
-    ``dtype`` as the compute dtype. Returns ``(model, tokenizer)``, the model in eval mode on ``device``
+    ``dtype`` as the compute dtype; ``quant_storage`` is the dtype nf4 weights are packed into
+    (bitsandbytes' ``bnb_4bit_quant_storage``, default uint8): a floating one lets FSDP2 shard them like
+    any other tensor (``fastdca train --fsdp``). Returns ``(model, tokenizer)``, the model in eval mode on ``device``
     (default: :func:`default_device`, so a GPU is used where there is one); the tokenizer gets a pad
     token (the EOS token) when it has none.
     """
@@ -193,7 +200,8 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, l
             raise RuntimeError(f"load_in_4bit/load_in_8bit need bitsandbytes: {e}") from e
         if load_in_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                **({"bnb_4bit_quant_storage": quant_storage} if quant_storage is not None else {}))
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
 

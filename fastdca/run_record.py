@@ -37,6 +37,9 @@ def run_record(examples, settings, config, model=None) -> dict:
     record = {"data": {"examples": len(examples), "sha256": data_fingerprint(examples)},
               "model": model,
               "settings": {name: getattr(settings, name) for name in RESULT_SETTINGS},
+              # fsdp lays the optimizer state in checkpoints out by parameter name (recorded only when on, so
+              # that records written before it existed still match)
+              **({"sharding": "fsdp"} if settings.fsdp else {}),
               "config": config.to_dict()}
     return json.loads(json.dumps(record, default=str))
 
@@ -44,7 +47,7 @@ def run_record(examples, settings, config, model=None) -> dict:
 def differences(saved: dict, record: dict) -> list:
     """'name: old -> new' for each setting that differs between two run records."""
     out = []
-    for section in ("data", "model", "settings", "config"):
+    for section in ("data", "model", "settings", "config", "sharding"):
         old, new = saved.get(section), record.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             for name in sorted(set(old) | set(new)):

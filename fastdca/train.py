@@ -25,6 +25,7 @@ from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, T
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from fastdca import fsdp
 from fastdca.config import COMPILE_MODES, DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
@@ -64,6 +65,8 @@ class TrainSettings:
     packing: bool = False          # each micro-batch's examples end to end in one row, no padding
     compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
     compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA
+    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
+    fsdp: bool = False             # shard the model over the launched processes (FSDP2; fastdca.fsdp)
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):
@@ -189,12 +192,13 @@ class DCATrainer(Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training:
-            # Trainer may rescale the model's loss (token averaging across devices): the CE part
-            # gets the same factor, so that the logged CE and Trainer's logged loss agree. Without
-            # collected statistics (alpha = 0) the model's loss is all CE.
-            raw = float(outputs["loss"].detach())
+            # Trainer may rescale the model's loss (token averaging across devices multiplies it by the
+            # number of processes, in place: outputs["loss"] is that tensor): the CE part gets the same
+            # factor, so that the logged CE and Trainer's logged loss agree. Without collected statistics
+            # (alpha = 0) the model's loss is all CE.
+            ce, term = outputs.get("ce_loss"), outputs.get("causal_term")
+            raw = float(outputs["loss"].detach() if ce is None or term is None else (ce + term).detach())
             scale = float(loss.detach()) / raw if raw else 1.0
-            ce = outputs.get("ce_loss")
             ce_value = float((outputs["loss"] if ce is None else ce).detach())
             self._loss_sums["ce"] += ce_value * scale
             causal = outputs.get("causal_loss")
@@ -234,6 +238,26 @@ class DCATrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model),
                      resume_from_checkpoint)
+
+    # Under FSDP, Trainer's checkpoint would be the whole sharded model (the frozen base too) and it would
+    # write no adapter; fastdca's holds what an unsharded run's does, gathered (every rank takes part).
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        save_adapter(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        fsdp.save_optimizer(self.model, self.optimizer, os.path.join(output_dir, OPTIMIZER_FILE))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        fsdp.load_optimizer(self.model, self.optimizer, os.path.join(checkpoint, OPTIMIZER_FILE))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_FILE), weights_only=True))
 
 
 class LossProgressBar(TrainerCallback):
@@ -281,6 +305,8 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     the logged step's first micro-batch; see fastdca.grad_share), "loss", "learning_rate"}.
     """
     settings = TrainSettings() if settings is None else settings
+    if settings.fsdp:
+        fsdp.check_launch()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not examples:
@@ -388,15 +414,24 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         logging_nan_inf_filter=False,      # log what was optimised, NaN included, not a stand-in
         torch_compile=settings.compile,
         **({"torch_compile_mode": compile_mode(settings, on_cuda)} if settings.compile else {}),
+        **(fsdp.trainer_options(model) if settings.fsdp else {}),
         **settings.extra,
     )
     if args.n_gpu > 1:
         raise ValueError(f"{args.n_gpu} GPUs in one process would run torch.nn.DataParallel, whose replicas "
                          "would share the adapter's loss bookkeeping; launch one process per GPU with "
                          "`torchrun --nproc-per-node N -m fastdca.cli train ...` instead")
+    if settings.gradient_checkpointing:
+        # the model's own switch (Trainer's has been renamed across transformers versions); non-reentrant,
+        # which the causal term needs (fastdca.hf.hooks)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     buckets = length_buckets(settings.max_length) if settings.compile else None
     collator = packing_collator() if settings.packing else PadCollator(tokenizer.pad_token_id, buckets)
     trainer = DCATrainer(model=model, args=args, train_dataset=rows, data_collator=collator)
+    if settings.fsdp:
+        fsdp.check_applied(trainer)
+        fsdp.reduce_in_float32(trainer)
+        trainer.add_callback(fsdp.ShardingCheck(model))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if progress:
@@ -430,8 +465,9 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         written = output_dir / f"checkpoint-{trainer.state.global_step}"
         raise TrainingInterrupted(interrupt.signum, trainer.state.global_step,
                                   str(written) if written.is_dir() else get_last_checkpoint(str(output_dir)))
+    if trainer.is_fsdp_enabled or trainer.is_world_process_zero():
+        save_adapter(model, output_dir)     # sharded: a gather, every rank takes part and rank 0 writes
     if trainer.is_world_process_zero():
-        save_adapter(model, output_dir)
         warn_if_causal_term_inert(history, config.alpha)
     return history
 
@@ -445,7 +481,8 @@ def _compiled_backward_retains_graph(compiled: bool):
     return torch._functorch.config.patch(donated_buffer=False)
 
 
-CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, "optimizer.pt", "scheduler.pt", "trainer_state.json")
+OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"     # Trainer's names
+CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, "trainer_state.json")
 
 
 def check_checkpoint(path) -> None:
@@ -465,7 +502,7 @@ def check_checkpoint(path) -> None:
     wrong = [name for name, kind in fields.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)]
     if wrong:
         raise AdapterError(f"{path / 'trainer_state.json'} has no valid {', '.join(wrong)}; {advice}")
-    for file in [path / "optimizer.pt", path / "scheduler.pt", *sorted(path.glob("rng_state*.pth"))]:
+    for file in [path / OPTIMIZER_FILE, path / SCHEDULER_FILE, *sorted(path.glob("rng_state*.pth"))]:
         try:
             torch.load(file, map_location="cpu", weights_only=False)
         except Exception as error:       # truncated zip, unpickling garbage, ...

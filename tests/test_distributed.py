@@ -193,4 +193,9 @@ def test_fastdca_train_under_torchrun_with_two_processes(tiny_model_dir, tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("adapter saved in") == 1, "only rank 0 reports and saves"
     assert (out / "adapter.safetensors").is_file()
-    assert [h["step"] for h in json.loads((out / "loss_history.json").read_text())] == [1, 2, 3]
+    history = json.loads((out / "loss_history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for h in history:
+        # the logged CE is rank 0's, Trainer's loss the mean over the ranks, and the closed gates leave no
+        # causal term: the two agree to the ranks' difference (the CE was once logged at half its value)
+        assert h["ce"] == pytest.approx(h["loss"], rel=0.1), h

@@ -8,9 +8,9 @@ from fastdca.hf.patching import (describe, disable_adapter, print_trainable_para
                                  trainable_parameters)
 from fastdca.hf.records import AdapterAttentionRecord, record_adapter_attention
 from fastdca.hf.saving import save_adapter
-from fastdca.hf.state import adapted_layers, adapter_state_dict, get_config, is_patched
+from fastdca.hf.state import adapted_layers, adapter_state_dict, decoder_layer_class_names, get_config, is_patched
 
 __all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "from_pretrained", "describe", "disable_adapter",
            "print_trainable_parameters", "trainable_parameters", "is_patched", "get_config", "adapter_state_dict",
-           "adapted_layers", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
+           "adapted_layers", "decoder_layer_class_names", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
            "trainable_parameter_count", "SUPPORTED_MODEL_TYPES"]

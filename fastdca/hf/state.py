@@ -77,3 +77,11 @@ def is_dca_name(name: str) -> bool:
 def adapted_layers(model: nn.Module) -> list:
     """The decoder layer indices that carry a DCA adapter, ascending."""
     return list(state_of(model).layer_ids)
+
+
+def decoder_layer_class_names(model: nn.Module) -> list:
+    """The class names of the modules that hold an adapted attention module as a child: the decoder layers,
+    the units FSDP shards one by one (each with its DCA parameters)."""
+    attn = {id(m) for m in state_of(unwrap(model)).attn_modules.values()}
+    return sorted({type(parent).__name__ for parent in unwrap(model).modules()
+                   if any(id(child) in attn for child in parent.children())})
