@@ -139,7 +139,7 @@ def check_speed(B=4, T=2048, D=128, M=10):
     import torch
     import torch.nn.functional as F
 
-    from fastdca.kernels.dca_attention import atomic_dq
+    from fastdca.kernels.dca_attention import atomic_dq, tma_forward
     from fastdca.ops import dca_attention
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -151,14 +151,18 @@ def check_speed(B=4, T=2048, D=128, M=10):
         q, k, v = rand(B, Hq, T, D), rand(B, Hkv, T, D), rand(B, Hkv, T, D)
         ak, av, gate = rand(Hkv, M, D), rand(Hkv, M, D), rand(Hq)
         flops = 4 * B * Hq * D * T * (T + 1) / 2          # q k^T and P v over the causal half
-        impls = {
-            "fastdca": (lambda: dca_attention(q, k, v, ak, av, gate, causal_len=2)[0], False),
-            "fastdca atomic dq": (lambda: dca_attention(q, k, v, ak, av, gate, causal_len=2)[0], True),
+        def dca():
+            return dca_attention(q, k, v, ak, av, gate, causal_len=2)[0]
+
+        impls = {   # name: (function, atomic dq, TMA forward)
+            "fastdca": (dca, False, False),
+            "fastdca atomic dq": (dca, True, False),
+            "fastdca tma fwd": (dca, False, True),
             "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                          enable_gqa=Hq != Hkv), False),
+                                                                          enable_gqa=Hq != Hkv), False, False),
         }
-        for impl, (fn, atomic) in impls.items():
-            with atomic_dq(atomic):
+        for impl, (fn, atomic, tma) in impls.items():
+            with atomic_dq(atomic), tma_forward(tma):
                 with torch.no_grad():
                     fwd = _time_ms(fn)
                 bwd, grad = _backward_ms(fn, (q, k, v))
@@ -206,9 +210,16 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
         backend = "triton" if interpret else resolve_backend(None, probe)
         variants = [(backend, contextlib.nullcontext)]
         if backend == "triton":     # the kernels (and Triton) are imported only where they run
-            from fastdca.kernels.dca_attention import atomic_dq
+            from fastdca.kernels.dca_attention import atomic_dq, tma_forward
 
-            variants = [(backend, lambda: atomic_dq(False)), ("triton+atomic-dq", lambda: atomic_dq(True))]
+            def switched(atomic, tma):
+                stack = contextlib.ExitStack()
+                stack.enter_context(atomic_dq(atomic))
+                stack.enter_context(tma_forward(tma))
+                return stack
+
+            variants = [(backend, lambda: switched(False, False)), ("triton+atomic-dq", lambda: switched(True, False)),
+                        ("triton+tma-fwd", lambda: switched(False, True))]
         for label, switch in variants:
             for shape in SHAPES:
                 with switch():

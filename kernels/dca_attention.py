@@ -197,21 +197,26 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 
 @triton.jit
-def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd,
-                    m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, SOFTCAP, K, V,
+def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
+                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S,
+                    WINDOW, SOFTCAP, K, V,
                     CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                    IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TMA: tl.constexpr):
     """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc).
     With HAS_SOFTCAP the scores (log2 units) become SOFTCAP * tanh(s / SOFTCAP), SOFTCAP the cap in
-    log2 units."""
+    log2 units. With TMA the K and V blocks come through the tensor descriptors k_desc, v_desc ((S, D)
+    of this kv head, rows past S and columns past D read as 0) instead of k_base, v_base and strides."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     # the padding mask is loaded one key block ahead: Triton pipelines only the loads that feed dots
     key_ok = _key_ok(KPM, b, stride_mb, lo + offs_n0, S, HAS_KPM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         n_ok = offs_n < S
-        kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        if TMA:
+            kt = tl.trans(k_desc.load([start_n, 0]))
+        else:
+            kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
         if HAS_SOFTCAP:
             s = SOFTCAP * _tanh(s / SOFTCAP)
@@ -227,8 +232,11 @@ def _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, st
         p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        if TMA:
+            vt = v_desc.load([start_n, 0])
+        else:
+            vt = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         vt = _operand(vt, V, UPCAST)
         acc = acc * alpha[:, None] + _dot(_operand(p, V, UPCAST), vt, IEEE)
         m_i = m_new
@@ -296,7 +304,7 @@ def _dca_fwd_kernel(
     Hq, T, S, M, D, H, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, GATE_TANH: tl.constexpr,
     XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Forward for one (query block, b * Hq + h) program.
@@ -311,7 +319,8 @@ def _dca_fwd_kernel(
 
     out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks;
     with HAS_WINDOW the query at position p sees only keys after p - WINDOW, and the key blocks before
-    the block's first row's window are skipped.
+    the block's first row's window are skipped. With TMA, K and V (unit stride along D, the other
+    strides and the bases 16-byte aligned) are read through tensor descriptors.
     """
     # the longest causal rows first, so the last wave of programs is the shortest
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -334,6 +343,14 @@ def _dca_fwd_kernel(
     q = _operand(q, Q, UPCAST)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, D], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -345,14 +362,14 @@ def _dca_fwd_kernel(
     lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
                     _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
     full_hi = tl.maximum(full_hi, lo)
-    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    lo, full_hi, T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST,
-                                    IEEE, HAS_WINDOW, HAS_SOFTCAP)
-    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok,
-                                    full_hi, hi, T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ, UPCAST,
-                                    IEEE, HAS_WINDOW, HAS_SOFTCAP)
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
+                                    stride_kd, stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0,
+                                    offs_d, d_ok, lo, full_hi, T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
+                                    stride_kd, stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0,
+                                    offs_d, d_ok, full_hi, hi, T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ,
+                                    UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
 
     g, _ = _gate(GATE, h, GATE_TANH)
     a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
@@ -420,10 +437,12 @@ def _dca_decode_split_kernel(
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, S)
     lo = tl.maximum(lo, _window_lo(0, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
-    m_i, l_i, acc = _fwd_key_blocks(q, K + b * stride_kb + kh * stride_kh, V + b * stride_vb + kh * stride_vh,
-                                    KPM, KPM, b, stride_mb, stride_ks, stride_kd, stride_vs, stride_vd, m_i, l_i,
-                                    acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d, d_ok, lo, hi, T, S, WINDOW,
-                                    SOFTCAP, K, V, True, HAS_KPM, False, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
+    k_base = K + b * stride_kb + kh * stride_kh
+    v_base = V + b * stride_vb + kh * stride_vh
+    m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, k_base, v_base, KPM, KPM, b, stride_mb, stride_ks, stride_kd,
+                                    stride_vs, stride_vd, m_i, l_i, acc, qk_scale, t, tl.arange(0, BLOCK_N), offs_d,
+                                    d_ok, lo, hi, T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, False, UPCAST, IEEE,
+                                    HAS_WINDOW, HAS_SOFTCAP, False)
     part = pid_bk.to(tl.int64) * tl.num_programs(0) + split
     tl.store(ACC_PART + (part * ROWS + rows[:, None]) * BLOCK_D + offs_d[None, :], acc)
     tl.store(M_PART + part * ROWS + rows, m_i)
@@ -883,6 +902,11 @@ _ATOMIC_DKDV = {
     90: {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (32, 32, 8, 2)},
     80: {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 32, 8, 2)},
 }
+# The forward with FASTDCA_TMA_FWD (K and V through tensor descriptors; sm_90, padded D <= 128): without
+# the address arithmetic of runtime strides in the loop, 128-row tiles on 8 warps fit with room to spare
+# on Triton 3.6 and 3.9 (64 x 128 on 4 warps takes 250 registers on 3.6). Untimed: the first GPU run
+# decides (`fastdca check` runs it beside the default).
+_TMA_FWD = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
 # T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
 # forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
 # the backward): 16-row query blocks, tl.dot's minimum. Decoding is bound by reading K and V, and
@@ -919,14 +943,17 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
         block_m, block_n, warps, stages = _FP32[max(64, block_d)]
     elif kernel == "bwd_dkdv_atomic":
         block_m, block_n, warps, stages = _ATOMIC_DKDV[90 if arch == 90 else 80][max(64, block_d)]
+    elif kernel == "fwd_tma" and T > 16 and max(64, block_d) in _TMA_FWD:
+        block_m, block_n, warps, stages = _TMA_FWD[max(64, block_d)]
     else:
+        kernel = "fwd" if kernel == "fwd_tma" else kernel
         block_m, block_n, warps, stages = _LAUNCH[90 if arch == 90 else 80][kernel][max(64, block_d)]
         if T <= 16 and kernel in ("fwd", "bwd_adapter"):
             block_m, block_n, warps, stages = _DECODE[max(64, block_d)]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-KERNELS = ("fwd", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")
+KERNELS = ("fwd", "fwd_tma", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")
 
 
 def _configs(D, T, dtype, device, overrides):
@@ -1018,6 +1045,17 @@ def _direct(kernel):
     return kernel
 
 
+def tma_forward_enabled() -> bool:
+    """Whether the forward reads K and V through tensor descriptors (TMA on Hopper; fewer registers, which
+    larger tiles use). Off unless FASTDCA_TMA_FWD=1: not the default until a GPU run has checked it."""
+    return os.environ.get("FASTDCA_TMA_FWD") == "1"
+
+
+def tma_forward(on: bool):
+    """FASTDCA_TMA_FWD set to `on` while the block runs (the launchers read it at each forward)."""
+    return _switch("FASTDCA_TMA_FWD", on)
+
+
 def atomic_dq_enabled() -> bool:
     """Whether the backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls
     and 1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel. Off unless
@@ -1026,18 +1064,22 @@ def atomic_dq_enabled() -> bool:
     return os.environ.get("FASTDCA_ATOMIC_DQ") == "1" and not torch.are_deterministic_algorithms_enabled()
 
 
-@contextlib.contextmanager
 def atomic_dq(on: bool):
     """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
-    saved = os.environ.get("FASTDCA_ATOMIC_DQ")
-    os.environ["FASTDCA_ATOMIC_DQ"] = "1" if on else "0"
+    return _switch("FASTDCA_ATOMIC_DQ", on)
+
+
+@contextlib.contextmanager
+def _switch(variable: str, on: bool):
+    saved = os.environ.get(variable)
+    os.environ[variable] = "1" if on else "0"
     try:
         yield
     finally:
         if saved is None:
-            os.environ.pop("FASTDCA_ATOMIC_DQ")
+            os.environ.pop(variable)
         else:
-            os.environ["FASTDCA_ATOMIC_DQ"] = saved
+            os.environ[variable] = saved
 
 
 def _check_dtype(q):
@@ -1075,7 +1117,8 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn,
                                xg, cfgs["decode"], launch)
-    cfg = cfgs["fwd"]
+    tma = _tma_forward(q, k, v)
+    cfg = cfgs["fwd_tma" if tma else "fwd"]
     n_mblocks = _cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
     out = q.new_empty((B, T, Hq, D))
@@ -1094,10 +1137,38 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
             Hq, T, S, M, D, causal_len, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, GATE_TANH=gate_fn == "tanh", XG_MODE=mode,
             UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None, BLOCK_A=adapter_block(M),
+            HAS_SOFTCAP=softcap is not None, TMA=tma, BLOCK_A=adapter_block(M),
             **_blocks(cfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(cfg),
         )
     return out, lse, _extra(mode, xg_out, xg_part)
+
+
+def _tma_forward(q, k, v) -> bool:
+    """Whether this forward reads K and V through tensor descriptors: FASTDCA_TMA_FWD=1, a Hopper or newer
+    GPU (or the interpreter), fp16/bf16, head dims up to 128, and K and V laid out as TMA needs (unit
+    stride along D, 16-byte aligned bases and strides)."""
+    if not tma_forward_enabled() or q.dtype == torch.float32 or head_block(q.shape[-1]) > 128:
+        return False
+    if not (_INTERPRETED or target_arch(q.device) >= 90):
+        return False
+    if not all(_tma_layout(t) for t in (k, v)):
+        return False
+    if q.is_cuda:
+        _set_tma_allocator()
+    return True
+
+
+def _tma_layout(t) -> bool:
+    size = t.element_size()
+    return t.stride(-1) == 1 and all((stride * size) % 16 == 0 for stride in t.stride()[:-1]) \
+        and (t.storage_offset() * size) % 16 == 0
+
+
+@functools.cache
+def _set_tma_allocator():
+    """Descriptors made inside a kernel (tl.make_tensor_descriptor) need a little global scratch memory,
+    which Triton asks an allocator for: torch's caching allocator."""
+    triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
 
 
 def _extra(mode, xg_out, xg_part):

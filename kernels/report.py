@@ -69,12 +69,12 @@ def _targeting(module, arch):
 
 
 def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None,
-                    softcap=None, atomic_dq=False):
+                    softcap=None, atomic_dq=False, tma_fwd=False):
     """(kernel, grid, args, kwargs) of every launch the forward and backward launchers make on a GPU of
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
     sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
     the prompt scores, or None; `atomic_dq`: the backward with FASTDCA_ATOMIC_DQ=1 (dq accumulated in the
-    dk/dv kernel)."""
+    dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (K and V through tensor descriptors)."""
     import torch
 
     from fastdca.kernels import dca_attention as k
@@ -89,7 +89,7 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq):
+    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq), k.tma_forward(tma_fwd):
         out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
         dxg = None if extra is None else torch.zeros_like(extra)
         k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
@@ -159,6 +159,7 @@ _DOT_TYPES = re.compile(r"tt\.dot .*: tensor<(\d+)x(\d+)x\w+> \* tensor<(\d+)x(\
 _EXP2_TYPE = re.compile(r"math\.exp2 .*: tensor<([\dx]+)x\w+>")
 _MMA = re.compile(r"\b(wgmma\.mma_async|mma)\.sync\.aligned\.m(\d+)n(\d+)k(\d+)\b")
 _EX2_FTZ = re.compile(r"\bex2\.approx\.ftz\.f32\b")
+_TMA_LOAD = re.compile(r"\bcp\.async\.bulk\.tensor\.\dd\.shared")       # a TMA load into shared memory
 
 
 def work_counts(ttir, ptx, num_warps):
@@ -185,6 +186,27 @@ def work_counts(ttir, ptx, num_warps):
     return dict(mma_needed=needed_flops, mma_issued=issued_flops, exp_needed=needed_exp, exp_issued=issued_exp)
 
 
+def loop_work(ttir):
+    """(matmuls, exponentials) in one iteration of the kernel's block loop: the tt.dot ops and the tile-shaped
+    math.exp2 ops (2-D: the softmax's probabilities, not the 1-D rescaling of the row statistics) in an
+    scf.for body. The kernels split their loop into copies of one body (blocks that need no mask, then the
+    ones that do); the largest body counts. (0, 0) for a kernel without a loop (the adapter backward)."""
+    best, body, indent = (0, 0), None, None
+    for line in ttir.splitlines():
+        if body is None:
+            if " scf.for " in line and line.rstrip().endswith("{"):
+                body, indent = [0, 0], len(line) - len(line.lstrip())
+            continue
+        stripped = line.lstrip()
+        if stripped.startswith("}") and len(line) - len(stripped) == indent:
+            best, body = max(best, tuple(body)), None
+        elif " tt.dot " in line:
+            body[0] += 1
+        elif " math.exp2 " in line and re.search(r": tensor<\d+x\d+x\w+>", line):
+            body[1] += 1
+    return best
+
+
 def compile_launch(fn, args, kwargs, arch):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -195,7 +217,9 @@ def compile_launch(fn, args, kwargs, arch):
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
                               options=options)
     regs, spill, stack = _ptxas_usage(compiled.asm["ptx"], arch)
-    return dict(regs=regs, spill=spill, stack=stack, shared=compiled.metadata.shared,
+    loop_dots, loop_exps = loop_work(compiled.asm["ttir"])
+    return dict(regs=regs, spill=spill, stack=stack, shared=compiled.metadata.shared, loop_dots=loop_dots,
+                loop_exps=loop_exps, tma_loads=len(_TMA_LOAD.findall(compiled.asm["ptx"])),
                 num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
                 **work_counts(compiled.asm["ttir"], compiled.asm["ptx"], compiled.metadata.num_warps))
 
@@ -234,8 +258,11 @@ VARIANT_CASES = (("float16", 128, "token", True, ("fwd", "bwd_adapter"), None),
                  ("float16", 64, "token", "packed", ("fwd", "bwd_dkdv", "bwd_dq"), {"window": 256}),
                  ("bfloat16", 128, "sample", True, ("fwd", "decode_split", "bwd_dkdv", "bwd_dq"),
                   {"window": 256, "softcap": 50.0}),
-                 ("float16", 128, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
-                 ("bfloat16", 64, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
+                 ("bfloat16", 128, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
+                 ("float16", 64, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1}),
+                 ("bfloat16", 128, "sample", True, ("fwd",), {"tma_fwd": 1}),
+                 ("float16", 128, None, False, ("fwd",), {"tma_fwd": 1}),
+                 ("float16", 64, "token", "packed", ("fwd",), {"tma_fwd": 1, "window": 256}),
                  ("float32", 64, "sample", True, None, None), ("float32", 128, "sample", True, None, None))
 
 
@@ -249,7 +276,8 @@ def compile_table(archs=(80, 90), cases=DEFAULT_CASES, variants=VARIANT_CASES, T
 
     jobs = [(arch, dname, D, T, decode, "sample", True, None, None) for arch in archs for dname, D in cases]
     jobs += [(arch, dname, D, T, extra is not None, xg, padded, kernels, extra)
-             for arch in archs for dname, D, xg, padded, kernels, extra in variants]
+             for arch in archs for dname, D, xg, padded, kernels, extra in variants
+             if arch >= 90 or not (extra or {}).get("tma_fwd")]     # TMA: Hopper and newer
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         results = list(pool.map(_rows_for, *zip(*jobs)))
@@ -306,7 +334,7 @@ def _fmt_ratio(value):
 
 def format_table(rows):
     head = ("kernel", "shape", "variant", "target", "dtype", "D", "blocks(M,N,D,A)", "warps", "stages", "regs",
-            "spill B", "shared B", "mma x", "exp x", "ok")
+            "spill B", "shared B", "mma x", "exp x", "loop dot/exp", "ok")
     lines = [head]
     for r in rows:
         ok = "yes" if within_limits(r) else "NO"
@@ -314,9 +342,24 @@ def format_table(rows):
             ok = "spills (fp32)"
         lines.append((r["kernel"], r["shape"], r["variant"], r["target"], r["dtype"], str(r["D"]), r["blocks"],
                       str(r["num_warps"]), str(r["num_stages"]), str(r["regs"]), str(r["spill"]),
-                      str(r["shared"]), _fmt_ratio(ratio(r, "mma")), _fmt_ratio(ratio(r, "exp")), ok))
+                      str(r["shared"]), _fmt_ratio(ratio(r, "mma")), _fmt_ratio(ratio(r, "exp")),
+                      f"{r['loop_dots']}/{r['loop_exps']}", ok))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def backward_tile_work(rows, target="sm_90", dtype="bfloat16", D=128):
+    """{"deterministic" | "atomic dq": (matmuls, exponentials)} per causal tile of the training backward,
+    summed over the kernels that visit the tile (dk/dv and dq; with atomic dq the dk/dv kernel alone, as
+    the launchers then launch no dq kernel): FlashAttention-2/3 take 5 and 1."""
+    def loops(variant, kernels):
+        picked = [r for r in rows if r["target"] == target and r["dtype"] == dtype and r["D"] == D
+                  and r["shape"] == "train" and r["variant"] == variant and r["kernel"] in kernels]
+        assert len(picked) == len(kernels), (variant, kernels)
+        return sum(r["loop_dots"] for r in picked), sum(r["loop_exps"] for r in picked)
+
+    return {"deterministic": loops("sample+mask", ("bwd_dkdv", "bwd_dq")),
+            "atomic dq": loops("sample+mask+atomic_dq1", ("bwd_dkdv",))}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,6 +423,9 @@ def main(argv=None):
 
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
+        work = backward_tile_work(rows)
+        print("\nbackward work per causal tile (sm_90, bf16, D=128; matmuls/exponentials over the kernels that "
+              "visit it): " + ", ".join(f"{k} {d}/{e}" for k, (d, e) in work.items()) + " (FlashAttention-2/3: 5/1)")
         bad = [r for r in rows if not within_limits(r)]
         print(f"\n{len(rows)} compilations in {time.time() - start:.0f} s; "
               f"{'fp16/bf16 without spills or duplicated work, all within shared memory' if not bad else f'{len(bad)} OVER LIMITS'}\n")

@@ -70,5 +70,20 @@ def test_report_compiles_all_kernels_without_spills(tmp_path, which):
         assert r["spill"] == 0 and r["stack"] == 0, r
         assert report.ratio(r, "mma") <= report.MAX_MMA_RATIO, r
         assert report.ratio(r, "exp") <= report.MAX_EXP_RATIO, r
+    # the work in one block-loop iteration: the forward's 2 matmuls and 1 exponential tile; the backward's
+    # 7 and 2 per causal tile over its dk/dv and dq kernels, 5 and 1 with dq accumulated in the dk/dv kernel
+    assert {(r["loop_dots"], r["loop_exps"]) for r in trained if r["kernel"] == "fwd"} == {(2, 1)}
+    assert {(r["loop_dots"], r["loop_exps"]) for r in trained if r["kernel"] == "bwd_adapter"} == {(0, 0)}
+    assert report.backward_tile_work(rows) == {"deterministic": (7, 2), "atomic dq": (5, 1)}
+    assert "backward work per causal tile" in res.stdout
+    # the forward with K and V through tensor descriptors (FASTDCA_TMA_FWD), on sm_90: TMA loads in its loop,
+    # a tile of at least 64 x 128 in at most 232 registers without spills, its work as the default's
+    tma = [r for r in rows if "+tma_fwd1" in r["variant"] and r["shape"] == "train"]
+    assert {(r["target"], r["D"]) for r in tma} == {("sm_90", 128), ("sm_90", 64)}
+    for r in tma:
+        block_m, block_n = map(int, r["blocks"].split("x")[:2])
+        assert r["tma_loads"] >= 2 and r["regs"] <= 232 and r["spill"] == 0 and block_m * block_n >= 64 * 128, r
+        assert (r["loop_dots"], r["loop_exps"]) == (2, 1), r
+    assert not any(r["tma_loads"] for r in rows if "+tma_fwd1" not in r["variant"])
     assert {r["variant"] for r in rows} >= {"sample+mask", "token+mask", "none"}
     assert "floor us" in res.stdout and "H100" in res.stdout

@@ -32,15 +32,17 @@ def fresh_launch_configs():
 
 
 def spy_on_launches(monkeypatch, name):
-    """The grids `fastdca.kernels`' kernel `name` is launched with from now on (it still runs)."""
+    """(grid, keyword arguments) of each launch of `fastdca.kernels`' kernel `name` from now on (it still runs)."""
     from fastdca.kernels import dca_attention as kmod
 
     launched, kernel = [], getattr(kmod, name)
 
     class Spy:
         def __getitem__(self, grid):
-            launched.append(grid)
-            return kernel[grid]
+            def launch(*args, **kwargs):
+                launched.append((grid, kwargs))
+                return kernel[grid](*args, **kwargs)
+            return launch
 
     monkeypatch.setattr(kmod, name, Spy())
     return launched
@@ -236,7 +238,7 @@ def test_flash_decoding_splits_the_keys(monkeypatch, shape, dtype):
     launched = spy_on_launches(monkeypatch, "_dca_decode_split_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype)
-    assert launched and all(grid[0] >= 2 for grid in launched)     # chunks rounded up to whole 16-key blocks
+    assert launched and all(grid[0] >= 2 for grid, _ in launched)     # chunks rounded up to whole 16-key blocks
 
 
 WINDOWED = [
@@ -312,6 +314,43 @@ def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypa
     finally:
         torch.use_deterministic_algorithms(False)
     assert kmod.atomic_dq_enabled()
+
+
+TMA_CASES = [
+    pytest.param(SHAPES[1].values[0], None, None, torch.float16, id="gqa-d80-left-fp16"),
+    pytest.param(SHAPES[5].values[0], None, None, torch.bfloat16, id="cache-T21-S70-left-bf16"),
+    pytest.param(SHAPES[6].values[0], None, None, torch.float16, id="two-query-blocks-right-fp16"),
+    pytest.param((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, 2.0, torch.float16, id="packed-window-softcap"),
+]
+
+
+@pytest.mark.parametrize("shape, window, softcap, dtype", TMA_CASES)
+def test_tma_forward_matches_reference(monkeypatch, shape, window, softcap, dtype):
+    """FASTDCA_TMA_FWD=1: the forward reads K and V through tensor descriptors, whose rows past S and
+    columns past D read as 0 (S not a multiple of the key block, D = 80 padded to 128)."""
+    monkeypatch.setenv("FASTDCA_TMA_FWD", "1")
+    launched = spy_on_launches(monkeypatch, "_dca_fwd_kernel")
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
+    assert launched and all(kwargs["TMA"] for _, kwargs in launched)
+
+
+def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeypatch):
+    from fastdca.kernels import dca_attention as kmod
+
+    def kv(D=64, dtype=torch.float16):
+        return torch.zeros(1, 2, 40, D, dtype=dtype)
+
+    monkeypatch.delenv("FASTDCA_TMA_FWD", raising=False)
+    assert not kmod._tma_forward(kv(), kv(), kv())
+    monkeypatch.setenv("FASTDCA_TMA_FWD", "1")
+    assert kmod._tma_forward(kv(), kv(), kv())
+    assert not kmod._tma_forward(kv(dtype=torch.float32), kv(dtype=torch.float32), kv(dtype=torch.float32))
+    transposed = torch.zeros(1, 2, 64, 40, dtype=torch.float16).transpose(2, 3)     # D not the unit stride
+    assert not kmod._tma_forward(kv(), transposed, kv())
+    assert not kmod._tma_forward(kv(20), kv(20), kv(20))                     # rows of 40 bytes: not 16-aligned
+    shifted = torch.zeros(4 + 2 * 40 * 64, dtype=torch.float16)[4:].view(1, 2, 40, 64)     # base 8 bytes off
+    assert not kmod._tma_forward(kv(), kv(), shifted)
 
 
 def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag(monkeypatch):
