@@ -205,8 +205,11 @@ def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_m
     """The online softmax over the key blocks starting in [lo, hi): returns the updated (m_i, l_i, acc).
     With HAS_SOFTCAP the scores (log2 units) become SOFTCAP * tanh(s / SOFTCAP), SOFTCAP the cap in
     log2 units. With TMA the K and V blocks come through the tensor descriptors k_desc, v_desc ((S, D)
-    of this kv head, rows past S and columns past D read as 0) instead of k_base, v_base and strides."""
+    of this kv head, rows past S and columns past D read as 0) instead of k_base, v_base and strides,
+    and (without a softcap) the scores stay unscaled until the exponent, where the scale, qk_scale > 0,
+    enters one fused multiply-add: exp2(s * qk_scale - m), m kept in scaled units."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
+    FOLD_SCALE: tl.constexpr = TMA and not HAS_SOFTCAP
     # the padding mask is loaded one key block ahead: Triton pipelines only the loads that feed dots
     key_ok = _key_ok(KPM, b, stride_mb, lo + offs_n0, S, HAS_KPM)
     for start_n in range(lo, hi, BLOCK_N):
@@ -217,7 +220,9 @@ def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_m
         else:
             kt = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None] * stride_kd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, _operand(kt, K, UPCAST), IEEE) * qk_scale
+        s = _dot(q, _operand(kt, K, UPCAST), IEEE)
+        if not FOLD_SCALE:
+            s = s * qk_scale
         if HAS_SOFTCAP:
             s = SOFTCAP * _tanh(s / SOFTCAP)
         if CAUSAL or HAS_KPM or HAS_SEQ or HAS_WINDOW:
@@ -225,11 +230,17 @@ def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_m
             s = tl.where(_visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM, HAS_SEQ, CAUSAL,
                                   HAS_WINDOW), s, float("-inf"))
         key_ok = _key_ok(KPM, b, stride_mb, offs_n + BLOCK_N, S, HAS_KPM)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD_SCALE:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row that has seen no visible key yet keeps m = -inf; shift by 0 there so that
         # exp2(-inf - -inf) never produces NaN
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_shift[:, None])
+        if FOLD_SCALE:
+            p = tl.exp2(s * qk_scale - m_shift[:, None])
+        else:
+            p = tl.exp2(s - m_shift[:, None])
         alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)
         if TMA:
@@ -1117,7 +1128,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     if T <= 16 and group * T <= DECODE_MAX_ROWS and cu_seqlens is None:
         return _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn,
                                xg, cfgs["decode"], launch)
-    tma = _tma_forward(q, k, v)
+    tma = _tma_forward(q, k, v, scale)
     cfg = cfgs["fwd_tma" if tma else "fwd"]
     n_mblocks = _cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
@@ -1143,11 +1154,12 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     return out, lse, _extra(mode, xg_out, xg_part)
 
 
-def _tma_forward(q, k, v) -> bool:
+def _tma_forward(q, k, v, scale) -> bool:
     """Whether this forward reads K and V through tensor descriptors: FASTDCA_TMA_FWD=1, a Hopper or newer
-    GPU (or the interpreter), fp16/bf16, head dims up to 128, and K and V laid out as TMA needs (unit
-    stride along D, 16-byte aligned bases and strides)."""
-    if not tma_forward_enabled() or q.dtype == torch.float32 or head_block(q.shape[-1]) > 128:
+    GPU (or the interpreter), fp16/bf16, head dims up to 128, a positive scale (which the loop folds into
+    the exponent), and K and V laid out as TMA needs (unit stride along D, 16-byte aligned bases and
+    strides)."""
+    if not tma_forward_enabled() or q.dtype == torch.float32 or head_block(q.shape[-1]) > 128 or not scale > 0:
         return False
     if not (_INTERPRETED or target_arch(q.device) >= 90):
         return False

@@ -342,15 +342,17 @@ def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeyp
         return torch.zeros(1, 2, 40, D, dtype=dtype)
 
     monkeypatch.delenv("FASTDCA_TMA_FWD", raising=False)
-    assert not kmod._tma_forward(kv(), kv(), kv())
+    assert not kmod._tma_forward(kv(), kv(), kv(), 0.125)
     monkeypatch.setenv("FASTDCA_TMA_FWD", "1")
-    assert kmod._tma_forward(kv(), kv(), kv())
-    assert not kmod._tma_forward(kv(dtype=torch.float32), kv(dtype=torch.float32), kv(dtype=torch.float32))
+    assert kmod._tma_forward(kv(), kv(), kv(), 0.125)
+    fp32 = kv(dtype=torch.float32)
+    assert not kmod._tma_forward(fp32, fp32, fp32, 0.125)
     transposed = torch.zeros(1, 2, 64, 40, dtype=torch.float16).transpose(2, 3)     # D not the unit stride
-    assert not kmod._tma_forward(kv(), transposed, kv())
-    assert not kmod._tma_forward(kv(20), kv(20), kv(20))                     # rows of 40 bytes: not 16-aligned
+    assert not kmod._tma_forward(kv(), transposed, kv(), 0.125)
+    assert not kmod._tma_forward(kv(20), kv(20), kv(20), 0.125)       # rows of 40 bytes: not 16-aligned
     shifted = torch.zeros(4 + 2 * 40 * 64, dtype=torch.float16)[4:].view(1, 2, 40, 64)     # base 8 bytes off
-    assert not kmod._tma_forward(kv(), kv(), shifted)
+    assert not kmod._tma_forward(kv(), kv(), shifted, 0.125)
+    assert not kmod._tma_forward(kv(), kv(), kv(), -0.125)     # the folded scale needs scale > 0
 
 
 def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag(monkeypatch):
