@@ -281,12 +281,22 @@ def test_soft_cap_without_a_window_matches_reference(shape):
         check_against_reference("triton", shape, xg, torch.float32, softcap=2.0)
 
 
-ATOMIC_CASES = [
-    pytest.param(SHAPES[1].values[0], None, None, torch.float32, id="gqa-d80-left"),
-    pytest.param(SHAPES[5].values[0], None, None, torch.float16, id="cache-T21-S70-left-fp16"),
-    pytest.param(SHAPES[6].values[0], None, None, torch.float32, id="two-query-blocks-right"),
-    pytest.param((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, 2.0, torch.float32, id="packed-window-softcap"),
+# the shapes the kernels behind switches (FASTDCA_ATOMIC_DQ, FASTDCA_TMA_FWD) are checked on: (shape, window,
+# softcap, id); each variant picks a dtype per shape
+SWITCHED_SHAPES = [
+    (SHAPES[1].values[0], None, None, "gqa-d80-left"),
+    (SHAPES[5].values[0], None, None, "cache-T21-S70-left"),
+    (SHAPES[6].values[0], None, None, "two-query-blocks-right"),
+    ((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, 2.0, "packed-window-softcap"),
 ]
+
+
+def switched_cases(dtypes):
+    return [pytest.param(shape, window, softcap, dtype, id=f"{name}-{str(dtype)[6:]}")
+            for (shape, window, softcap, name), dtype in zip(SWITCHED_SHAPES, dtypes)]
+
+
+ATOMIC_CASES = switched_cases([torch.float32, torch.float16, torch.float32, torch.float32])
 
 
 @pytest.mark.parametrize("shape, window, softcap, dtype", ATOMIC_CASES)
@@ -316,12 +326,7 @@ def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypa
     assert kmod.atomic_dq_enabled()
 
 
-TMA_CASES = [
-    pytest.param(SHAPES[1].values[0], None, None, torch.float16, id="gqa-d80-left-fp16"),
-    pytest.param(SHAPES[5].values[0], None, None, torch.bfloat16, id="cache-T21-S70-left-bf16"),
-    pytest.param(SHAPES[6].values[0], None, None, torch.float16, id="two-query-blocks-right-fp16"),
-    pytest.param((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), 5, 2.0, torch.float16, id="packed-window-softcap"),
-]
+TMA_CASES = switched_cases([torch.float16, torch.bfloat16, torch.float16, torch.float16])    # no float32 TMA
 
 
 @pytest.mark.parametrize("shape, window, softcap, dtype", TMA_CASES)
