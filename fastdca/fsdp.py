@@ -26,7 +26,6 @@ def trainer_options(model) -> dict:
                             "transformer_layer_cls_to_wrap": decoder_layer_class_names(model)}}
 
 
-
 def check_launch() -> None:
     """ValueError unless this process is one of several launched together (torchrun / accelerate launch)."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2:

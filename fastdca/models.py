@@ -166,9 +166,9 @@ def load_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, l
     ``load_in_4bit`` (nf4) / ``load_in_8bit`` quantise the linear layers through bitsandbytes, with
     ``dtype`` as the compute dtype; ``quant_storage`` is the dtype nf4 weights are packed into
     (bitsandbytes' ``bnb_4bit_quant_storage``, default uint8): a floating one lets FSDP2 shard them like
-    any other tensor (``fastdca train --fsdp``). Returns ``(model, tokenizer)``, the model in eval mode on ``device``
-    (default: :func:`default_device`, so a GPU is used where there is one); the tokenizer gets a pad
-    token (the EOS token) when it has none.
+    any other tensor (``fastdca train --fsdp``). Returns ``(model, tokenizer)``, the model in eval mode
+    on ``device`` (default: :func:`default_device`, so a GPU is used where there is one); the tokenizer
+    gets a pad token (the EOS token) when it has none.
     """
     if load_in_4bit and load_in_8bit:
         raise ValueError("load_in_4bit and load_in_8bit are mutually exclusive; pick one")

@@ -237,7 +237,8 @@ def run_result(folder):
     return adapter, json.loads((folder / "loss_history.json").read_text())
 
 
-@pytest.mark.parametrize("extra", [["--gradient-checkpointing"], ["--packing", "--variance", "token", "--load-in-4bit"]],
+@pytest.mark.parametrize("extra", [["--gradient-checkpointing"],
+                                   ["--packing", "--variance", "token", "--load-in-4bit"]],
                          ids=["padded-checkpointing", "packed-nf4"])
 def test_fastdca_train_fsdp_equals_data_parallel_and_resumes_after_sigterm_to_one_rank(tiny_model_dir, tmp_path,
                                                                                        extra):
@@ -248,7 +249,8 @@ def test_fastdca_train_fsdp_equals_data_parallel_and_resumes_after_sigterm_to_on
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     sharded = fastdca_train(tmp_path, "fsdp", [*args, "--fsdp"], FSDP_TEST_ON_CPU="1")
     assert sharded.returncode == 0, sharded.stderr[-3000:]
-    assert len(re.findall(r"FSDP2 shards the model over 2 processes in \d+ units \(3 decoder layers", sharded.stdout)) == 1
+    shards = re.findall(r"FSDP2 shards the model over 2 processes in \d+ units \(3 decoder layers", sharded.stdout)
+    assert len(shards) == 1, "rank 0 says how the model was sharded"
     # a checkpoint holds what an unsharded run's does: the adapter, never the base's shards
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoint-2").iterdir()) == \
         sorted(p.name for p in (tmp_path / "ddp" / "checkpoint-2").iterdir())

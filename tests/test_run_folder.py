@@ -302,3 +302,18 @@ def test_eval_of_a_base_model_writes_no_file_unless_asked(tiny_model_dir, tmp_pa
     assert list(tmp_path.iterdir()) == []
     assert main(argv + ["--output", "base.jsonl"]) == 0
     assert (tmp_path / "base.jsonl").is_file()
+
+
+def test_a_sharded_run_differs_from_an_unsharded_one_in_its_record():
+    """--fsdp checkpoints lay the optimizer state out by parameter name: resuming one without --fsdp (or the
+    other way round) is a difference the run record names; records written before --fsdp existed still match."""
+    from fastdca.config import DCAConfig
+    from fastdca.run_record import differences, run_record
+    from fastdca.tasks import LetterConcatenation
+    from fastdca.train import TrainSettings
+
+    examples = LetterConcatenation(n_train=4, n_test=1).examples("train")
+    plain = run_record(examples, TrainSettings(), DCAConfig(), "m")
+    sharded = run_record(examples, TrainSettings(fsdp=True), DCAConfig(), "m")
+    assert differences(plain, sharded) == ["sharding: None -> 'fsdp'"]
+    assert "sharding" not in plain and differences(plain, run_record(examples, TrainSettings(), DCAConfig(), "m")) == []

@@ -12,5 +12,5 @@ from fastdca.hf.state import adapted_layers, adapter_state_dict, decoder_layer_c
 
 __all__ = ["patch", "unpatch", "save_adapter", "load_adapter", "from_pretrained", "describe", "disable_adapter",
            "print_trainable_parameters", "trainable_parameters", "is_patched", "get_config", "adapter_state_dict",
-           "adapted_layers", "decoder_layer_class_names", "record_adapter_attention", "AdapterAttentionRecord", "DCAAdapter",
-           "trainable_parameter_count", "SUPPORTED_MODEL_TYPES"]
+           "adapted_layers", "decoder_layer_class_names", "record_adapter_attention", "AdapterAttentionRecord",
+           "DCAAdapter", "trainable_parameter_count", "SUPPORTED_MODEL_TYPES"]
