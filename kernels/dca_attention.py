@@ -913,10 +913,10 @@ _ATOMIC_DKDV = {
     90: {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (32, 32, 8, 2)},
     80: {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 32, 8, 2)},
 }
-# The forward with FASTDCA_TMA_FWD (K and V through tensor descriptors; sm_90, padded D <= 128): without
-# the address arithmetic of runtime strides in the loop, 128-row tiles on 8 warps fit with room to spare
-# on Triton 3.6 and 3.9 (64 x 128 on 4 warps takes 250 registers on 3.6). Untimed: the first GPU run
-# decides (`fastdca check` runs it beside the default).
+# The forward with FASTDCA_TMA_FWD (K and V through tensor descriptors, the scale folded into the exponent;
+# sm_90, padded D <= 128): 128 x 64 on 8 warps, 3 stages, compiles without spills on Triton 3.6 and 3.9
+# (benchmarks/forward_registers.py; 64 x 128 on 4 warps stays at 250+ registers on 3.6). Untimed: the
+# first GPU run decides (`fastdca check` runs it beside the default).
 _TMA_FWD = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
 # T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
 # forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
