@@ -139,7 +139,6 @@ def check_speed(B=4, T=2048, D=128, M=10):
     import torch
     import torch.nn.functional as F
 
-    from fastdca.kernels.dca_attention import atomic_dq, tma_forward
     from fastdca.ops import dca_attention
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -154,15 +153,15 @@ def check_speed(B=4, T=2048, D=128, M=10):
         def dca():
             return dca_attention(q, k, v, ak, av, gate, causal_len=2)[0]
 
-        impls = {   # name: (function, atomic dq, TMA forward)
-            "fastdca": (dca, False, False),
-            "fastdca atomic dq": (dca, True, False),
-            "fastdca tma fwd": (dca, False, True),
+        impls = {   # name: (function, (atomic dq, TMA forward))
+            "fastdca": (dca, (False, False)),
+            "fastdca atomic dq": (dca, (True, False)),
+            "fastdca tma fwd": (dca, (False, True)),
             "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                          enable_gqa=Hq != Hkv), False, False),
+                                                                          enable_gqa=Hq != Hkv), (False, False)),
         }
-        for impl, (fn, atomic, tma) in impls.items():
-            with atomic_dq(atomic), tma_forward(tma):
+        for impl, (fn, switches) in impls.items():
+            with kernel_switches(switches):
                 with torch.no_grad():
                     fwd = _time_ms(fn)
                 bwd, grad = _backward_ms(fn, (q, k, v))
@@ -175,6 +174,20 @@ def check_speed(B=4, T=2048, D=128, M=10):
                              fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd / 1e9,
                              bwd_tflops=2.5 * flops / bwd / 1e9, peak_mb=peak / 2**20))
     return rows
+
+
+@contextlib.contextmanager
+def kernel_switches(switches):
+    """The kernels' switches (FASTDCA_ATOMIC_DQ, FASTDCA_TMA_FWD) set to `switches`, (atomic dq, TMA forward),
+    while the block runs; None leaves them, and Triton unimported (the kernels are imported only where they
+    run)."""
+    if switches is None:
+        yield
+        return
+    from fastdca.kernels.dca_attention import atomic_dq, tma_forward
+
+    with atomic_dq(switches[0]), tma_forward(switches[1]):
+        yield
 
 
 def run_check(interpret=False, json_path=None, speed=True) -> int:
@@ -208,21 +221,13 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
         name = str(dtype).replace("torch.", "")
         probe = torch.empty(0, device=device, dtype=dtype)
         backend = "triton" if interpret else resolve_backend(None, probe)
-        variants = [(backend, contextlib.nullcontext)]
-        if backend == "triton":     # the kernels (and Triton) are imported only where they run
-            from fastdca.kernels.dca_attention import atomic_dq, tma_forward
-
-            def switched(atomic, tma):
-                stack = contextlib.ExitStack()
-                stack.enter_context(atomic_dq(atomic))
-                stack.enter_context(tma_forward(tma))
-                return stack
-
-            variants = [(backend, lambda: switched(False, False)), ("triton+atomic-dq", lambda: switched(True, False)),
-                        ("triton+tma-fwd", lambda: switched(False, True))]
-        for label, switch in variants:
+        variants = [(backend, None)]
+        if backend == "triton":
+            variants = [(backend, (False, False)), ("triton+atomic-dq", (True, False)),
+                        ("triton+tma-fwd", (False, True))]
+        for label, switches in variants:
             for shape in SHAPES:
-                with switch():
+                with kernel_switches(switches):
                     errors = check_numerics(device, backend, dtype, shape)
                 worst = max(errors, key=errors.get)
                 ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]

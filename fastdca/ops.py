@@ -412,9 +412,7 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
     under torch.compile, where that read would break the graph, one call with the block-diagonal mask."""
     gqa = q.shape[1] != k.shape[1]
     if torch.compiler.is_compiling():
-        S = q.shape[2]
-        ids = sequence_ids(cu_seqlens, S)
-        visible = (ids[:, None] == ids[None, :]) & reference.causal_visible(S, S, q.device, window)
+        visible = reference.packed_visible(cu_seqlens, q.shape[2], window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     lengths = cu_seqlens.diff().tolist()
     pieces = []

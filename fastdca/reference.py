@@ -42,6 +42,13 @@ def causal_visible(T: int, S: int, device, window=None) -> torch.Tensor:
     return visible if window is None else visible & (key_pos > query_pos - window)
 
 
+def packed_visible(cu_seqlens: torch.Tensor, S: int, window=None) -> torch.Tensor:
+    """(S, S) bool for sequences packed in one row (T = S): query i sees key j when both lie in the same
+    sequence and j is causally visible to i (within `window` keys back when given)."""
+    ids = sequence_ids(cu_seqlens, S)
+    return (ids[:, None] == ids[None, :]) & causal_visible(S, S, cu_seqlens.device, window)
+
+
 def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None,
                  cu_seqlens=None, window=None, softcap=None) -> torch.Tensor:
     """softmax(q k^T * scale + mask) (B, Hq, T, S) with q (B, Hq, T, D), k (B, Hq, S, D) (kv heads already

@@ -74,8 +74,9 @@ def read_record(output_dir):
 
 def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> tuple:
     """Decide what a run into `output_dir` does: (action, the differences a resume carries over) with action
-    "fresh", "resume", or "finished" (the folder holds this very run, finished: nothing to train). ValueError where it holds another run and neither overwrite nor
-    (for an unfinished run) resume_anyway allows going on. overwrite removes the old run's adapter,
+    "fresh", "resume", or "finished" (the folder holds this very run, finished: nothing to train).
+    ValueError where it holds another run and neither overwrite nor (for an unfinished run) resume_anyway
+    allows going on. overwrite removes the old run's adapter,
     checkpoints and record first. Temporary files of a killed write are removed (the caller holds the
     folder's lock, so no live write owns them)."""
     output_dir = Path(output_dir)

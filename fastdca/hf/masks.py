@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdca.reference import sequence_ids
+from fastdca.reference import packed_visible
 
 
 def key_padding_of_call(state, attention_mask, B, T, S, windowed=False):
@@ -106,10 +106,7 @@ def _mask_allows_packing(attention_mask, cu, T) -> bool:
     if attention_mask is None:
         return True
     if attention_mask.dim() == 4 and attention_mask.shape[-2:] == (T, T):
-        ids = sequence_ids(cu.to(attention_mask.device), T)
-        positions = torch.arange(T, device=attention_mask.device)
-        within_sequences = (ids[:, None] == ids[None, :]) & (positions[None, :] <= positions[:, None])
-        if torch.equal(_visible(attention_mask[0, 0]), within_sequences):
+        if torch.equal(_visible(attention_mask[0, 0]), packed_visible(cu.to(attention_mask.device), T)):
             return True
     return key_padding_mask(attention_mask, 1, T, T) is None
 
