@@ -4,7 +4,9 @@ For each kernel (forward, and the backward's adapter, dk/dv and dq kernels), hea
 forward, decoding, every candidate (BLOCK_M, BLOCK_N, warps, stages) is timed with the other kernels at
 their table entries (`fastdca.kernels.dca_attention.launch_config`), bf16, B=4, Hq=Hkv=32 (T=2048) or
 B=8, Hq=32, Hkv=8 (decoding, S=8192). The median of triton.testing.do_bench; the fastest candidate is
-marked. This is how the tables in kernels/dca_attention.py were chosen (BENCHMARKS.md has the run).
+marked. This is how the tables in kernels/dca_attention.py were chosen (BENCHMARKS.md has the run). The
+kernels behind switches (fwd_tma, bwd_dkdv_tma, bwd_dkdv_atomic, bwd_dkdv_atomic_tma) are timed with
+their switches on; `--only bwd_dkdv_tma ...` sweeps just those.
 """
 
 from __future__ import annotations
@@ -25,12 +27,20 @@ CANDIDATES = {
                   (32, 64, 4, 2), (64, 64, 4, 2), (128, 128, 8, 1)],
         bwd_dq=[(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2),
                 (64, 32, 4, 3), (64, 64, 4, 3)],
+        fwd_tma=[(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2)],
+        bwd_dkdv_tma=[(32, 128, 8, 2), (32, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2)],
+        bwd_dkdv_atomic=[(32, 32, 4, 2), (32, 64, 4, 1), (32, 128, 8, 2)],
+        bwd_dkdv_atomic_tma=[(32, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 2)],
     ),
     64: dict(
         fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
         bwd_adapter=[(64, 0, 4, 1), (128, 0, 8, 1), (128, 0, 4, 1)],
         bwd_dkdv=[(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (128, 128, 8, 2)],
         bwd_dq=[(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        fwd_tma=[(128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3)],
+        bwd_dkdv_tma=[(64, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
+        bwd_dkdv_atomic=[(32, 64, 4, 3), (32, 128, 8, 2), (32, 32, 4, 2)],
+        bwd_dkdv_atomic_tma=[(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 2)],
     ),
 }
 DECODE = [(16, 64, 1, 2), (16, 128, 1, 2), (16, 64, 2, 2), (16, 128, 2, 3), (16, 64, 4, 3), (16, 256, 4, 2)]
@@ -47,14 +57,26 @@ def _as_config(candidate):
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
+# the kernels behind switches: the switches (fastdca.check.kernel_switches) their candidates are timed with
+SWITCHED = {"fwd_tma": ("tma-fwd",), "bwd_dkdv_tma": ("tma-bwd",), "bwd_dkdv_atomic": ("atomic-dq",),
+            "bwd_dkdv_atomic_tma": ("atomic-dq", "tma-bwd")}
+
+
 def time_candidate(kernel, candidate, inputs, D):
+    from fastdca.check import kernel_switches
+
+    with kernel_switches(SWITCHED.get(kernel, ())):
+        return _time_candidate(kernel, candidate, inputs, D)
+
+
+def _time_candidate(kernel, candidate, inputs, D):
     from triton.testing import do_bench
 
     from fastdca.kernels.dca_attention import dca_backward, dca_forward
 
     q, k, v, ak, av, gate = inputs
     kw = dict(causal_len=2, scale=1 / math.sqrt(D), xg="sample", configs={kernel: _as_config(candidate)})
-    if kernel == "fwd":
+    if kernel.startswith("fwd"):
         return do_bench(lambda: dca_forward(q, k, v, ak, av, gate, **kw), warmup=20, rep=60, return_mode="median")
     out, lse, extra = dca_forward(q, k, v, ak, av, gate, **kw)
     dout, dcol = torch.randn_like(out), torch.randn_like(extra)
@@ -65,7 +87,7 @@ def time_candidate(kernel, candidate, inputs, D):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write every timing as JSON to PATH")
-    parser.add_argument("--only", nargs="+", choices=("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq", "decode"),
+    parser.add_argument("--only", nargs="+", choices=("fwd", "bwd_adapter", "bwd_dkdv", "bwd_dq", "decode", *SWITCHED),
                         help="sweep only these kernels")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

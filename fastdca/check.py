@@ -5,12 +5,13 @@
 2. Numerics: `dca_attention` on the backend `auto` picks (with `interpret`, the Triton kernels under
    Triton's interpreter on the CPU) against `fastdca.reference` in float64, on MHA, GQA, padded and
    decoding shapes, in every dtype the device runs: the output, the X_G statistics and the six
-   gradients, each by its normwise relative error ||x - ref|| / ||ref||. On the triton backend also with
-   FASTDCA_ATOMIC_DQ=1 (dq accumulated in the dk/dv kernel, behind a switch until a GPU run checks it).
+   gradients, each by its normwise relative error ||x - ref|| / ||ref||. On the triton backend also the
+   kernels behind switches until a GPU run checks them (SWITCHED_VARIANTS: FASTDCA_ATOMIC_DQ,
+   FASTDCA_TMA_FWD, FASTDCA_TMA_BWD).
 3. Speed (CUDA only): forward and backward of `dca_attention` against SDPA on the prompt-only problem
    (the same attention without the adapter: less work than DCA, so the floor), LLaMA-7B (32/32) and
    Llama-3-8B (32/8) heads, D = 128, T = 2048, B = 4, bf16 (fp16 where bf16 is unsupported): time,
-   TFLOP/s of the causal prompt attention and peak memory; fastdca with atomic dq beside it.
+   TFLOP/s of the causal prompt attention and peak memory; fastdca with each switched kernel beside it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ import sys
 # summation order (~100 ulp of 2^-24); fp16 and bf16 round the output, P, dS and the gradients to
 # their unit roundoff u (2^-11, 2^-8): 4u.
 NORMWISE_TOLERANCE = {"float32": 1e-5, "float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8}
+
+# the kernels behind switches, checked beside the default: each a tuple of switches kernel_switches turns on
+SWITCHED_VARIANTS = (("atomic-dq",), ("tma-fwd",), ("tma-bwd",), ("atomic-dq", "tma-bwd"))
 
 # (name, B, Hq, Hkv, T, S, D, M, H, padding)
 SHAPES = (
@@ -153,12 +157,14 @@ def check_speed(B=4, T=2048, D=128, M=10):
         def dca():
             return dca_attention(q, k, v, ak, av, gate, causal_len=2)[0]
 
-        impls = {   # name: (function, (atomic dq, TMA forward))
-            "fastdca": (dca, (False, False)),
-            "fastdca atomic dq": (dca, (True, False)),
-            "fastdca tma fwd": (dca, (False, True)),
+        impls = {   # name: (function, the kernels' switches it runs with)
+            "fastdca": (dca, ()),
+            "fastdca atomic dq": (dca, ("atomic-dq",)),
+            "fastdca tma fwd": (dca, ("tma-fwd",)),
+            "fastdca tma bwd": (dca, ("tma-bwd",)),
+            "fastdca tma+atomic": (dca, ("tma-fwd", "tma-bwd", "atomic-dq")),
             "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                          enable_gqa=Hq != Hkv), (False, False)),
+                                                                          enable_gqa=Hq != Hkv), ()),
         }
         for impl, (fn, switches) in impls.items():
             with kernel_switches(switches):
@@ -178,15 +184,18 @@ def check_speed(B=4, T=2048, D=128, M=10):
 
 @contextlib.contextmanager
 def kernel_switches(switches):
-    """The kernels' switches (FASTDCA_ATOMIC_DQ, FASTDCA_TMA_FWD) set to `switches`, (atomic dq, TMA forward),
-    while the block runs; None leaves them, and Triton unimported (the kernels are imported only where they
-    run)."""
+    """The kernels' switches on where named in `switches` ("atomic-dq": FASTDCA_ATOMIC_DQ, "tma-fwd":
+    FASTDCA_TMA_FWD, "tma-bwd": FASTDCA_TMA_BWD) and off elsewhere while the block runs; None leaves them,
+    and Triton unimported (the kernels are imported only where they run)."""
     if switches is None:
         yield
         return
-    from fastdca.kernels.dca_attention import atomic_dq, tma_forward
+    from fastdca.kernels.dca_attention import atomic_dq, tma_backward, tma_forward
 
-    with atomic_dq(switches[0]), tma_forward(switches[1]):
+    unknown = set(switches) - {"atomic-dq", "tma-fwd", "tma-bwd"}
+    assert not unknown, unknown
+    with atomic_dq("atomic-dq" in switches), tma_forward("tma-fwd" in switches), \
+            tma_backward("tma-bwd" in switches):
         yield
 
 
@@ -216,15 +225,14 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
     failures = 0
     print("\nnumerics against fastdca.reference in float64 (normwise relative error of out, X_G sums and the "
           "six gradients; worst of them)")
-    print(f"  {'dtype':9s} {'backend':16s} {'shape':8s} {'worst':>9s} {'tensor':6s} {'allowed':>9s}  result")
+    print(f"  {'dtype':9s} {'backend':24s} {'shape':8s} {'worst':>9s} {'tensor':6s} {'allowed':>9s}  result")
     for dtype in dtypes:
         name = str(dtype).replace("torch.", "")
         probe = torch.empty(0, device=device, dtype=dtype)
         backend = "triton" if interpret else resolve_backend(None, probe)
         variants = [(backend, None)]
         if backend == "triton":
-            variants = [(backend, (False, False)), ("triton+atomic-dq", (True, False)),
-                        ("triton+tma-fwd", (False, True))]
+            variants = [(backend, ())] + [(f"triton+{'+'.join(on)}", on) for on in SWITCHED_VARIANTS]
         for label, switches in variants:
             for shape in SHAPES:
                 with kernel_switches(switches):
@@ -233,7 +241,7 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
                 ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]
                 failures += not ok
                 report["numerics"].append(dict(dtype=name, backend=label, shape=shape[0], errors=errors, ok=ok))
-                print(f"  {name:9s} {label:16s} {shape[0]:8s} {errors[worst]:9.2e} {worst:6s} "
+                print(f"  {name:9s} {label:24s} {shape[0]:8s} {errors[worst]:9.2e} {worst:6s} "
                       f"{NORMWISE_TOLERANCE[name]:9.2e}  {'ok' if ok else 'FAILED'}")
     if speed and device.type == "cuda":
         report["speed"] = check_speed()

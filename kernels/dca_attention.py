@@ -519,23 +519,32 @@ def _dca_decode_combine_kernel(
 
 
 @triton.jit
-def _dkdv_query_blocks(k, v, q_base, do_base, lse_base, delta_base, dq_base, dk, dv, qk_scale, sm_scale, stride_qt,
-                       stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end, lo, hi, T,
-                       S, D, WINDOW, SOFTCAP, Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+def _dkdv_query_blocks(k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, delta_base, dq_base, dk, dv, qk_scale,
+                       sm_scale, stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok,
+                       key_end, lo, hi, T, S, D, WINDOW, SOFTCAP, Q, DOUT, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
                        HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """dk, dv contributions of one query head's blocks starting in [lo, hi): returns (dk, dv). With
+                       HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr):
+    """dk, dv contributions of query head h's blocks starting in [lo, hi): returns (dk, dv). With
     packed sequences key j is seen only by the queries before key_end[j], the end of its sequence. With
     ATOMIC_DQ each block's dq share, dS k * scale, is also added to the float32 dq buffer at dq_base
-    ((T, D) contiguous) with atomics: the separate dq kernel and its recomputation of P and dP are not run."""
+    ((T, D) contiguous) with atomics: the separate dq kernel and its recomputation of P and dP are not run.
+    With TMA the q and dout blocks come through the tensor descriptors q_desc ((B, Hq, T, D)) and do_desc
+    ((B, T, Hq, D)) at [b, h] (rows past T and columns past D read as 0) instead of q_base, do_base and
+    strides."""
     BLOCK_M: tl.constexpr = offs_m0.shape[0]
+    BLOCK_D: tl.constexpr = offs_d.shape[0]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
         m_ok = offs_m < T
         md_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+        if TMA:
+            q = q_desc.load([b, h, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = do_desc.load([b, start_m, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd, mask=md_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=md_mask,
+                         other=0.0)
         q = _operand(q, Q, UPCAST)
-        do = tl.load(do_base + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od, mask=md_mask, other=0.0)
         do = _operand(do, DOUT, UPCAST)
         # rows past T get lse = +inf, so their probabilities are 0 without a mask
         lse = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf"))
@@ -714,12 +723,13 @@ def _dca_bwd_dkdv_kernel(
     stride_mb,
     Hq, Hkv, T, S, D, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
     int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S); DQ_ACC (B, Hq, T, D) float32,
-    holding the adapter's dq term (read and added to with ATOMIC_DQ only).
+    holding the adapter's dq term (read and added to with ATOMIC_DQ only). With TMA, Q and DOUT (unit
+    stride along D, the other strides and the bases 16-byte aligned) are read through tensor descriptors.
 
     With P^T recomputed from the saved lse, for each query head h of the kv group and each query block:
         dv += P^T dout;  dP^T = v dout^T;  dS^T = P^T * (dP^T - delta);  dk += dS^T q * scale
@@ -768,20 +778,31 @@ def _dca_bwd_dkdv_kernel(
         hi = tl.minimum(hi, tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW - (S - T), 0))
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(full_lo, hi)
+    if TMA:
+        n_b = tl.num_programs(1) // Hkv
+        q_desc = tl.make_tensor_descriptor(Q, shape=[n_b, Hq, T, D], strides=[stride_qb, stride_qh, stride_qt, 1],
+                                           block_shape=[1, 1, BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DOUT, shape=[n_b, T, Hq, D], strides=[stride_ob, stride_ot, stride_oh, 1],
+                                            block_shape=[1, BLOCK_M, 1, BLOCK_D])
+    else:
+        q_desc = Q
+        do_desc = DOUT
     for gi in range(GROUP):
         h = (kh * GROUP + gi).to(tl.int64)
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DOUT + b * stride_ob + h * stride_oh
         row_base = (b * Hq + h) * T
         dq_base = DQ_ACC + row_base * D
-        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base, dk, dv,
-                                    qk_scale, sm_scale, stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0,
-                                    offs_d, d_ok, key_ok, key_end, lo, full_lo, T, S, D, WINDOW, SOFTCAP, Q, DOUT,
-                                    True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ)
-        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, LSE + row_base, DELTA + row_base, dq_base, dk, dv,
-                                    qk_scale, sm_scale, stride_qt, stride_qd, stride_ot, stride_od, offs_n, offs_m0,
-                                    offs_d, d_ok, key_ok, key_end, full_lo, hi, T, S, D, WINDOW, SOFTCAP, Q, DOUT,
-                                    False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ)
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
+                                    LSE + row_base, DELTA + row_base, dq_base, dk, dv, qk_scale, sm_scale, stride_qt,
+                                    stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end,
+                                    lo, full_lo, T, S, D, WINDOW, SOFTCAP, Q, DOUT, True, HAS_KPM, HAS_SEQ, UPCAST,
+                                    IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ, TMA)
+        dk, dv = _dkdv_query_blocks(k, v, q_base, do_base, q_desc, do_desc, b.to(tl.int32), h.to(tl.int32),
+                                    LSE + row_base, DELTA + row_base, dq_base, dk, dv, qk_scale, sm_scale, stride_qt,
+                                    stride_qd, stride_ot, stride_od, offs_n, offs_m0, offs_d, d_ok, key_ok, key_end,
+                                    full_lo, hi, T, S, D, WINDOW, SOFTCAP, Q, DOUT, False, HAS_KPM, HAS_SEQ, UPCAST,
+                                    IEEE, HAS_WINDOW, HAS_SOFTCAP, ATOMIC_DQ, TMA)
 
     dk = dk * sm_scale
     out_offs = pid_bkh.to(tl.int64) * S * D + offs_n[:, None] * D + offs_d[None, :]
@@ -918,6 +939,13 @@ _ATOMIC_DKDV = {
 # (benchmarks/forward_registers.py; 64 x 128 on 4 warps stays at 250+ registers on 3.6). Untimed: the
 # first GPU run decides (`fastdca check` runs it beside the default).
 _TMA_FWD = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
+# bwd_dkdv with FASTDCA_TMA_BWD (the loop's q and dout blocks through tensor descriptors; sm_90, padded
+# D <= 128), without and with FASTDCA_ATOMIC_DQ: the loads are pipelined (2 stages; the strided loop spills
+# with more than 1 at D = 128), and the freed registers take a 128-key tile where both Tritons compile it
+# without spills (benchmarks/tile_registers.py; with atomic dq at D = 128 only the 32 x 32 tile fits).
+# Untimed: the first GPU run decides (`fastdca check` runs it beside the default).
+_TMA_DKDV = {"bwd_dkdv_tma": {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)},
+             "bwd_dkdv_atomic_tma": {64: (32, 128, 8, 2), 128: (32, 32, 4, 2)}}
 # T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
 # forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
 # the backward): 16-row query blocks, tl.dot's minimum. Decoding is bound by reading K and V, and
@@ -952,19 +980,22 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
         return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
     if dtype == torch.float32:
         block_m, block_n, warps, stages = _FP32[max(64, block_d)]
-    elif kernel == "bwd_dkdv_atomic":
+    elif kernel in _TMA_DKDV and max(64, block_d) in _TMA_DKDV[kernel]:
+        block_m, block_n, warps, stages = _TMA_DKDV[kernel][max(64, block_d)]
+    elif kernel.startswith("bwd_dkdv_atomic"):
         block_m, block_n, warps, stages = _ATOMIC_DKDV[90 if arch == 90 else 80][max(64, block_d)]
     elif kernel == "fwd_tma" and T > 16 and max(64, block_d) in _TMA_FWD:
         block_m, block_n, warps, stages = _TMA_FWD[max(64, block_d)]
     else:
-        kernel = "fwd" if kernel == "fwd_tma" else kernel
+        kernel = {"fwd_tma": "fwd", "bwd_dkdv_tma": "bwd_dkdv"}.get(kernel, kernel)
         block_m, block_n, warps, stages = _LAUNCH[90 if arch == 90 else 80][kernel][max(64, block_d)]
         if T <= 16 and kernel in ("fwd", "bwd_adapter"):
             block_m, block_n, warps, stages = _DECODE[max(64, block_d)]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-KERNELS = ("fwd", "fwd_tma", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dq")
+KERNELS = ("fwd", "fwd_tma", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dkdv_tma",
+           "bwd_dkdv_atomic_tma", "bwd_dq")
 
 
 def _configs(D, T, dtype, device, overrides):
@@ -1067,6 +1098,17 @@ def tma_forward(on: bool):
     return _switch("FASTDCA_TMA_FWD", on)
 
 
+def tma_backward_enabled() -> bool:
+    """Whether the dk/dv kernel reads the q and dout blocks of its loop through tensor descriptors (TMA on
+    Hopper). Off unless FASTDCA_TMA_BWD=1: not the default until a GPU run has checked it."""
+    return os.environ.get("FASTDCA_TMA_BWD") == "1"
+
+
+def tma_backward(on: bool):
+    """FASTDCA_TMA_BWD set to `on` while the block runs (the launchers read it at each backward)."""
+    return _switch("FASTDCA_TMA_BWD", on)
+
+
 def atomic_dq_enabled() -> bool:
     """Whether the backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls
     and 1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel. Off unless
@@ -1155,15 +1197,26 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 
 
 def _tma_forward(q, k, v, scale) -> bool:
-    """Whether this forward reads K and V through tensor descriptors: FASTDCA_TMA_FWD=1, a Hopper or newer
-    GPU (or the interpreter), fp16/bf16, head dims up to 128, a positive scale (which the loop folds into
-    the exponent), and K and V laid out as TMA needs (unit stride along D, 16-byte aligned bases and
-    strides)."""
-    if not tma_forward_enabled() or q.dtype == torch.float32 or head_block(q.shape[-1]) > 128 or not scale > 0:
+    """Whether this forward reads K and V through tensor descriptors: FASTDCA_TMA_FWD=1, a positive scale
+    (which the loop folds into the exponent), and what _tma_reads asks of K and V."""
+    return tma_forward_enabled() and scale > 0 and _tma_reads(q, (k, v))
+
+
+def _tma_backward(q, dout) -> bool:
+    """Whether this backward's dk/dv kernel reads q and dout through tensor descriptors: FASTDCA_TMA_BWD=1
+    and what _tma_reads asks of them."""
+    return tma_backward_enabled() and _tma_reads(q, (q, dout))
+
+
+def _tma_reads(q, tensors) -> bool:
+    """Whether the kernels can read `tensors` through tensor descriptors: a Hopper or newer GPU (or the
+    interpreter), fp16/bf16, head dims up to 128, and each tensor laid out as TMA needs (unit stride along
+    D, 16-byte aligned base and strides). Sets Triton's allocator on CUDA."""
+    if q.dtype == torch.float32 or head_block(q.shape[-1]) > 128:
         return False
     if not (_INTERPRETED or target_arch(q.device) >= 90):
         return False
-    if not all(_tma_layout(t) for t in (k, v)):
+    if not all(_tma_layout(t) for t in tensors):
         return False
     if q.is_cuda:
         _set_tma_allocator()
@@ -1284,7 +1337,10 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     group = Hq // Hkv
     cfgs = _configs(D, T, q.dtype, q.device, configs)
     atomic = atomic_dq_enabled() and head_block(D) <= 128
-    acfg, kcfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dkdv_atomic" if atomic else "bwd_dkdv"], cfgs["bwd_dq"]
+    dout = dout.contiguous() if dout is not None and dout.stride() != out.stride() else dout
+    tma = dout is not None and _tma_backward(q, dout)
+    acfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dq"]
+    kcfg = cfgs["bwd_dkdv" + "_atomic" * atomic + "_tma" * tma]
     if softcap is not None and not configs:
         # the cap's derivative is one more score tile live through two dots: half the key tile of the
         # dq loop (sm_90) or of the dk/dv loop (sm_80) keeps them from spilling (compile report, +softcap)
@@ -1301,7 +1357,6 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     if dout is None:
         # only the X_G statistics carry a gradient: k and v get none, q only the adapter term
         dout = torch.zeros_like(out)
-    dout = dout.contiguous() if dout.stride() != out.stride() else dout
     has_dxg = dxg is not None and mode != XG_NONE and not (mode == XG_SAMPLE and H == 0)
     dxg_arg, stride_dxb = out, 0
     if has_dxg and mode == XG_TOKEN:
@@ -1350,7 +1405,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             stride_mb,
             Hq, Hkv, T, S, D, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None, ATOMIC_DQ=atomic,
+            HAS_SOFTCAP=softcap is not None, ATOMIC_DQ=atomic, TMA=tma,
             **_blocks(kcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(kcfg),
         )
     if atomic:

@@ -69,12 +69,13 @@ def _targeting(module, arch):
 
 
 def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None,
-                    softcap=None, atomic_dq=False, tma_fwd=False):
+                    softcap=None, atomic_dq=False, tma_fwd=False, tma_bwd=False):
     """(kernel, grid, args, kwargs) of every launch the forward and backward launchers make on a GPU of
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
     sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
     the prompt scores, or None; `atomic_dq`: the backward with FASTDCA_ATOMIC_DQ=1 (dq accumulated in the
-    dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (K and V through tensor descriptors)."""
+    dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (K and V through tensor descriptors);
+    `tma_bwd`: the backward with FASTDCA_TMA_BWD=1 (the dk/dv loop's q and dout through tensor descriptors)."""
     import torch
 
     from fastdca.kernels import dca_attention as k
@@ -89,7 +90,8 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq), k.tma_forward(tma_fwd):
+    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq), k.tma_forward(tma_fwd), \
+            k.tma_backward(tma_bwd):
         out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
         dxg = None if extra is None else torch.zeros_like(extra)
         k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
@@ -263,6 +265,11 @@ VARIANT_CASES = (("float16", 128, "token", True, ("fwd", "bwd_adapter"), None),
                  ("bfloat16", 128, "sample", True, ("fwd",), {"tma_fwd": 1}),
                  ("float16", 128, None, False, ("fwd",), {"tma_fwd": 1}),
                  ("float16", 64, "token", "packed", ("fwd",), {"tma_fwd": 1, "window": 256}),
+                 ("bfloat16", 128, "sample", True, ("bwd_dkdv",), {"tma_bwd": 1}),
+                 ("float16", 64, "sample", True, ("bwd_dkdv",), {"tma_bwd": 1}),
+                 ("bfloat16", 128, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1}),
+                 ("float16", 64, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1}),
+                 ("float16", 128, None, "packed", ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1, "window": 256}),
                  ("float32", 64, "sample", True, None, None), ("float32", 128, "sample", True, None, None))
 
 
@@ -277,7 +284,7 @@ def compile_table(archs=(80, 90), cases=DEFAULT_CASES, variants=VARIANT_CASES, T
     jobs = [(arch, dname, D, T, decode, "sample", True, None, None) for arch in archs for dname, D in cases]
     jobs += [(arch, dname, D, T, extra is not None, xg, padded, kernels, extra)
              for arch in archs for dname, D, xg, padded, kernels, extra in variants
-             if arch >= 90 or not (extra or {}).get("tma_fwd")]     # TMA: Hopper and newer
+             if arch >= 90 or not {"tma_fwd", "tma_bwd"} & set(extra or {})]     # TMA: Hopper and newer
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         results = list(pool.map(_rows_for, *zip(*jobs)))
@@ -349,17 +356,22 @@ def format_table(rows):
 
 
 def backward_tile_work(rows, target="sm_90", dtype="bfloat16", D=128):
-    """{"deterministic" | "atomic dq": (matmuls, exponentials)} per causal tile of the training backward,
-    summed over the kernels that visit the tile (dk/dv and dq; with atomic dq the dk/dv kernel alone, as
-    the launchers then launch no dq kernel): FlashAttention-2/3 take 5 and 1."""
+    """{"deterministic" | "atomic dq" | ... + " tma": (matmuls, exponentials)} per causal tile of the
+    training backward, summed over the kernels that visit the tile (dk/dv and dq; with atomic dq the dk/dv
+    kernel alone, as the launchers then launch no dq kernel), with the dk/dv loop's strided loads and with
+    FASTDCA_TMA_BWD's tensor descriptors: FlashAttention-2/3 take 5 and 1."""
     def loops(variant, kernels):
         picked = [r for r in rows if r["target"] == target and r["dtype"] == dtype and r["D"] == D
                   and r["shape"] == "train" and r["variant"] == variant and r["kernel"] in kernels]
         assert len(picked) == len(kernels), (variant, kernels)
         return sum(r["loop_dots"] for r in picked), sum(r["loop_exps"] for r in picked)
 
-    return {"deterministic": loops("sample+mask", ("bwd_dkdv", "bwd_dq")),
-            "atomic dq": loops("sample+mask+atomic_dq1", ("bwd_dkdv",))}
+    deterministic = loops("sample+mask", ("bwd_dq",))
+    tma = loops("sample+mask+tma_bwd1", ("bwd_dkdv",))
+    return {"deterministic": tuple(map(sum, zip(loops("sample+mask", ("bwd_dkdv",)), deterministic))),
+            "atomic dq": loops("sample+mask+atomic_dq1", ("bwd_dkdv",)),
+            "deterministic tma": tuple(map(sum, zip(tma, deterministic))),
+            "atomic dq tma": loops("sample+mask+atomic_dq1+tma_bwd1", ("bwd_dkdv",))}
 
 
 # --------------------------------------------------------------------------------------------------

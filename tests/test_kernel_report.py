@@ -74,7 +74,8 @@ def test_report_compiles_all_kernels_without_spills(tmp_path, which):
     # 7 and 2 per causal tile over its dk/dv and dq kernels, 5 and 1 with dq accumulated in the dk/dv kernel
     assert {(r["loop_dots"], r["loop_exps"]) for r in trained if r["kernel"] == "fwd"} == {(2, 1)}
     assert {(r["loop_dots"], r["loop_exps"]) for r in trained if r["kernel"] == "bwd_adapter"} == {(0, 0)}
-    assert report.backward_tile_work(rows) == {"deterministic": (7, 2), "atomic dq": (5, 1)}
+    assert report.backward_tile_work(rows) == {"deterministic": (7, 2), "atomic dq": (5, 1),
+                                               "deterministic tma": (7, 2), "atomic dq tma": (5, 1)}
     assert "backward work per causal tile" in res.stdout
     # the forward with K and V through tensor descriptors (FASTDCA_TMA_FWD), on sm_90: TMA loads in its loop,
     # a tile of at least 64 x 128 in at most 232 registers without spills, its work as the default's
@@ -84,6 +85,13 @@ def test_report_compiles_all_kernels_without_spills(tmp_path, which):
         block_m, block_n = map(int, r["blocks"].split("x")[:2])
         assert r["tma_loads"] >= 2 and r["regs"] <= 232 and r["spill"] == 0 and block_m * block_n >= 64 * 128, r
         assert (r["loop_dots"], r["loop_exps"]) == (2, 1), r
-    assert not any(r["tma_loads"] for r in rows if "+tma_fwd1" not in r["variant"])
+    # the dk/dv kernel with q and dout through tensor descriptors (FASTDCA_TMA_BWD), on sm_90: TMA loads in its
+    # loop, pipelined (at least 2 stages), without spills, with and without atomic dq
+    tma_bwd = [r for r in rows if "+tma_bwd1" in r["variant"] and r["shape"] == "train"]
+    assert {(r["target"], r["D"], "atomic_dq1" in r["variant"]) for r in tma_bwd} == {
+        ("sm_90", D, atomic) for D in (64, 128) for atomic in (False, True)}
+    for r in tma_bwd:
+        assert r["kernel"] == "bwd_dkdv" and r["tma_loads"] >= 2 and r["num_stages"] >= 2 and r["spill"] == 0, r
+    assert not any(r["tma_loads"] for r in rows if not {"tma_fwd1", "tma_bwd1"} & set(r["variant"].split("+")))
     assert {r["variant"] for r in rows} >= {"sample+mask", "token+mask", "none"}
     assert "floor us" in res.stdout and "H100" in res.stdout

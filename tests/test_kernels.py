@@ -340,6 +340,19 @@ def test_tma_forward_matches_reference(monkeypatch, shape, window, softcap, dtyp
     assert launched and all(kwargs["TMA"] for _, kwargs in launched)
 
 
+@pytest.mark.parametrize("atomic", [False, True], ids=["deterministic", "atomic-dq"])
+@pytest.mark.parametrize("shape, window, softcap, dtype", TMA_CASES)
+def test_tma_backward_matches_reference(monkeypatch, shape, window, softcap, dtype, atomic):
+    """FASTDCA_TMA_BWD=1: the dk/dv kernel reads its q and dout blocks through tensor descriptors (4-D, at
+    [b, h]), whose rows past T and columns past D read as 0; with and without atomic dq."""
+    monkeypatch.setenv("FASTDCA_TMA_BWD", "1")
+    monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1" if atomic else "0")
+    launched = spy_on_launches(monkeypatch, "_dca_bwd_dkdv_kernel")
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
+    assert launched and all(kwargs["TMA"] and kwargs["ATOMIC_DQ"] == atomic for _, kwargs in launched)
+
+
 def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeypatch):
     from fastdca.kernels import dca_attention as kmod
 
@@ -358,6 +371,22 @@ def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeyp
     shifted = torch.zeros(4 + 2 * 40 * 64, dtype=torch.float16)[4:].view(1, 2, 40, 64)     # base 8 bytes off
     assert not kmod._tma_forward(kv(), kv(), shifted, 0.125)
     assert not kmod._tma_forward(kv(), kv(), kv(), -0.125)     # the folded scale needs scale > 0
+
+
+def test_tma_backward_only_where_asked_for_and_where_tma_can_read_q_and_dout(monkeypatch):
+    from fastdca.kernels import dca_attention as kmod
+
+    q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
+    dout = torch.zeros(1, 40, 2, 64, dtype=torch.float16)
+    monkeypatch.delenv("FASTDCA_TMA_BWD", raising=False)
+    assert not kmod._tma_backward(q, dout)
+    monkeypatch.setenv("FASTDCA_TMA_BWD", "1")
+    assert kmod._tma_backward(q, dout)
+    assert kmod._tma_backward(q.transpose(1, 2).contiguous().transpose(1, 2), dout)     # as HF builds q
+    assert not kmod._tma_backward(q.float(), dout.float())
+    assert not kmod._tma_backward(q, torch.zeros(1, 40, 64, 2, dtype=torch.float16).transpose(2, 3))
+    odd = torch.zeros(1, 2, 40, 20, dtype=torch.float16)                 # rows of 40 bytes: not 16-aligned
+    assert not kmod._tma_backward(odd, torch.zeros(1, 40, 2, 20, dtype=torch.float16))
 
 
 def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag(monkeypatch):
