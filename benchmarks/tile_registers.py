@@ -1,6 +1,7 @@
 """Registers and spill bytes for sm_90 per tile of the kernels whose loops can read through tensor descriptors,
-with today's strided loads and with TMA: the forward (FASTDCA_TMA_FWD: K and V) and the dk/dv kernel
-(FASTDCA_TMA_BWD: q and dout; without and with FASTDCA_ATOMIC_DQ). Compile-only, no GPU (the compile report's
+with today's strided loads and with TMA: the forward (FASTDCA_TMA_FWD: K and V), the dk/dv kernel
+(FASTDCA_TMA_BWD: q and dout; without and with FASTDCA_ATOMIC_DQ) and the dq kernel (FASTDCA_TMA_BWD: K and
+V). Compile-only, no GPU (the compile report's
 path, with the tile tables patched per candidate). BENCHMARKS.md "Registers per tile" holds its output for
 two Tritons:
 
@@ -21,6 +22,8 @@ KERNELS = {
                  {"strided q/dout": ({}, "bwd_dkdv"), "TMA": ({"tma_bwd": 1}, "bwd_dkdv_tma"),
                   "atomic dq, strided": ({"atomic_dq": 1}, "bwd_dkdv_atomic"),
                   "atomic dq, TMA": ({"atomic_dq": 1, "tma_bwd": 1}, "bwd_dkdv_atomic_tma")}),
+    "bwd_dq": ([(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+               {"strided K/V": ({}, "bwd_dq"), "TMA": ({"tma_bwd": 1}, "bwd_dq")}),
 }
 
 

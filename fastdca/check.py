@@ -7,10 +7,10 @@
    decoding shapes, in every dtype the device runs: the output, the X_G statistics and the six
    gradients, each by its normwise relative error ||x - ref|| / ||ref||. On the triton backend also the
    kernels behind switches until a GPU run checks them (SWITCHED_VARIANTS: FASTDCA_ATOMIC_DQ,
-   FASTDCA_TMA_FWD, FASTDCA_TMA_BWD).
+   FASTDCA_TMA_FWD, FASTDCA_TMA_BWD, FASTDCA_SDPA_FWD); a variant that raises is a failed check.
 3. Speed (CUDA only): forward and backward of `dca_attention` against SDPA on the prompt-only problem
    (the same attention without the adapter: less work than DCA, so the floor), LLaMA-7B (32/32) and
-   Llama-3-8B (32/8) heads, D = 128, T = 2048, B = 4, bf16 (fp16 where bf16 is unsupported): time,
+   Llama-3-8B (32/8) heads, D = 128, T = 2048 and 8192, B = 4, bf16 (fp16 where bf16 is unsupported): time,
    TFLOP/s of the causal prompt attention and peak memory; fastdca with each switched kernel beside it.
 """
 
@@ -29,7 +29,7 @@ import sys
 NORMWISE_TOLERANCE = {"float32": 1e-5, "float16": 4 * 2.0**-11, "bfloat16": 4 * 2.0**-8}
 
 # the kernels behind switches, checked beside the default: each a tuple of switches kernel_switches turns on
-SWITCHED_VARIANTS = (("atomic-dq",), ("tma-fwd",), ("tma-bwd",), ("atomic-dq", "tma-bwd"))
+SWITCHED_VARIANTS = (("atomic-dq",), ("tma-fwd",), ("tma-bwd",), ("atomic-dq", "tma-bwd"), ("sdpa-fwd",))
 
 # (name, B, Hq, Hkv, T, S, D, M, H, padding)
 SHAPES = (
@@ -138,8 +138,9 @@ def _backward_ms(fn, inputs):
     return _time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)), grad
 
 
-def check_speed(B=4, T=2048, D=128, M=10):
-    """Forward and backward of dca_attention (auto backend) and SDPA (prompt only), CUDA."""
+def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
+    """Forward and backward of dca_attention (auto backend, and each switched variant) and SDPA (prompt
+    only), CUDA, at each T = S in `seqs`."""
     import torch
     import torch.nn.functional as F
 
@@ -147,7 +148,8 @@ def check_speed(B=4, T=2048, D=128, M=10):
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     rows = []
-    for heads, (Hq, Hkv) in (("llama-7b 32/32", (32, 32)), ("llama-3-8b 32/8", (32, 8))):
+    models = (("llama-7b 32/32", (32, 32)), ("llama-3-8b 32/8", (32, 8)))
+    for T, (heads, (Hq, Hkv)) in ((T, model) for T in seqs for model in models):
         def rand(*shape):
             return torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)
 
@@ -163,21 +165,27 @@ def check_speed(B=4, T=2048, D=128, M=10):
             "fastdca tma fwd": (dca, ("tma-fwd",)),
             "fastdca tma bwd": (dca, ("tma-bwd",)),
             "fastdca tma+atomic": (dca, ("tma-fwd", "tma-bwd", "atomic-dq")),
+            "fastdca sdpa fwd": (dca, ("sdpa-fwd",)),
+            "fastdca sdpa+tma+at": (dca, ("sdpa-fwd", "tma-bwd", "atomic-dq")),
             "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                           enable_gqa=Hq != Hkv), ()),
         }
         for impl, (fn, switches) in impls.items():
-            with kernel_switches(switches):
-                with torch.no_grad():
-                    fwd = _time_ms(fn)
-                bwd, grad = _backward_ms(fn, (q, k, v))
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-                torch.autograd.grad(fn(), (q, k, v), grad)
-                peak = torch.cuda.max_memory_allocated() - base
-            rows.append(dict(heads=heads, impl=impl, dtype=str(dtype).replace("torch.", ""), B=B, T=T, D=D,
-                             fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd / 1e9,
+            row = dict(heads=heads, impl=impl, dtype=str(dtype).replace("torch.", ""), B=B, T=T, D=D)
+            try:
+                with kernel_switches(switches):
+                    with torch.no_grad():
+                        fwd = _time_ms(fn)
+                    bwd, grad = _backward_ms(fn, (q, k, v))
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    torch.autograd.grad(fn(), (q, k, v), grad)
+                    peak = torch.cuda.max_memory_allocated() - base
+            except Exception as exc:    # reported in its row; the other implementations are still timed
+                rows.append(dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+                continue
+            rows.append(dict(row, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd / 1e9,
                              bwd_tflops=2.5 * flops / bwd / 1e9, peak_mb=peak / 2**20))
     return rows
 
@@ -185,17 +193,18 @@ def check_speed(B=4, T=2048, D=128, M=10):
 @contextlib.contextmanager
 def kernel_switches(switches):
     """The kernels' switches on where named in `switches` ("atomic-dq": FASTDCA_ATOMIC_DQ, "tma-fwd":
-    FASTDCA_TMA_FWD, "tma-bwd": FASTDCA_TMA_BWD) and off elsewhere while the block runs; None leaves them,
-    and Triton unimported (the kernels are imported only where they run)."""
+    FASTDCA_TMA_FWD, "tma-bwd": FASTDCA_TMA_BWD, "sdpa-fwd": FASTDCA_SDPA_FWD) and off elsewhere while the
+    block runs; None leaves them, and Triton unimported (the kernels are imported only where they run)."""
     if switches is None:
         yield
         return
     from fastdca.kernels.dca_attention import atomic_dq, tma_backward, tma_forward
+    from fastdca.prompt_sdpa import sdpa_forward
 
-    unknown = set(switches) - {"atomic-dq", "tma-fwd", "tma-bwd"}
+    unknown = set(switches) - {"atomic-dq", "tma-fwd", "tma-bwd", "sdpa-fwd"}
     assert not unknown, unknown
     with atomic_dq("atomic-dq" in switches), tma_forward("tma-fwd" in switches), \
-            tma_backward("tma-bwd" in switches):
+            tma_backward("tma-bwd" in switches), sdpa_forward("sdpa-fwd" in switches):
         yield
 
 
@@ -235,8 +244,15 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
             variants = [(backend, ())] + [(f"triton+{'+'.join(on)}", on) for on in SWITCHED_VARIANTS]
         for label, switches in variants:
             for shape in SHAPES:
-                with kernel_switches(switches):
-                    errors = check_numerics(device, backend, dtype, shape)
+                try:
+                    with kernel_switches(switches):
+                        errors = check_numerics(device, backend, dtype, shape)
+                except Exception as exc:    # a kernel that fails on this machine is a failed check, not a crash
+                    failures += 1
+                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    report["numerics"].append(dict(dtype=name, backend=label, shape=shape[0], error=message, ok=False))
+                    print(f"  {name:9s} {label:24s} {shape[0]:8s} FAILED ({message[:120]})")
+                    continue
                 worst = max(errors, key=errors.get)
                 ok = all(math.isfinite(e) for e in errors.values()) and errors[worst] <= NORMWISE_TOLERANCE[name]
                 failures += not ok
@@ -245,13 +261,16 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
                       f"{NORMWISE_TOLERANCE[name]:9.2e}  {'ok' if ok else 'FAILED'}")
     if speed and device.type == "cuda":
         report["speed"] = check_speed()
-        print("\nspeed: causal attention, B=4, T=2048, D=128 (TFLOP/s of the prompt attention; backward 2.5x the "
+        print("\nspeed: causal attention, B=4, D=128 (TFLOP/s of the prompt attention; backward 2.5x the "
               "forward's FLOPs)")
-        print(f"  {'heads':16s} {'impl':19s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s} "
+        print(f"  {'T':>5s} {'heads':16s} {'impl':19s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s} "
               f"{'peak MiB':>9s}")
         for r in report["speed"]:
-            print(f"  {r['heads']:16s} {r['impl']:19s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} {r['bwd_ms']:8.3f} "
-                  f"{r['bwd_tflops']:8.1f} {r['peak_mb']:9.0f}")
+            if "error" in r:
+                print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:19s} failed: {r['error'][:100]}")
+                continue
+            print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:19s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} "
+                  f"{r['bwd_ms']:8.3f} {r['bwd_tflops']:8.1f} {r['peak_mb']:9.0f}")
     elif speed:
         print("\nspeed: skipped (no CUDA device)")
     print(f"\n{'all numerics checks passed' if not failures else f'{failures} numerics checks FAILED'}")

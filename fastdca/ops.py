@@ -476,12 +476,12 @@ class _TritonDCAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, spec):
-        from fastdca.kernels.dca_attention import dca_forward
+        from fastdca.prompt_sdpa import triton_forward
 
         window, softcap, causal_len, scale, gate_fn, xg = spec
-        out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
-                                      key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
-                                      softcap=softcap, gate_fn=gate_fn, xg=xg)
+        out, lse, extra = triton_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
+                                         key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
+                                         softcap=softcap, gate_fn=gate_fn, xg=xg)
         counts = None
         if xg == "sample":
             extra, counts = xg_sums_and_counts(extra, q.shape)

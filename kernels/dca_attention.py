@@ -197,6 +197,22 @@ def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
 
 
 @triton.jit
+def _kv_descriptors(k_base, v_base, stride_ks, stride_vs, S, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                    TMA: tl.constexpr):
+    """With TMA, tensor descriptors for one kv head's K and V ((S, D), unit stride along D; blocks of
+    (BLOCK_N, BLOCK_D), rows past S and columns past D read as 0); without, the base pointers unchanged."""
+    if TMA:
+        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, D], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+    else:
+        k_desc = k_base
+        v_desc = v_base
+    return k_desc, v_desc
+
+
+@triton.jit
 def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
                     stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S,
                     WINDOW, SOFTCAP, K, V,
@@ -354,14 +370,7 @@ def _dca_fwd_kernel(
     q = _operand(q, Q, UPCAST)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
-    if TMA:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[S, D], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[S, D], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-    else:
-        k_desc = k_base
-        v_desc = v_base
+    k_desc, v_desc = _kv_descriptors(k_base, v_base, stride_ks, stride_vs, S, D, BLOCK_N, BLOCK_D, TMA)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -388,11 +397,85 @@ def _dca_fwd_kernel(
                          stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
                          XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
-        real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
-        row = XG_PART + (b * tl.num_programs(0) + pid_m) * (Hq * D + 1)
-        tl.store(row + h * D + offs_d, _xg_sums(a, av, real, H, offs_a), mask=d_ok)
-        if h == 0:
-            tl.store(row + Hq * D, tl.sum(real.to(tl.float32), 0))
+        _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S,
+                             D, H, HAS_KPM)
+
+
+@triton.jit
+def _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S, D,
+                         H, HAS_KPM: tl.constexpr):
+    """Sample mode: XG_PART[b, pid_m, h * D + d] = the sum of X_G[:, h, d] over query block pid_m's real rows,
+    and (head 0) XG_PART[b, pid_m, Hq * D] = the number of those rows."""
+    real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
+    row = XG_PART + (b * tl.num_programs(0) + pid_m) * (Hq * D + 1)
+    tl.store(row + h * D + offs_d, _xg_sums(a, av, real, H, offs_a), mask=d_ok)
+    if h == 0:
+        tl.store(row + Hq * D, tl.sum(real.to(tl.float32), 0))
+
+
+@triton.jit
+def _dca_merge_kernel(
+    Q, PO, PLSE, AK, AV, GATE, KPM, FIRST_KEY, OUT, LSE, XG, XG_PART,
+    sm_scale,
+    stride_qb, stride_qh, stride_qt, stride_qd,
+    stride_pb, stride_ph, stride_pt, stride_pd,
+    stride_lb, stride_lh, stride_lt,
+    stride_akh, stride_akm, stride_akd,
+    stride_avh, stride_avm, stride_avd,
+    stride_ob, stride_ot, stride_oh, stride_od,
+    stride_mb,
+    Hq, T, S, M, D, H,
+    GROUP: tl.constexpr, HAS_KPM: tl.constexpr, GATE_TANH: tl.constexpr, XG_MODE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """The forward's adapter half for one (query block, b * Hq + h) program, given the prompt half computed
+    elsewhere (FASTDCA_SDPA_FWD: torch's own fused attention).
+
+    Shapes: Q (B, Hq, T, D); PO (B, Hq, T, D), the prompt attention softmax(q k^T * scale + mask) v; PLSE
+    (B, Hq, T) float32, its row log-sum-exp (natural log); FIRST_KEY (B,) int32, each row's first real key
+    (S if none; read with HAS_KPM); the rest as in _dca_fwd_kernel.
+
+        out = PO + g * softmax(q ak^T * scale) av;   LSE = PLSE * log2(e)
+    A row whose causal keys are all padding (none at or before its position) gets LSE = +inf and a prompt
+    part of 0 whatever PO holds there, as in the fused forward.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    kh = (h // GROUP).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_a = tl.arange(0, BLOCK_A)
+    d_ok = offs_d < D
+    m_ok = offs_m < T
+    qk_scale = sm_scale * 1.4426950408889634
+    md_mask = m_ok[:, None] & d_ok[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=md_mask, other=0.0)
+    q = _operand(q, Q, UPCAST)
+    po = tl.load(PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pt + offs_d[None, :] * stride_pd,
+                 mask=md_mask, other=0.0).to(tl.float32)
+    plse = tl.load(PLSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
+    if HAS_KPM:
+        has_key = (S - T + offs_m) >= tl.load(FIRST_KEY + b)
+    else:
+        has_key = offs_m >= 0
+    acc = tl.where(has_key[:, None], po, 0.0)
+    m_i = tl.where(has_key, plse * 1.4426950408889634, 0.0)
+    l_i = tl.where(has_key, 1.0, 0.0)
+
+    g, _ = _gate(GATE, h, GATE_TANH)
+    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
+                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                         XG_MODE, UPCAST, IEEE)
+    if XG_MODE == 1:
+        _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S,
+                             D, H, HAS_KPM)
 
 
 @triton.jit
@@ -576,20 +659,26 @@ def _dkdv_query_blocks(k, v, q_base, do_base, q_desc, do_desc, b, h, lse_base, d
 
 
 @triton.jit
-def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                   stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW, SOFTCAP,
-                   K, V, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr,
-                   IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq."""
+def _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
+                   stride_kd, stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, hi, T, S, WINDOW,
+                   SOFTCAP, K, V, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   TMA: tl.constexpr):
+    """The unscaled dS k sum over the key blocks starting in [lo, hi), added to dq. With TMA the K and V
+    blocks come through the tensor descriptors k_desc, v_desc as in the forward."""
     BLOCK_N: tl.constexpr = offs_n0.shape[0]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
         nd_mask = (offs_n < S)[:, None] & d_ok[None, :]
         # not loaded a block ahead as in the forward: that costs the sm_90 D=128 tile 144 spilled bytes
         key_ok = _key_ok(KPM, b, stride_mb, offs_n, S, HAS_KPM)
-        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
+        if TMA:
+            k = k_desc.load([start_n, 0])
+            v = v_desc.load([start_n, 0])
+        else:
+            k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=nd_mask, other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         k = _operand(k, K, UPCAST)
-        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=nd_mask, other=0.0)
         v = _operand(v, V, UPCAST)
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         if HAS_SOFTCAP:
@@ -821,11 +910,12 @@ def _dca_bwd_dq_kernel(
     stride_mb,
     Hq, T, S, D, WINDOW, SOFTCAP,
     GROUP: tl.constexpr, HAS_KPM: tl.constexpr, HAS_SEQ: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
-    SEQ_START, SEQ_END as in the forward.
+    SEQ_START, SEQ_END as in the forward. With TMA, K and V are read through tensor descriptors as in the
+    forward.
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
     """
@@ -854,18 +944,19 @@ def _dca_bwd_dq_kernel(
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
+    k_desc, v_desc = _kv_descriptors(k_base, v_base, stride_ks, stride_vs, S, D, BLOCK_N, BLOCK_D, TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
     lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
                     _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
     full_hi = tl.maximum(full_hi, lo)
-    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi,
-                        T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
-    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, KPM, SEQ_END, b, stride_mb, stride_ks, stride_kd,
-                        stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi,
-                        T, S, WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP)
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
+                        stride_kd, stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi, T, S,
+                        WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
+    dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
+                        stride_kd, stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, full_hi, hi, T, S,
+                        WINDOW, SOFTCAP, K, V, True, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
 
     acc_offs = pid_bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
     dq = dq * sm_scale + tl.load(DQ_ACC + acc_offs, mask=md_mask, other=0.0)
@@ -918,6 +1009,7 @@ _LAUNCH = {
         bwd_adapter={64: (64, 0, 4, 1),    128: (64, 0, 4, 1),    256: (32, 0, 8, 1)},
         bwd_dkdv=   {64: (32, 64, 4, 3),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
         bwd_dq=     {64: (64, 32, 4, 3),   128: (64, 64, 4, 2),   256: (32, 32, 8, 1)},
+        merge=      {64: (64, 0, 4, 1),    128: (64, 0, 4, 1),    256: (32, 0, 8, 1)},
     ),
     # sm_80, and the default for every other CUDA target
     80: dict(
@@ -925,6 +1017,7 @@ _LAUNCH = {
         bwd_adapter={64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
         bwd_dkdv=   {64: (32, 64, 4, 2),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
         bwd_dq=     {64: (64, 32, 4, 2),   128: (64, 32, 4, 2),   256: (32, 32, 8, 2)},
+        merge=      {64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
     ),
 }
 # bwd_dkdv with FASTDCA_ATOMIC_DQ (the dq tile and its atomics are live in the loop too): the largest
@@ -994,7 +1087,7 @@ def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
 
 
-KERNELS = ("fwd", "fwd_tma", "decode", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dkdv_tma",
+KERNELS = ("fwd", "fwd_tma", "decode", "merge", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dkdv_tma",
            "bwd_dkdv_atomic_tma", "bwd_dq")
 
 
@@ -1095,18 +1188,19 @@ def tma_forward_enabled() -> bool:
 
 def tma_forward(on: bool):
     """FASTDCA_TMA_FWD set to `on` while the block runs (the launchers read it at each forward)."""
-    return _switch("FASTDCA_TMA_FWD", on)
+    return switch("FASTDCA_TMA_FWD", on)
 
 
 def tma_backward_enabled() -> bool:
-    """Whether the dk/dv kernel reads the q and dout blocks of its loop through tensor descriptors (TMA on
-    Hopper). Off unless FASTDCA_TMA_BWD=1: not the default until a GPU run has checked it."""
+    """Whether the backward's loops read through tensor descriptors (TMA on Hopper): the dk/dv kernel its q
+    and dout blocks, the dq kernel its K and V blocks. Off unless FASTDCA_TMA_BWD=1: not the default until
+    a GPU run has checked it."""
     return os.environ.get("FASTDCA_TMA_BWD") == "1"
 
 
 def tma_backward(on: bool):
     """FASTDCA_TMA_BWD set to `on` while the block runs (the launchers read it at each backward)."""
-    return _switch("FASTDCA_TMA_BWD", on)
+    return switch("FASTDCA_TMA_BWD", on)
 
 
 def atomic_dq_enabled() -> bool:
@@ -1119,11 +1213,12 @@ def atomic_dq_enabled() -> bool:
 
 def atomic_dq(on: bool):
     """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
-    return _switch("FASTDCA_ATOMIC_DQ", on)
+    return switch("FASTDCA_ATOMIC_DQ", on)
 
 
 @contextlib.contextmanager
-def _switch(variable: str, on: bool):
+def switch(variable: str, on: bool):
+    """The environment variable set to "1" or "0" while the block runs, then restored."""
     saved = os.environ.get(variable)
     os.environ[variable] = "1" if on else "0"
     try:
@@ -1202,10 +1297,10 @@ def _tma_forward(q, k, v, scale) -> bool:
     return tma_forward_enabled() and scale > 0 and _tma_reads(q, (k, v))
 
 
-def _tma_backward(q, dout) -> bool:
-    """Whether this backward's dk/dv kernel reads q and dout through tensor descriptors: FASTDCA_TMA_BWD=1
-    and what _tma_reads asks of them."""
-    return tma_backward_enabled() and _tma_reads(q, (q, dout))
+def _tma_backward(q, k, v, dout) -> bool:
+    """Whether this backward's loops read through tensor descriptors (the dk/dv kernel's q and dout, the dq
+    kernel's K and V): FASTDCA_TMA_BWD=1 and what _tma_reads asks of the four."""
+    return tma_backward_enabled() and _tma_reads(q, (q, k, v, dout))
 
 
 def _tma_reads(q, tensors) -> bool:
@@ -1234,6 +1329,43 @@ def _set_tma_allocator():
     """Descriptors made inside a kernel (tl.make_tensor_descriptor) need a little global scratch memory,
     which Triton asks an allocator for: torch's caching allocator."""
     triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
+def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, scale, key_padding_mask=None,
+                      gate_fn="tanh", xg="sample", configs=None, launch=None):
+    """The forward given its prompt half: prompt_out (B, Hq, T, D), softmax(q k^T * scale + mask) v over
+    T = S causal keys (with key_padding_mask (B, S) bool or None), and prompt_lse (B, Hq, T) float32, its
+    row log-sum-exp in natural log, any strides (from torch's fused attention). Adds the adapter term and
+    returns what dca_forward returns, whose backward (dca_backward) it feeds unchanged: out (B, T, Hq, D),
+    lse (B, Hq, T) float32 in log2 units (+inf for rows with no real key at or before them), extra."""
+    launch = launch or _direct
+    _check_dtype(q)
+    B, Hq, T, D = q.shape
+    Hkv, M = ak.shape[0], ak.shape[1]
+    cfg = _configs(D, T, q.dtype, q.device, configs)["merge"]
+    n_mblocks = _cdiv(T, cfg["BLOCK_M"])
+    mode = XG_CODES[xg]
+    out = q.new_empty((B, T, Hq, D))
+    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
+    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
+    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
+    if has_kpm:
+        # each row's first real key (S where it has none): a query sees a real key iff it is at or past it
+        first_key = torch.where(kpm.any(1), kpm.int().argmax(1), kpm.shape[1]).to(torch.int32)
+    else:
+        first_key = _placeholder(q, torch.int32, launch)
+    with _on_device(q):
+        launch(_dca_merge_kernel)[(n_mblocks, B * Hq)](
+            q, prompt_out, prompt_lse, ak, av, gate.contiguous(), kpm, first_key, out, lse, xg_out, xg_part,
+            float(scale),
+            *q.stride(), *prompt_out.stride(), *prompt_lse.stride(), *ak.stride(), *av.stride(), *out.stride(),
+            stride_mb,
+            Hq, T, T, M, D, causal_len,
+            GROUP=Hq // Hkv, HAS_KPM=has_kpm, GATE_TANH=gate_fn == "tanh", XG_MODE=mode, UPCAST=_upcast(q.dtype),
+            IEEE=_ieee(q.dtype), BLOCK_A=adapter_block(M), **_blocks(cfg, "BLOCK_M", "BLOCK_D"), **_launch_opts(cfg),
+        )
+    return out, lse, _extra(mode, xg_out, xg_part)
 
 
 def _extra(mode, xg_out, xg_part):
@@ -1338,7 +1470,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     cfgs = _configs(D, T, q.dtype, q.device, configs)
     atomic = atomic_dq_enabled() and head_block(D) <= 128
     dout = dout.contiguous() if dout is not None and dout.stride() != out.stride() else dout
-    tma = dout is not None and _tma_backward(q, dout)
+    tma = dout is not None and _tma_backward(q, k, v, dout)
     acfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dq"]
     kcfg = cfgs["bwd_dkdv" + "_atomic" * atomic + "_tma" * tma]
     if softcap is not None and not configs:
@@ -1419,7 +1551,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
             stride_mb,
             Hq, T, S, D, _window_arg(window), _softcap_arg(softcap),
             GROUP=group, HAS_KPM=has_kpm, HAS_SEQ=has_seq, UPCAST=upcast, IEEE=ieee, HAS_WINDOW=window is not None,
-            HAS_SOFTCAP=softcap is not None,
+            HAS_SOFTCAP=softcap is not None, TMA=tma,
             **_blocks(qcfg, "BLOCK_M", "BLOCK_N", "BLOCK_D"), **_launch_opts(qcfg),
         )
     return (dq, dk, dv, *adapter_grads)

@@ -69,13 +69,14 @@ def _targeting(module, arch):
 
 
 def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sample", padded=True, window=None,
-                    softcap=None, atomic_dq=False, tma_fwd=False, tma_bwd=False):
+                    softcap=None, atomic_dq=False, tma_fwd=False, tma_bwd=False, sdpa_fwd=False):
     """(kernel, grid, args, kwargs) of every launch the forward and backward launchers make on a GPU of
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
     sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
     the prompt scores, or None; `atomic_dq`: the backward with FASTDCA_ATOMIC_DQ=1 (dq accumulated in the
     dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (K and V through tensor descriptors);
-    `tma_bwd`: the backward with FASTDCA_TMA_BWD=1 (the dk/dv loop's q and dout through tensor descriptors)."""
+    `tma_bwd`: the backward with FASTDCA_TMA_BWD=1 (the backward's loops through tensor descriptors);
+    `sdpa_fwd`: the forward with FASTDCA_SDPA_FWD=1 (the prompt half given, the merge kernel adding the rest)."""
     import torch
 
     from fastdca.kernels import dca_attention as k
@@ -92,7 +93,12 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     log = []
     with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq), k.tma_forward(tma_fwd), \
             k.tma_backward(tma_bwd):
-        out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
+        if sdpa_fwd:
+            prompt = (torch.empty_like(q), torch.empty(B, Hq, T, dtype=torch.float32))
+            out, lse, extra = k.dca_merge_forward(q, *prompt, ak, ak, gate, causal_len=H, scale=D ** -0.5,
+                                                  key_padding_mask=mask, gate_fn="tanh", xg=xg)
+        else:
+            out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
         dxg = None if extra is None else torch.zeros_like(extra)
         k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
     return log
@@ -265,11 +271,14 @@ VARIANT_CASES = (("float16", 128, "token", True, ("fwd", "bwd_adapter"), None),
                  ("bfloat16", 128, "sample", True, ("fwd",), {"tma_fwd": 1}),
                  ("float16", 128, None, False, ("fwd",), {"tma_fwd": 1}),
                  ("float16", 64, "token", "packed", ("fwd",), {"tma_fwd": 1, "window": 256}),
-                 ("bfloat16", 128, "sample", True, ("bwd_dkdv",), {"tma_bwd": 1}),
-                 ("float16", 64, "sample", True, ("bwd_dkdv",), {"tma_bwd": 1}),
+                 ("bfloat16", 128, "sample", True, ("bwd_dkdv", "bwd_dq"), {"tma_bwd": 1}),
+                 ("float16", 64, "sample", True, ("bwd_dkdv", "bwd_dq"), {"tma_bwd": 1}),
                  ("bfloat16", 128, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1}),
                  ("float16", 64, "sample", True, ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1}),
                  ("float16", 128, None, "packed", ("bwd_dkdv",), {"atomic_dq": 1, "tma_bwd": 1, "window": 256}),
+                 ("bfloat16", 128, "sample", True, ("merge",), {"sdpa_fwd": 1}),
+                 ("float16", 64, "token", True, ("merge",), {"sdpa_fwd": 1}),
+                 ("float16", 128, None, False, ("merge",), {"sdpa_fwd": 1}),
                  ("float32", 64, "sample", True, None, None), ("float32", 128, "sample", True, None, None))
 
 
@@ -366,11 +375,9 @@ def backward_tile_work(rows, target="sm_90", dtype="bfloat16", D=128):
         assert len(picked) == len(kernels), (variant, kernels)
         return sum(r["loop_dots"] for r in picked), sum(r["loop_exps"] for r in picked)
 
-    deterministic = loops("sample+mask", ("bwd_dq",))
-    tma = loops("sample+mask+tma_bwd1", ("bwd_dkdv",))
-    return {"deterministic": tuple(map(sum, zip(loops("sample+mask", ("bwd_dkdv",)), deterministic))),
+    return {"deterministic": loops("sample+mask", ("bwd_dkdv", "bwd_dq")),
             "atomic dq": loops("sample+mask+atomic_dq1", ("bwd_dkdv",)),
-            "deterministic tma": tuple(map(sum, zip(tma, deterministic))),
+            "deterministic tma": loops("sample+mask+tma_bwd1", ("bwd_dkdv", "bwd_dq")),
             "atomic dq tma": loops("sample+mask+atomic_dq1+tma_bwd1", ("bwd_dkdv",))}
 
 

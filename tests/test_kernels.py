@@ -4,6 +4,7 @@ Without a GPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py); with
 """
 
 import contextlib
+import math
 import os
 from types import SimpleNamespace
 
@@ -344,13 +345,16 @@ def test_tma_forward_matches_reference(monkeypatch, shape, window, softcap, dtyp
 @pytest.mark.parametrize("shape, window, softcap, dtype", TMA_CASES)
 def test_tma_backward_matches_reference(monkeypatch, shape, window, softcap, dtype, atomic):
     """FASTDCA_TMA_BWD=1: the dk/dv kernel reads its q and dout blocks through tensor descriptors (4-D, at
-    [b, h]), whose rows past T and columns past D read as 0; with and without atomic dq."""
+    [b, h]), whose rows past T and columns past D read as 0, and the dq kernel (without atomic dq) its K
+    and V blocks; with and without atomic dq."""
     monkeypatch.setenv("FASTDCA_TMA_BWD", "1")
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1" if atomic else "0")
-    launched = spy_on_launches(monkeypatch, "_dca_bwd_dkdv_kernel")
+    dkdv = spy_on_launches(monkeypatch, "_dca_bwd_dkdv_kernel")
+    dq = spy_on_launches(monkeypatch, "_dca_bwd_dq_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
-    assert launched and all(kwargs["TMA"] and kwargs["ATOMIC_DQ"] == atomic for _, kwargs in launched)
+    assert dkdv and all(kwargs["TMA"] and kwargs["ATOMIC_DQ"] == atomic for _, kwargs in dkdv)
+    assert len(dq) == (0 if atomic else len(dkdv)) and all(kwargs["TMA"] for _, kwargs in dq)
 
 
 def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeypatch):
@@ -376,17 +380,91 @@ def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeyp
 def test_tma_backward_only_where_asked_for_and_where_tma_can_read_q_and_dout(monkeypatch):
     from fastdca.kernels import dca_attention as kmod
 
-    q = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
+    q = kv = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     dout = torch.zeros(1, 40, 2, 64, dtype=torch.float16)
     monkeypatch.delenv("FASTDCA_TMA_BWD", raising=False)
-    assert not kmod._tma_backward(q, dout)
+    assert not kmod._tma_backward(q, kv, kv, dout)
     monkeypatch.setenv("FASTDCA_TMA_BWD", "1")
-    assert kmod._tma_backward(q, dout)
-    assert kmod._tma_backward(q.transpose(1, 2).contiguous().transpose(1, 2), dout)     # as HF builds q
-    assert not kmod._tma_backward(q.float(), dout.float())
-    assert not kmod._tma_backward(q, torch.zeros(1, 40, 64, 2, dtype=torch.float16).transpose(2, 3))
+    assert kmod._tma_backward(q, kv, kv, dout)
+    assert kmod._tma_backward(q.transpose(1, 2).contiguous().transpose(1, 2), kv, kv, dout)     # as HF builds q
+    assert not kmod._tma_backward(q.float(), kv.float(), kv.float(), dout.float())
+    assert not kmod._tma_backward(q, kv, kv, torch.zeros(1, 40, 64, 2, dtype=torch.float16).transpose(2, 3))
+    assert not kmod._tma_backward(q, kv, kv.transpose(2, 3).contiguous().transpose(2, 3), dout)   # v: D strided
     odd = torch.zeros(1, 2, 40, 20, dtype=torch.float16)                 # rows of 40 bytes: not 16-aligned
-    assert not kmod._tma_backward(odd, torch.zeros(1, 40, 2, 20, dtype=torch.float16))
+    assert not kmod._tma_backward(odd, odd, odd, torch.zeros(1, 40, 2, 20, dtype=torch.float16))
+
+
+# FASTDCA_SDPA_FWD: where torch's fused attention takes the prompt half (T = S > 16, padding or none)
+SDPA_CASES = [pytest.param(SHAPES[1].values[0], torch.float16, id="gqa-d80-T=S=33-left-float16"),
+              pytest.param(SHAPES[2].values[0], torch.bfloat16, id="gqa4-d128-M1-right-bfloat16"),
+              pytest.param(SHAPES[6].values[0], torch.float32, id="T=S=67-two-query-blocks-right-float32"),
+              pytest.param((2, 4, 4, 20, 20, 64, 10, 2, None), torch.bfloat16, id="mha-d64-bfloat16")]
+
+
+@pytest.mark.parametrize("shape, dtype", SDPA_CASES)
+def test_sdpa_forward_matches_reference(monkeypatch, shape, dtype):
+    """FASTDCA_SDPA_FWD=1: the prompt half from torch's fused attention with its log-sum-exp, the adapter term
+    merged by the merge kernel, then the fused backward on that lse: output, X_G and all six gradients."""
+    monkeypatch.setenv("FASTDCA_SDPA_FWD", "1")
+    merged = spy_on_launches(monkeypatch, "_dca_merge_kernel")
+    fused = spy_on_launches(monkeypatch, "_dca_fwd_kernel")
+    for xg in ("sample", "token"):
+        check_against_reference("triton", shape, xg, dtype)
+    assert merged and not fused
+
+
+@pytest.mark.parametrize("shape, window, softcap", [
+    (SHAPES[5].values[0], None, None),                                     # T < S (a cache)
+    ((1, 4, 2, 40, 40, 64, 10, 2, (9, 3, 14, 14)), None, None),            # packed sequences
+    (SHAPES[6].values[0], 5, None), (SHAPES[6].values[0], None, 2.0)])      # a window; a softcap
+def test_sdpa_forward_leaves_what_sdpa_cannot_express_to_the_fused_forward(monkeypatch, shape, window, softcap):
+    monkeypatch.setenv("FASTDCA_SDPA_FWD", "1")
+    merged = spy_on_launches(monkeypatch, "_dca_merge_kernel")
+    check_against_reference("triton", shape, "sample", torch.float16, window=window, softcap=softcap)
+    assert merged == []
+
+
+@pytest.mark.parametrize("padding", [None, "left", "right"])
+def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
+    """dca_merge_forward on a prompt half from the float64 equations (strided, as torch's kernels return it),
+    with NaN in the rows that see no real key (what a fused kernel may leave there): out, X_G and the lse
+    the backward reads (log2 units, +inf where no key) equal the fused forward's definition."""
+    from fastdca import reference
+    from fastdca.kernels.dca_attention import dca_merge_forward
+
+    B, Hq, Hkv, T, D, M, H = 3, 4, 2, 37, 64, 10, 3
+    inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, padding, torch.float16)
+    q, k, v, ak, av, gate = (inputs[n] for n in ("q", "k", "v", "ak", "av", "gate"))
+    group = Hq // Hkv
+    q64, k64, v64 = (t.double().cpu() for t in (q, k, v))
+    k64, v64 = k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1)
+    mask64 = None if mask is None else mask.cpu()
+    scores = q64 @ k64.transpose(-1, -2) * D ** -0.5
+    visible = reference.causal_visible(T, T, "cpu")[None, None]
+    visible = visible if mask64 is None else visible & mask64[:, None, None, :]
+    has_key = visible.any(-1)                                                       # (B, 1 or Hq, T)
+    lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)
+    prompt = reference.prompt_probs(q64, k64, D ** -0.5, mask64) @ v64
+    prompt_out = prompt.to(q.dtype).masked_fill(~has_key[..., None], float("nan"))
+    prompt_lse = lse.float().masked_fill(~has_key, float("nan"))
+    # torch's kernels return (B, Hq, T) views of other layouts: out from (B, T, Hq, D), lse from (B, T, Hq)
+    prompt_out = prompt_out.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE)
+    prompt_lse = prompt_lse.transpose(1, 2).contiguous().transpose(1, 2).to(DEVICE)
+    for xg in ("sample", "token"):
+        out, lse2, extra = dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, causal_len=H,
+                                             scale=D ** -0.5, key_padding_mask=mask, xg=xg)
+        expected, stats = reference.dca_attention(q64, *(inputs[n].double().cpu() for n in ("k", "v", "ak", "av", "gate")),
+                                                  causal_len=H, key_padding_mask=mask64, xg=xg)
+        assert relative_error(out.cpu(), expected) <= TOLERANCE[torch.float16]
+        want_lse = torch.where(has_key.expand_as(lse), lse / math.log(2), torch.inf)
+        assert torch.equal(torch.isinf(lse2.cpu()), torch.isinf(want_lse))
+        finite = torch.isfinite(want_lse)
+        assert (lse2.cpu()[finite] - want_lse[finite]).abs().max() <= 1e-5 * want_lse[finite].abs().max()
+        if xg == "token":
+            assert relative_error(extra.cpu(), stats) <= TOLERANCE[torch.float16]
+        else:
+            assert relative_error(extra[:, :-1].cpu().view(B, Hq, D), stats[0]) <= TOLERANCE[torch.float16]
+            assert torch.equal(extra[:, -1].long().cpu(), stats[1])
 
 
 def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag(monkeypatch):
