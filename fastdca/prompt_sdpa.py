@@ -6,12 +6,14 @@ scaled_dot_product_attention itself runs for the call (flash, cuDNN or memory-ef
 flash on the CPU), and adds the adapter term, gate and X_G in one Triton kernel
 (`kernels.dca_attention.dca_merge_forward`). The backward is the fused one either way: it takes the prompt
 output as out - A av, so nothing more is kept for it. Not the default until a GPU run has measured it
-(`fastdca check` times it beside the fused forward).
+(`fastdca check` times it beside the fused forward). FASTDCA_SDPA_FWD=auto times both forwards once per
+shape and takes the faster.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -19,12 +21,18 @@ from fastdca.reference import causal_visible
 
 # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
 _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
+_MODES = {None: "off", "0": "off", "1": "on", "auto": "auto"}
+# the forward auto chose per shape: {(device, dtype, B, Hq, Hkv, T, D, M, padded, xg): "sdpa" | "fused"}
+MEASURED: dict = {}
 
 
-def sdpa_forward_enabled() -> bool:
-    """Whether the triton backend's forward takes its prompt half from torch's fused attention. Off unless
-    FASTDCA_SDPA_FWD=1: not the default until a GPU run has measured it."""
-    return os.environ.get("FASTDCA_SDPA_FWD") == "1"
+def sdpa_forward_mode() -> str:
+    """"off" (FASTDCA_SDPA_FWD unset or 0: the fused forward, the default until a GPU run has measured the
+    alternative), "on" (1) or "auto" (auto: whichever of the two was faster the first time a shape came)."""
+    value = os.environ.get("FASTDCA_SDPA_FWD")
+    if value not in _MODES:
+        raise ValueError(f"FASTDCA_SDPA_FWD must be 0, 1 or auto, got {value!r}")
+    return _MODES[value]
 
 
 def sdpa_forward(on: bool):
@@ -37,18 +45,64 @@ def sdpa_forward(on: bool):
 def triton_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
                    gate_fn, xg):
     """(out, lse, extra) as `kernels.dca_attention.dca_forward` returns them: through torch's fused attention
-    and the merge kernel where FASTDCA_SDPA_FWD=1 and the call is one torch's kernels express (T = S > 16
-    causal keys, with or without a padding mask; no packing, window or softcap) and SDPA would run a fused
-    kernel on it, else through the fused forward."""
+    and the merge kernel where FASTDCA_SDPA_FWD asks for it (1, or auto where that was measured faster for
+    the shape) and the call is one torch's kernels express (T = S > 16 causal keys, with or without a padding
+    mask; no packing, window or softcap) and SDPA would run a fused kernel on it, else through the fused
+    forward."""
     from fastdca.kernels.dca_attention import dca_forward, dca_merge_forward
 
     kw = dict(causal_len=causal_len, scale=scale, key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
+    mode = sdpa_forward_mode()
+
+    def fused():
+        return dca_forward(q, k, v, ak, av, gate, cu_seqlens=cu_seqlens, window=window, softcap=softcap, **kw)
+
     T, S = q.shape[2], k.shape[2]
-    if sdpa_forward_enabled() and cu_seqlens is None and window is None and softcap is None and T == S > 16:
+    if mode == "off" or cu_seqlens is not None or window is not None or softcap is not None or not T == S > 16:
+        return fused()
+
+    def merged():
         prompt = prompt_attention_lse(q, k, v, scale, key_padding_mask)
-        if prompt is not None:
-            return dca_merge_forward(q, *prompt, ak, av, gate, **kw)
-    return dca_forward(q, k, v, ak, av, gate, cu_seqlens=cu_seqlens, window=window, softcap=softcap, **kw)
+        return None if prompt is None else dca_merge_forward(q, *prompt, ak, av, gate, **kw)
+
+    if mode == "auto" and _auto_choice(q, k, ak, key_padding_mask, xg, fused, merged) == "fused":
+        return fused()
+    return merged() or fused()
+
+
+def _auto_choice(q, k, ak, key_padding_mask, xg, fused, merged) -> str:
+    """"sdpa" or "fused" for this call's shape: measured the first time (each forward timed over a few calls
+    after one warm-up, on the call's own tensors), then remembered in MEASURED. Under
+    torch.use_deterministic_algorithms the fused forward, whose choice does not depend on a timing."""
+    if torch.are_deterministic_algorithms_enabled():
+        return "fused"
+    B, Hq, T, D = q.shape
+    key = (q.device, q.dtype, B, Hq, k.shape[1], T, D, ak.shape[1], key_padding_mask is not None, xg)
+    if key not in MEASURED:
+        if merged() is None:            # SDPA would take its math path here
+            MEASURED[key] = "fused"
+        else:
+            with torch.no_grad():
+                faster = _seconds(merged, q.is_cuda) < _seconds(fused, q.is_cuda)
+            MEASURED[key] = "sdpa" if faster else "fused"
+    return MEASURED[key]
+
+
+def _seconds(fn, cuda: bool, calls=3) -> float:
+    """Time per call of fn after one warm-up call: CUDA events for CUDA tensors, the host clock elsewhere."""
+    fn()
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
 def prompt_attention_lse(q, k, v, scale, key_padding_mask):
