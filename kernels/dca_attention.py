@@ -156,6 +156,35 @@ def _window_lo(m0, WINDOW, T, S, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr
 
 
 @triton.jit
+def _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(lo, full_hi) moved up to the key block of row b's first real key, SPAN[b, 0] (full_hi kept within
+    [lo, hi]): a left-padded row skips its wholly padded leading key blocks instead of loading and masking
+    them (the mask still decides after). hi is not clamped to the last real key: that bound raised the
+    sm_90 forward's registers from 179 to 243 on Triton 3.6, and right padding's trailing keys are skipped
+    where they cost most, in the dk/dv kernel."""
+    if HAS_KPM:
+        lo = tl.maximum(lo, tl.load(SPAN + 2 * b) // BLOCK_N * BLOCK_N)
+        full_hi = tl.minimum(tl.maximum(full_hi, lo), hi)
+    return lo, full_hi
+
+
+@triton.jit
+def _dca_key_span_kernel(KPM, SPAN, stride_mb, S, BLOCK: tl.constexpr):
+    """SPAN (B, 2) int32: for row b of KPM (B, S) bool, (its first real key, its last real key + 1); (S, 0)
+    for a row without one."""
+    b = tl.program_id(0).to(tl.int64)
+    first = S
+    last = 0
+    for start in range(0, S, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        real = tl.load(KPM + b * stride_mb + offs, mask=offs < S, other=0) != 0
+        first = tl.minimum(first, tl.min(tl.where(real, offs, S), 0))
+        last = tl.maximum(last, tl.max(tl.where(real, offs + 1, 0), 0))
+    tl.store(SPAN + 2 * b, first)
+    tl.store(SPAN + 2 * b + 1, last)
+
+
+@triton.jit
 def _key_end(SEQ_END, offs_n, S, HAS_SEQ: tl.constexpr):
     """(BLOCK_N,) the end of each key's packed sequence (placeholder without packing)."""
     if HAS_SEQ:
@@ -319,7 +348,7 @@ def _xg_sums(a, av, real, H, offs_a):
 
 @triton.jit
 def _dca_fwd_kernel(
-    Q, K, V, AK, AV, GATE, KPM, SEQ_START, SEQ_END, OUT, LSE, XG, XG_PART,
+    Q, K, V, AK, AV, GATE, KPM, SPAN, SEQ_START, SEQ_END, OUT, LSE, XG, XG_PART,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -336,8 +365,8 @@ def _dca_fwd_kernel(
 ):
     """Forward for one (query block, b * Hq + h) program.
 
-    Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8;
-    SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence (HAS_SEQ: B = 1,
+    Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8; SPAN (B, 2)
+    int32, each row's first real key and last real key + 1 (_dca_key_span_kernel; read with HAS_KPM); SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence (HAS_SEQ: B = 1,
     T = S);
     OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
     XG_PART (B, cdiv(T, BLOCK_M), Hq * D + 1) float32 (sample mode only): at [b, block, h * D + d] the sum
@@ -382,6 +411,7 @@ def _dca_fwd_kernel(
     lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
                     _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
     full_hi = tl.maximum(full_hi, lo)
+    lo, full_hi = _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N, HAS_KPM)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
                                     stride_kd, stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0,
                                     offs_d, d_ok, lo, full_hi, T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ,
@@ -415,7 +445,7 @@ def _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h
 
 @triton.jit
 def _dca_merge_kernel(
-    Q, PO, PLSE, AK, AV, GATE, KPM, FIRST_KEY, OUT, LSE, XG, XG_PART,
+    Q, PO, PLSE, AK, AV, GATE, KPM, SPAN, OUT, LSE, XG, XG_PART,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_pb, stride_ph, stride_pt, stride_pd,
@@ -433,8 +463,7 @@ def _dca_merge_kernel(
     elsewhere (FASTDCA_SDPA_FWD: torch's own fused attention).
 
     Shapes: Q (B, Hq, T, D); PO (B, Hq, T, D), the prompt attention softmax(q k^T * scale + mask) v; PLSE
-    (B, Hq, T) float32, its row log-sum-exp (natural log); FIRST_KEY (B,) int32, each row's first real key
-    (S if none; read with HAS_KPM); the rest as in _dca_fwd_kernel.
+    (B, Hq, T) float32, its row log-sum-exp (natural log); the rest as in _dca_fwd_kernel.
 
         out = PO + g * softmax(q ak^T * scale) av;   LSE = PLSE * log2(e)
     A row whose causal keys are all padding (none at or before its position) gets LSE = +inf and a prompt
@@ -461,7 +490,7 @@ def _dca_merge_kernel(
                  mask=md_mask, other=0.0).to(tl.float32)
     plse = tl.load(PLSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
     if HAS_KPM:
-        has_key = (S - T + offs_m) >= tl.load(FIRST_KEY + b)
+        has_key = (S - T + offs_m) >= tl.load(SPAN + 2 * b)
     else:
         has_key = offs_m >= 0
     acc = tl.where(has_key[:, None], po, 0.0)
@@ -803,7 +832,7 @@ def _dca_bwd_adapter_kernel(
 
 @triton.jit
 def _dca_bwd_dkdv_kernel(
-    Q, K, V, KPM, SEQ_END, DOUT, LSE, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, KPM, SPAN, SEQ_END, DOUT, LSE, DELTA, DK, DV, DQ_ACC,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -815,7 +844,8 @@ def _dca_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ATOMIC_DQ: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SEQ_END (S,)
+    """dk, dv for one (key block, b * Hkv + kh) program; DK, DV (B, Hkv, S, D) contiguous; SPAN as in the
+    forward (a key block wholly outside its row's real keys gets dk = dv = 0 without a loop); SEQ_END (S,)
     int32, the end of each position's packed sequence (HAS_SEQ: B = 1, T = S); DQ_ACC (B, Hq, T, D) float32,
     holding the adapter's dq term (read and added to with ATOMIC_DQ only). With TMA, Q and DOUT (unit
     stride along D, the other strides and the bases 16-byte aligned) are read through tensor descriptors.
@@ -865,6 +895,9 @@ def _dca_bwd_dkdv_kernel(
     # with a sliding window no query at or past position (last key of the block) + WINDOW sees it
     if HAS_WINDOW:
         hi = tl.minimum(hi, tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 + WINDOW - (S - T), 0))
+    if HAS_KPM:
+        padded = (pid_n * BLOCK_N + BLOCK_N <= tl.load(SPAN + 2 * b)) | (pid_n * BLOCK_N >= tl.load(SPAN + 2 * b + 1))
+        hi = tl.where(padded, lo, hi)
     hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(full_lo, hi)
     if TMA:
@@ -901,7 +934,7 @@ def _dca_bwd_dkdv_kernel(
 
 @triton.jit
 def _dca_bwd_dq_kernel(
-    Q, K, V, KPM, SEQ_START, SEQ_END, DOUT, LSE, DELTA, DQ_ACC, DQ,
+    Q, K, V, KPM, SPAN, SEQ_START, SEQ_END, DOUT, LSE, DELTA, DQ_ACC, DQ,
     sm_scale,
     stride_qb, stride_qh, stride_qt, stride_qd,
     stride_kb, stride_kh, stride_ks, stride_kd,
@@ -914,7 +947,7 @@ def _dca_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dq for one (query block, b * Hq + h) program; DQ (B, Hq, T, D) contiguous in the input dtype;
-    SEQ_START, SEQ_END as in the forward. With TMA, K and V are read through tensor descriptors as in the
+    SPAN, SEQ_START, SEQ_END as in the forward. With TMA, K and V are read through tensor descriptors as in the
     forward.
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
@@ -951,6 +984,7 @@ def _dca_bwd_dq_kernel(
     lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
                     _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
     full_hi = tl.maximum(full_hi, lo)
+    lo, full_hi = _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N, HAS_KPM)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
                         stride_kd, stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi, T, S,
                         WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
@@ -1166,6 +1200,19 @@ def _kpm_arg(key_padding_mask, q, launch):
     return kpm, kpm.stride(0), True
 
 
+def _key_span(kpm, stride_mb, has_kpm, q, launch):
+    """SPAN (B, 2) int32, each row's first real key and last real key + 1 (one small kernel), for the kernels'
+    bounds; a placeholder without a padding mask."""
+    if not has_kpm:
+        return _placeholder(q, torch.int32, launch)
+    B, S = kpm.shape
+    span = torch.empty((B, 2), dtype=torch.int32, device=q.device)
+    with _on_device(q):
+        launch(_dca_key_span_kernel)[(B,)](kpm, span, stride_mb, S, BLOCK=min(1024, _next_power_of_2(max(S, 16))),
+                                       **_launch_opts(dict(num_warps=4, num_stages=1)))
+    return span
+
+
 def _seq_arg(cu_seqlens, q, edge: str, launch):
     """(SEQ_START or SEQ_END (S,) int32, HAS_SEQ) for packed sequences; a placeholder without."""
     if cu_seqlens is None:
@@ -1274,11 +1321,12 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
     xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
+    span = _key_span(kpm, stride_mb, has_kpm, q, launch)
     seq_start, has_seq = _seq_arg(cu_seqlens, q, "start", launch)
     seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
     with _on_device(q):
         launch(_dca_fwd_kernel)[(n_mblocks, B * Hq)](
-            q, k, v, ak, av, gate.contiguous(), kpm, seq_start, seq_end, out, lse, xg_out, xg_part,
+            q, k, v, ak, av, gate.contiguous(), kpm, span, seq_start, seq_end, out, lse, xg_out, xg_part,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
@@ -1350,14 +1398,11 @@ def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, sc
     xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
     xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
-    if has_kpm:
-        # each row's first real key (S where it has none): a query sees a real key iff it is at or past it
-        first_key = torch.where(kpm.any(1), kpm.int().argmax(1), kpm.shape[1]).to(torch.int32)
-    else:
-        first_key = _placeholder(q, torch.int32, launch)
+    # a query sees a real key iff it is at or past its row's first one
+    span = _key_span(kpm, stride_mb, has_kpm, q, launch)
     with _on_device(q):
         launch(_dca_merge_kernel)[(n_mblocks, B * Hq)](
-            q, prompt_out, prompt_lse, ak, av, gate.contiguous(), kpm, first_key, out, lse, xg_out, xg_part,
+            q, prompt_out, prompt_lse, ak, av, gate.contiguous(), kpm, span, out, lse, xg_out, xg_part,
             float(scale),
             *q.stride(), *prompt_out.stride(), *prompt_lse.stride(), *ak.stride(), *av.stride(), *out.stride(),
             stride_mb,
@@ -1525,13 +1570,14 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     if not prompt_grads:
         return (dq_acc.to(q.dtype), None, None, *adapter_grads)
 
+    span = _key_span(kpm, stride_mb, has_kpm, q, launch)
     seq_start, has_seq = _seq_arg(cu_seqlens, q, "start", launch)
     seq_end, _ = _seq_arg(cu_seqlens, q, "end", launch)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     with _on_device(q):
         launch(_dca_bwd_dkdv_kernel)[(_cdiv(S, kcfg["BLOCK_N"]), B * Hkv)](
-            q, k, v, kpm, seq_end, dout, lse, delta, dk, dv, dq_acc,
+            q, k, v, kpm, span, seq_end, dout, lse, delta, dk, dv, dq_acc,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,
@@ -1545,7 +1591,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     with _on_device(q):
         launch(_dca_bwd_dq_kernel)[(_cdiv(T, qcfg["BLOCK_M"]), B * Hq)](
-            q, k, v, kpm, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
+            q, k, v, kpm, span, seq_start, seq_end, dout, lse, delta, dq_acc, dq,
             float(scale),
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             stride_mb,

@@ -160,6 +160,39 @@ def test_hf_layout_noncontiguous_inputs():
         assert relative_error(actual[name], value) <= TOLERANCE[torch.float32], name
 
 
+def test_key_span_kernel_finds_each_rows_first_and_last_real_key():
+    from fastdca.kernels import dca_attention as kmod
+
+    gen = torch.Generator().manual_seed(seed := int(torch.randint(0, 2**31, ()).item()))
+    for S in (1, 37, 1500, 2100):             # one block and several of the kernel's 1024 keys
+        mask = torch.rand(5, S, generator=gen) < 0.3
+        mask[1] = False
+        mask[2] = True
+        span = kmod._key_span(mask.to(DEVICE), mask.stride(0), True, torch.empty(0, device=DEVICE), kmod._direct)
+        positions = torch.arange(S)
+        first = torch.where(mask, positions, S).amin(1)
+        last = torch.where(mask, positions + 1, 0).amax(1)
+        assert torch.equal(span.cpu(), torch.stack([first, last], 1).int()), (S, seed)
+
+
+def test_padded_rows_with_holes_and_without_real_keys_match_reference():
+    """The kernels skip the key blocks outside each row's first to last real key (SPAN); inside that span
+    the mask still decides: holes in the mask, padding on both sides, and a row with no real key at all."""
+    B, Hq, Hkv, T, D, M, H = 3, 4, 2, 70, 64, 10, 2
+    inputs, _ = make_inputs(B, Hq, Hkv, T, T, D, M, None, torch.float16)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :20] = mask[0, 55:] = False          # both sides
+    mask[0, 30:33] = mask[0, 41] = False         # holes
+    mask[1] = False                              # no real key
+    mask[2, 3::4] = False
+    mask = mask.to(DEVICE)
+    grads_out = upstream(B, T, Hq, D, "sample", torch.float16)
+    actual, _ = run("triton", inputs, mask, H, "sample", grads_out)
+    expected, _ = run("reference", inputs, mask, H, "sample", grads_out, dtype=torch.float64)
+    for name, value in expected.items():
+        assert relative_error(actual[name], value) <= TOLERANCE[torch.float16], name
+
+
 def test_float64_is_refused():
     inputs, _ = make_inputs(1, 2, 2, 4, 4, 64, 10, None, torch.float64)
     with pytest.raises(ValueError, match="float64"):
