@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -1200,11 +1201,27 @@ def _kpm_arg(key_padding_mask, q, launch):
     return kpm, kpm.stride(0), True
 
 
+_SPANS = []   # the last two (weak reference to a key padding mask, its version, its SPAN) of direct launches
+
+
 def _key_span(kpm, stride_mb, has_kpm, q, launch):
     """SPAN (B, 2) int32, each row's first real key and last real key + 1 (one small kernel), for the kernels'
-    bounds; a placeholder without a padding mask."""
+    bounds; a placeholder without a padding mask. Every layer of a forward, and its backward, gets the same
+    mask object: direct launches reuse the span of an unchanged mask (identity and version) instead of
+    launching again."""
     if not has_kpm:
         return _placeholder(q, torch.int32, launch)
+    if launch is _direct:
+        for ref, version, span in _SPANS:
+            if ref() is kpm and version == kpm._version:
+                return span
+    span = _compute_key_span(kpm, stride_mb, q, launch)
+    if launch is _direct:
+        _SPANS[:] = _SPANS[-1:] + [(weakref.ref(kpm), kpm._version, span)]
+    return span
+
+
+def _compute_key_span(kpm, stride_mb, q, launch):
     B, S = kpm.shape
     span = torch.empty((B, 2), dtype=torch.int32, device=q.device)
     with _on_device(q):

@@ -340,7 +340,8 @@ def within_limits(row) -> bool:
         return False
     if held_to_ratios(row):
         mma, exp = ratio(row, "mma"), ratio(row, "exp")
-        return mma is not None and mma <= MAX_MMA_RATIO and (exp is None or exp <= MAX_EXP_RATIO)
+        no_dots = row["mma_needed"] == 0     # the key-span kernel: a reduction, no matmul
+        return (no_dots or (mma is not None and mma <= MAX_MMA_RATIO)) and (exp is None or exp <= MAX_EXP_RATIO)
     return True
 
 

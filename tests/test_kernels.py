@@ -175,6 +175,24 @@ def test_key_span_kernel_finds_each_rows_first_and_last_real_key():
         assert torch.equal(span.cpu(), torch.stack([first, last], 1).int()), (S, seed)
 
 
+def test_key_span_is_found_once_per_mask_and_again_when_the_mask_changes(monkeypatch):
+    """The layers of a forward and its backward share one mask object: one span launch for all of them, and
+    a new one for a new mask or after the mask is written to."""
+    from fastdca.kernels import dca_attention as kmod
+
+    launched = spy_on_launches(monkeypatch, "_dca_key_span_kernel")
+    inputs, mask = make_inputs(2, 2, 2, 20, 20, 64, 10, "right", torch.float16)
+    kw = dict(causal_len=2, scale=0.125, key_padding_mask=mask, xg="sample")
+    for _ in range(3):       # three layers, forward and backward
+        out, lse, extra = kmod.dca_forward(*inputs.values(), **kw)
+        kmod.dca_backward(torch.ones_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
+    assert len(launched) == 1
+    mask[0, -1] = False                      # written to: its version moves on
+    kmod.dca_forward(*inputs.values(), **kw)
+    kmod.dca_forward(*inputs.values(), **dict(kw, key_padding_mask=mask.clone()))
+    assert len(launched) == 3
+
+
 def test_padded_rows_with_holes_and_without_real_keys_match_reference():
     """The kernels skip the key blocks outside each row's first to last real key (SPAN); inside that span
     the mask still decides: holes in the mask, padding on both sides, and a row with no real key at all."""
