@@ -304,11 +304,13 @@ def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_m
 def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, kh,
                  stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
                  stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                 XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                 XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, OUT_TMA: tl.constexpr = False):
     """The forward's epilogue for rows (query head `head`, query `t`, all of kv head kh, gate value g:
     a scalar or a (rows, 1) column) whose online softmax over the prompt keys ended at (m_i, l_i, acc):
-    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). Returns (A,
-    (rows, BLOCK_A) float32, and the (BLOCK_A, BLOCK_D) adapter-value tile as a dot operand)."""
+    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). With OUT_TMA, OUT
+    is a tensor descriptor of out (B, T, Hq, D) and the rows are one head's consecutive queries from t[0]:
+    out is stored through it (rows past T and columns past D are not written). Returns (A, (rows,
+    BLOCK_A) float32, and the (BLOCK_A, BLOCK_D) adapter-value tile as a dot operand)."""
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
     acc = acc / l_div[:, None]
@@ -327,7 +329,13 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
     o_rows = b * stride_ob + t * stride_ot + head * stride_oh
     o_offs = o_rows[:, None] + offs_d[None, :] * stride_od
     o_mask = row_ok[:, None] & d_ok[None, :]
-    tl.store(OUT + o_offs, acc.to(OUT.dtype.element_ty), mask=o_mask)
+    if OUT_TMA:
+        BLOCK_M: tl.constexpr = acc.shape[0]
+        BLOCK_D: tl.constexpr = acc.shape[1]
+        OUT.store([b.to(tl.int32), tl.min(t, 0), head, 0],
+                  acc.to(OUT.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
+    else:
+        tl.store(OUT + o_offs, acc.to(OUT.dtype.element_ty), mask=o_mask)
     if XG_MODE == 2:
         a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
         xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
@@ -377,7 +385,7 @@ def _dca_fwd_kernel(
     out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks;
     with HAS_WINDOW the query at position p sees only keys after p - WINDOW, and the key blocks before
     the block's first row's window are skipped. With TMA, K and V (unit stride along D, the other
-    strides and the bases 16-byte aligned) are read through tensor descriptors.
+    strides and the bases 16-byte aligned) are read through tensor descriptors, and so are Q and OUT.
     """
     # the longest causal rows first, so the last wave of programs is the shortest
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -395,8 +403,17 @@ def _dca_fwd_kernel(
     # scores in log2 units, so the softmax is exp2 (one MUFU op on the GPU)
     qk_scale = sm_scale * 1.4426950408889634
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if TMA:
+        n_b = tl.num_programs(1) // Hq
+        q_desc = tl.make_tensor_descriptor(Q, shape=[n_b, Hq, T, D], strides=[stride_qb, stride_qh, stride_qt, 1],
+                                           block_shape=[1, 1, BLOCK_M, BLOCK_D])
+        q = q_desc.load([b.to(tl.int32), h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        out_desc = tl.make_tensor_descriptor(OUT, shape=[n_b, T, Hq, D], strides=[stride_ob, stride_ot, stride_oh, 1],
+                                             block_shape=[1, BLOCK_M, 1, BLOCK_D])
+    else:
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        out_desc = OUT
     q = _operand(q, Q, UPCAST)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
@@ -423,10 +440,10 @@ def _dca_fwd_kernel(
                                     UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
 
     g, _ = _gate(GATE, h, GATE_TANH)
-    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
+    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, out_desc, LSE, XG, kh,
                          stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
                          stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                         XG_MODE, UPCAST, IEEE)
+                         XG_MODE, UPCAST, IEEE, TMA)
     if XG_MODE == 1:
         _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S,
                              D, H, HAS_KPM)
@@ -1357,9 +1374,11 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 
 
 def _tma_forward(q, k, v, scale) -> bool:
-    """Whether this forward reads K and V through tensor descriptors: FASTDCA_TMA_FWD=1, a positive scale
-    (which the loop folds into the exponent), and what _tma_reads asks of K and V."""
-    return tma_forward_enabled() and scale > 0 and _tma_reads(q, (k, v))
+    """Whether this forward reads q, K and V (and writes out) through tensor descriptors: FASTDCA_TMA_FWD=1, a
+    positive scale (which the loop folds into the exponent), what _tma_reads asks of q, K and V, and rows of
+    16-byte multiples for out (B, T, Hq, D), which dca_forward makes contiguous."""
+    row_bytes = q.shape[-1] * q.element_size()
+    return tma_forward_enabled() and scale > 0 and row_bytes % 16 == 0 and _tma_reads(q, (q, k, v))
 
 
 def _tma_backward(q, k, v, dout) -> bool:

@@ -64,7 +64,7 @@ def test_report_compiles_all_kernels_without_spills(tmp_path, which):
         assert 0 < r["regs"] <= 255, r
         assert report.within_limits(r), r      # shared memory; no spills and no duplicated work where held
     trained = [r for r in rows if r["variant"] == "sample+mask" and r["shape"] == "train" and r["D"] <= 128
-               and r["dtype"] != "float32"]
+               and r["dtype"] != "float32" and r["kernel"] != "key_span"]
     assert len(trained) == 2 * 2 * 2 * 4
     for r in trained:
         assert r["spill"] == 0 and r["stack"] == 0, r

@@ -383,8 +383,9 @@ TMA_CASES = switched_cases([torch.float16, torch.bfloat16, torch.float16, torch.
 
 @pytest.mark.parametrize("shape, window, softcap, dtype", TMA_CASES)
 def test_tma_forward_matches_reference(monkeypatch, shape, window, softcap, dtype):
-    """FASTDCA_TMA_FWD=1: the forward reads K and V through tensor descriptors, whose rows past S and
-    columns past D read as 0 (S not a multiple of the key block, D = 80 padded to 128)."""
+    """FASTDCA_TMA_FWD=1: the forward reads q, K and V and writes out through tensor descriptors, whose rows
+    past T or S and columns past D read as 0 and are not written (S not a multiple of the key block, D = 80
+    padded to 128)."""
     monkeypatch.setenv("FASTDCA_TMA_FWD", "1")
     launched = spy_on_launches(monkeypatch, "_dca_fwd_kernel")
     for xg in ("sample", "token"):
