@@ -109,33 +109,16 @@ def check_numerics(device, backend, dtype, shape, seed=0):
     return {n: _relative_error(actual[n], expected[n]) for n in expected}
 
 
-def _time_ms(fn, warmup=5, repeat=15, calls=10):
-    """Median over `repeat` samples of CUDA-event time per call, each sample `calls` back-to-back calls:
-    the GPU's time per call when the host keeps ahead of it, as in a training loop."""
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
-
-
 def _backward_ms(fn, inputs):
     """(time of the backward of fn's output, the upstream gradient used); the output's graph is freed
     on return, so it does not count in a later peak-memory measurement."""
     import torch
 
+    from fastdca.timing import cuda_time_ms
+
     out = fn()
     grad = torch.randn_like(out)
-    return _time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)), grad
+    return cuda_time_ms(lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)), grad
 
 
 def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
@@ -145,6 +128,7 @@ def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
     import torch.nn.functional as F
 
     from fastdca.ops import dca_attention
+    from fastdca.timing import cuda_time_ms
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     rows = []
@@ -166,7 +150,7 @@ def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
             "fastdca tma bwd": (dca, ("tma-bwd",)),
             "fastdca tma+atomic": (dca, ("tma-fwd", "tma-bwd", "atomic-dq")),
             "fastdca sdpa fwd": (dca, ("sdpa-fwd",)),
-            "fastdca sdpa+tma+at": (dca, ("sdpa-fwd", "tma-bwd", "atomic-dq")),
+            "fastdca sdpa+tma+atomic": (dca, ("sdpa-fwd", "tma-bwd", "atomic-dq")),
             "sdpa (prompt only)": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                           enable_gqa=Hq != Hkv), ()),
         }
@@ -175,7 +159,7 @@ def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
             try:
                 with kernel_switches(switches):
                     with torch.no_grad():
-                        fwd = _time_ms(fn)
+                        fwd = cuda_time_ms(fn)
                     bwd, grad = _backward_ms(fn, (q, k, v))
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -183,11 +167,16 @@ def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
                     torch.autograd.grad(fn(), (q, k, v), grad)
                     peak = torch.cuda.max_memory_allocated() - base
             except Exception as exc:    # reported in its row; the other implementations are still timed
-                rows.append(dict(row, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+                rows.append(dict(row, error=_one_line(exc)))
                 continue
             rows.append(dict(row, fwd_ms=fwd, bwd_ms=bwd, fwd_tflops=flops / fwd / 1e9,
                              bwd_tflops=2.5 * flops / bwd / 1e9, peak_mb=peak / 2**20))
     return rows
+
+
+def _one_line(exc) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 @contextlib.contextmanager
@@ -249,7 +238,7 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
                         errors = check_numerics(device, backend, dtype, shape)
                 except Exception as exc:    # a kernel that fails on this machine is a failed check, not a crash
                     failures += 1
-                    message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    message = _one_line(exc)
                     report["numerics"].append(dict(dtype=name, backend=label, shape=shape[0], error=message, ok=False))
                     print(f"  {name:9s} {label:24s} {shape[0]:8s} FAILED ({message[:120]})")
                     continue
@@ -263,13 +252,13 @@ def run_check(interpret=False, json_path=None, speed=True) -> int:
         report["speed"] = check_speed()
         print("\nspeed: causal attention, B=4, D=128 (TFLOP/s of the prompt attention; backward 2.5x the "
               "forward's FLOPs)")
-        print(f"  {'T':>5s} {'heads':16s} {'impl':19s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s} "
+        print(f"  {'T':>5s} {'heads':16s} {'impl':23s} {'fwd ms':>8s} {'TFLOP/s':>8s} {'bwd ms':>8s} {'TFLOP/s':>8s} "
               f"{'peak MiB':>9s}")
         for r in report["speed"]:
             if "error" in r:
-                print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:19s} failed: {r['error'][:100]}")
+                print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:23s} failed: {r['error'][:100]}")
                 continue
-            print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:19s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} "
+            print(f"  {r['T']:5d} {r['heads']:16s} {r['impl']:23s} {r['fwd_ms']:8.3f} {r['fwd_tflops']:8.1f} "
                   f"{r['bwd_ms']:8.3f} {r['bwd_tflops']:8.1f} {r['peak_mb']:9.0f}")
     elif speed:
         print("\nspeed: skipped (no CUDA device)")

@@ -18,6 +18,7 @@ import time
 import torch
 
 from fastdca.reference import causal_visible
+from fastdca.timing import cuda_time_ms
 
 # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
 _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
@@ -90,15 +91,9 @@ def _auto_choice(q, k, ak, key_padding_mask, xg, fused, merged) -> str:
 
 def _seconds(fn, cuda: bool, calls=3) -> float:
     """Time per call of fn after one warm-up call: CUDA events for CUDA tensors, the host clock elsewhere."""
-    fn()
     if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3 / calls
+        return cuda_time_ms(fn, warmup=1, repeat=1, calls=calls) / 1e3
+    fn()
     start = time.perf_counter()
     for _ in range(calls):
         fn()

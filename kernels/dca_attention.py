@@ -374,9 +374,10 @@ def _dca_fwd_kernel(
 ):
     """Forward for one (query block, b * Hq + h) program.
 
-    Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8; SPAN (B, 2)
-    int32, each row's first real key and last real key + 1 (_dca_key_span_kernel; read with HAS_KPM); SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence (HAS_SEQ: B = 1,
-    T = S);
+    Shapes: Q (B, Hq, T, D); K, V (B, Hkv, S, D); AK, AV (Hkv, M, D); GATE (Hq,); KPM (B, S) int8; SPAN
+    (B, 2) int32, each row's first real key and last real key + 1 (_dca_key_span_kernel; read with
+    HAS_KPM); SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence
+    (HAS_SEQ: B = 1, T = S);
     OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
     XG_PART (B, cdiv(T, BLOCK_M), Hq * D + 1) float32 (sample mode only): at [b, block, h * D + d] the sum
     of X_G[:, h, d] over the block's real query rows, at [b, block, Hq * D] (written by head 0) the
@@ -462,6 +463,23 @@ def _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h
 
 
 @triton.jit
+def _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt, stride_qd, GROUP: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a (query block pid_m, b * Hq + h) program of the adapter kernels starts from: (b, h, kh, offs_m,
+    offs_d, d_ok, m_ok, q), q the block's (BLOCK_M, BLOCK_D) tile of Q (B, Hq, T, D) as a dot operand."""
+    b = (pid_bh // Hq).to(tl.int64)
+    h = pid_bh % Hq
+    kh = (h // GROUP).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    m_ok = offs_m < T
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    return b, h, kh, offs_m, offs_d, d_ok, m_ok, _operand(q, Q, UPCAST)
+
+
+@triton.jit
 def _dca_merge_kernel(
     Q, PO, PLSE, AK, AV, GATE, KPM, SPAN, OUT, LSE, XG, XG_PART,
     sm_scale,
@@ -489,21 +507,11 @@ def _dca_merge_kernel(
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kh = (h // GROUP).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, kh, offs_m, offs_d, d_ok, m_ok, q = _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt,
+                                                          stride_qd, GROUP, UPCAST, BLOCK_M, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    d_ok = offs_d < D
-    m_ok = offs_m < T
     qk_scale = sm_scale * 1.4426950408889634
     md_mask = m_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
-    q = _operand(q, Q, UPCAST)
     po = tl.load(PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pt + offs_d[None, :] * stride_pd,
                  mask=md_mask, other=0.0).to(tl.float32)
     plse = tl.load(PLSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
@@ -779,21 +787,11 @@ def _dca_bwd_adapter_kernel(
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kh = (h // GROUP).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, kh, offs_m, offs_d, d_ok, m_ok, q = _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt,
+                                                          stride_qd, GROUP, UPCAST, BLOCK_M, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    d_ok = offs_d < D
-    m_ok = offs_m < T
     qk_scale = sm_scale * 1.4426950408889634
     md_mask = m_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
-    q = _operand(q, Q, UPCAST)
     o_offs = b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
     do = tl.load(DOUT + o_offs, mask=md_mask, other=0.0)
     do = _operand(do, DOUT, UPCAST)

@@ -546,8 +546,8 @@ def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
     for xg in ("sample", "token"):
         out, lse2, extra = dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, causal_len=H,
                                              scale=D ** -0.5, key_padding_mask=mask, xg=xg)
-        expected, stats = reference.dca_attention(q64, *(inputs[n].double().cpu() for n in ("k", "v", "ak", "av", "gate")),
-                                                  causal_len=H, key_padding_mask=mask64, xg=xg)
+        rest = (inputs[n].double().cpu() for n in ("k", "v", "ak", "av", "gate"))
+        expected, stats = reference.dca_attention(q64, *rest, causal_len=H, key_padding_mask=mask64, xg=xg)
         assert relative_error(out.cpu(), expected) <= TOLERANCE[torch.float16]
         want_lse = torch.where(has_key.expand_as(lse), lse / math.log(2), torch.inf)
         assert torch.equal(torch.isinf(lse2.cpu()), torch.isinf(want_lse))
