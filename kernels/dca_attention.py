@@ -1348,10 +1348,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     cfg = cfgs["fwd_tma" if tma else "fwd"]
     n_mblocks = _cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
-    out = q.new_empty((B, T, Hq, D))
-    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
-    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    out, lse, xg_out, xg_part = _forward_outputs(q, mode, n_mblocks)
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
     span = _key_span(kpm, stride_mb, has_kpm, q, launch)
     seq_start, has_seq = _seq_arg(cu_seqlens, q, "start", launch)
@@ -1427,10 +1424,7 @@ def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, sc
     cfg = _configs(D, T, q.dtype, q.device, configs)["merge"]
     n_mblocks = _cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
-    out = q.new_empty((B, T, Hq, D))
-    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
-    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    out, lse, xg_out, xg_part = _forward_outputs(q, mode, n_mblocks)
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
     # a query sees a real key iff it is at or past its row's first one
     span = _key_span(kpm, stride_mb, has_kpm, q, launch)
@@ -1445,6 +1439,18 @@ def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, sc
             IEEE=_ieee(q.dtype), BLOCK_A=adapter_block(M), **_blocks(cfg, "BLOCK_M", "BLOCK_D"), **_launch_opts(cfg),
         )
     return out, lse, _extra(mode, xg_out, xg_part)
+
+
+def _forward_outputs(q, mode, n_mblocks):
+    """The forward kernels' outputs for q (B, Hq, T, D): out (B, T, Hq, D) in q's dtype, lse (B, Hq, T)
+    float32, X_G (like out; token mode, else out stands in) and the per-block X_G sums (B, n_mblocks,
+    Hq * D + 1) float32 (sample mode, else lse stands in)."""
+    B, Hq, T, D = q.shape
+    out = q.new_empty((B, T, Hq, D))
+    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
+    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
+    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    return out, lse, xg_out, xg_part
 
 
 def _extra(mode, xg_out, xg_part):
@@ -1485,11 +1491,8 @@ def _decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, 
     acc_part = q.new_empty((B * Hkv, splits, rows, cfg["BLOCK_D"]), dtype=torch.float32)
     m_part = q.new_empty((B * Hkv, splits, rows), dtype=torch.float32)
     l_part = torch.empty_like(m_part)
-    out = q.new_empty((B, T, Hq, D))
-    lse = q.new_empty((B, Hq, T), dtype=torch.float32)
     mode = XG_CODES[xg]
-    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    xg_part = q.new_empty((B, 1, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    out, lse, xg_out, xg_part = _forward_outputs(q, mode, 1)
     kpm, stride_mb, has_kpm = _kpm_arg(key_padding_mask, q, launch)
     flags = dict(GROUP=group, HAS_KPM=has_kpm, UPCAST=_upcast(q.dtype), IEEE=_ieee(q.dtype), ROWS=rows,
                  BLOCK_D=cfg["BLOCK_D"])
