@@ -1077,9 +1077,9 @@ _ATOMIC_DKDV = {
     90: {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (32, 32, 8, 2)},
     80: {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 32, 8, 2)},
 }
-# The forward with FASTDCA_TMA_FWD (K and V through tensor descriptors, the scale folded into the exponent;
-# sm_90, padded D <= 128): 128 x 64 on 8 warps, 3 stages, compiles without spills on Triton 3.6 and 3.9
-# (benchmarks/forward_registers.py; 64 x 128 on 4 warps stays at 250+ registers on 3.6). Untimed: the
+# The forward with FASTDCA_TMA_FWD (q, K, V and out through tensor descriptors, the scale folded into the
+# exponent; sm_90, padded D <= 128): 128 x 64 on 8 warps, 3 stages, compiles without spills on Triton 3.6 and
+# 3.9 (benchmarks/tile_registers.py; 64 x 128 on 4 warps stays at 250+ registers on 3.6). Untimed: the
 # first GPU run decides (`fastdca check` runs it beside the default).
 _TMA_FWD = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
 # bwd_dkdv with FASTDCA_TMA_BWD (the loop's q and dout blocks through tensor descriptors; sm_90, padded
@@ -1260,8 +1260,9 @@ def _direct(kernel):
 
 
 def tma_forward_enabled() -> bool:
-    """Whether the forward reads K and V through tensor descriptors (TMA on Hopper; fewer registers, which
-    larger tiles use). Off unless FASTDCA_TMA_FWD=1: not the default until a GPU run has checked it."""
+    """Whether the forward reads q, K and V and writes out through tensor descriptors (TMA on Hopper; fewer
+    registers, which larger tiles use). Off unless FASTDCA_TMA_FWD=1: not the default until a GPU run has
+    checked it."""
     return os.environ.get("FASTDCA_TMA_FWD") == "1"
 
 

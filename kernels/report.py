@@ -74,7 +74,7 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     compute capability `arch`; `padded`: True (a key padding mask), False (none) or "packed" (two
     sequences packed in the row, cu_seqlens); `window`: a sliding window, or None; `softcap`: a cap on
     the prompt scores, or None; `atomic_dq`: the backward with FASTDCA_ATOMIC_DQ=1 (dq accumulated in the
-    dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (K and V through tensor descriptors);
+    dk/dv kernel); `tma_fwd`: the forward with FASTDCA_TMA_FWD=1 (q, K, V and out through tensor descriptors);
     `tma_bwd`: the backward with FASTDCA_TMA_BWD=1 (the backward's loops through tensor descriptors);
     `sdpa_fwd`: the forward with FASTDCA_SDPA_FWD=1 (the prompt half given, the merge kernel adding the rest)."""
     import torch

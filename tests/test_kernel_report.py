@@ -77,7 +77,7 @@ def test_report_compiles_all_kernels_without_spills(tmp_path, which):
     assert report.backward_tile_work(rows) == {"deterministic": (7, 2), "atomic dq": (5, 1),
                                                "deterministic tma": (7, 2), "atomic dq tma": (5, 1)}
     assert "backward work per causal tile" in res.stdout
-    # the forward with K and V through tensor descriptors (FASTDCA_TMA_FWD), on sm_90: TMA loads in its loop,
+    # the forward with q, K, V and out through tensor descriptors (FASTDCA_TMA_FWD), on sm_90: TMA loads in its loop,
     # a tile of at least 64 x 128 in at most 232 registers without spills, its work as the default's
     tma = [r for r in rows if "+tma_fwd1" in r["variant"] and r["shape"] == "train"]
     assert {(r["target"], r["D"]) for r in tma} == {("sm_90", 128), ("sm_90", 64)}
