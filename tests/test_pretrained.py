@@ -61,3 +61,41 @@ def test_from_pretrained_of_a_plain_folder_says_what_it_is(tmp_path):
     assert "fastdca" not in json.loads((tmp_path / "config.json").read_text())
     with pytest.raises(fastdca.AdapterError, match="not written by a fastdca-patched model"):
         fastdca.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_reports_nothing_unexpected(tmp_path, capsys, caplog):
+    """transformers' load report listed the DCA tensors of model.safetensors as UNEXPECTED ("not ok if you expect
+    identical arch") on every fastdca.from_pretrained: a correct load says nothing is wrong."""
+    _patched().save_pretrained(tmp_path)
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            fastdca.from_pretrained(tmp_path)
+    finally:
+        transformers.logging.disable_propagation()
+    said = capsys.readouterr().err + caplog.text
+    assert "UNEXPECTED" not in said and "dca." not in said, said
+    # the class is left as it was: a plain load of the base model still reports what it does not expect
+    assert "_keys_to_ignore_on_load_unexpected" not in transformers.LlamaForCausalLM.__dict__
+
+
+def test_an_adapter_of_the_bare_decoder_loads_into_the_causal_lm_and_back(tmp_path):
+    """base_model_prefix: an adapter saved from LlamaModel (layers.N...) loads into LlamaForCausalLM (model.layers.N...)
+    and the reverse, as transformers maps weights; the adapted hidden states are equal."""
+    causal = _patched()
+    bare = transformers.AutoModel.from_config(causal.config.__class__.from_dict(
+        {**causal.config.to_dict(), "attn_implementation": "sdpa"})).eval()
+    bare.load_state_dict(causal.model.state_dict(), strict=False)      # base weights; the adapter comes from the file
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(2))
+    fastdca.save_adapter(causal, tmp_path / "from-causal")
+    fastdca.load_adapter(bare, tmp_path / "from-causal")
+    with torch.no_grad():
+        expected = causal(ids, output_hidden_states=True).hidden_states[-1]
+        assert torch.equal(bare(ids).last_hidden_state, expected)
+    fastdca.save_adapter(bare, tmp_path / "from-bare")
+    fresh = transformers.LlamaForCausalLM(causal.config.__class__.from_dict(
+        {**causal.config.to_dict(), "attn_implementation": "sdpa"})).eval()
+    fresh.load_state_dict({k: v for k, v in causal.state_dict().items() if ".dca." not in k}, strict=False)
+    fastdca.load_adapter(fresh, tmp_path / "from-bare")
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, causal(ids).logits)

@@ -13,7 +13,7 @@ from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError
 from fastdca.hf import pretrained
 from fastdca.hf.patching import model_info, patch_model, unpatch_model
-from fastdca.hf.saving import check_adapter_matches, check_same_model, copy_adapter
+from fastdca.hf.saving import check_adapter_matches, check_same_model, copy_adapter, named_as_in
 from fastdca.hf.state import is_patched, state_of, unwrap
 
 
@@ -32,7 +32,7 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
         raise TypeError(f"config must be a fastdca.DCAConfig, got {type(config).__name__}")
     base = patch_model(model, config, backend)
     state = state_of(base)
-    pretrained.install(base, state.base_impl, state.peft_wrapper, load_adapter)
+    pretrained.install(base, state.peft_wrapper, load_adapter)
     return model
 
 
@@ -49,7 +49,9 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     """Load an adapter written by `save_adapter` into `model`.
 
     An unpatched model is patched first with the saved DCAConfig. A patched model must have the same
-    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes.
+    DCAConfig, the same architecture numbers and exactly the saved parameters with the saved shapes (an
+    adapter saved from the bare decoder, LlamaModel, loads into the causal LM and the reverse: the names
+    are mapped through `base_model_prefix` as transformers maps weights).
     A mismatch, or a damaged, truncated or incomplete file, raises fastdca.AdapterError (a ValueError)
     naming the file and what is wrong, and leaves the model as it was. Returns the model.
     """
@@ -64,6 +66,7 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     if patched_here:
         patch(model, saved_config)
     try:
+        tensors = named_as_in(base, tensors)
         check_adapter_matches(base, saved_config, tensors, directory, cfg_path)
     except AdapterError:
         if patched_here:
@@ -77,7 +80,5 @@ def from_pretrained(directory, **kwargs):
     """The patched model that `model.save_pretrained(directory)` saved: the base weights through
     transformers' AutoModelForCausalLM.from_pretrained(directory, **kwargs), then the DCA adapter from
     the same folder (checked as `load_adapter` checks it)."""
-    from transformers import AutoModelForCausalLM
-
     kwargs.setdefault("attn_implementation", pretrained.base_attn_implementation(directory))
-    return load_adapter(AutoModelForCausalLM.from_pretrained(directory, **kwargs), directory)
+    return load_adapter(pretrained.load_base(directory, **kwargs), directory)

@@ -2,7 +2,9 @@
 
 `patch` registers "fastdca_sdpa" and "fastdca_eager" (and, in AttentionMaskInterface, the base
 implementation's own mask builder under the same name, so layers without an adapter get exactly the mask
-they always got). The function runs `fastdca.ops.dca_attention` for attention modules that carry a `dca`
+they always got). A patched model keeps its attention routed here whatever implementation is set on it
+afterwards (`set_attn_implementation`, or `config._attn_implementation` written directly, as transformers'
+own tests do): `route` moves DCA onto the newly chosen base, or refuses one fastdca cannot run on. The function runs `fastdca.ops.dca_attention` for attention modules that carry a `dca`
 submodule and hands every other call to the base implementation unchanged, except rows of packed
 sequences, which every layer attends per sequence. The top L' adapted layers store their X_G statistics
 on the model's state for the loss hooks.
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from fastdca.hf.adapter import DCAAdapter
-from fastdca.hf.masks import key_padding_of_call, packing_of_call
+from fastdca.hf.masks import key_padding_of_call, packing_of_call, static_cache_keys
 from fastdca.hf.records import adapter_attention_record
 from fastdca.hf.state import STATE_ATTR
 from fastdca.loss import layer_features
@@ -37,10 +39,44 @@ def register(base_impl: str) -> str:
     return name
 
 
+def base_implementation(name) -> str:
+    """The base implementation behind attention implementation `name` ("sdpa" for "sdpa" or "fastdca_sdpa");
+    ValueError naming any other, which fastdca's adapted layers cannot run on."""
+    base = name.removeprefix(IMPL_PREFIX) if isinstance(name, str) else name
+    if base not in SUPPORTED_BASE_ATTENTION:
+        raise ValueError(f"fastdca's adapted layers run on the attention implementations {SUPPORTED_BASE_ATTENTION}, "
+                         f"not {name!r}: use 'sdpa' or 'eager' with a patched model")
+    return base
+
+
 def set_attn_implementation(model, name):
-    model.set_attn_implementation(name)
+    type(model).set_attn_implementation(model, name)
     if model.config._attn_implementation != name:
         raise RuntimeError(f"could not set the attention implementation of {type(model).__name__} to {name!r}")
+
+
+def route(model, state) -> None:
+    """Keep the patched `model` on fastdca's attention: an implementation set on its config since the last
+    forward (a plain "eager" or "sdpa") becomes DCA on that base; any other raises naming it."""
+    current = model.config._attn_implementation
+    if current == IMPL_PREFIX + state.base_impl:
+        return
+    base = base_implementation(current)
+    name = register(base)
+    model.config._attn_implementation = name
+    state.base_impl = base
+
+
+def switch_attn_implementation(model, attn_implementation, *args, **kwargs):
+    """A patched model's `set_attn_implementation`: "eager" or "sdpa" (or their fastdca names) keep DCA on
+    that base; any other implementation raises naming it, before anything changes."""
+    from fastdca.hf.state import state_of
+
+    requested = attn_implementation.get("", model.config._attn_implementation) if isinstance(
+        attn_implementation, dict) else attn_implementation
+    base = base_implementation(requested)
+    type(model).set_attn_implementation(model, base, *args, **kwargs)
+    route(model, state_of(model))
 
 
 def _base_function(base_impl: str, module: nn.Module):
@@ -77,8 +113,10 @@ def _make_attention_function(base_impl: str):
         if not getattr(module, "is_causal", True):
             raise NotImplementedError(f"fastdca adapted layers implement causal attention; layer {adapter.layer_idx} "
                                       "is bidirectional (use_bidirectional_attention)")
-        return _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
-                            kwargs.get("sliding_window"), kwargs.get("softcap"))
+        weights = _prompt_attention_weights(module, state, query, key, value, attention_mask, scaling, kwargs)
+        out = _dca_forward(module, adapter, query, key, value, attention_mask, scaling, packing,
+                           kwargs.get("sliding_window"), kwargs.get("softcap"))
+        return out, weights
 
     fastdca_attention_forward.__name__ = f"fastdca_{base_impl}_attention_forward"
     return fastdca_attention_forward
@@ -98,6 +136,9 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     # Every layer of one type gets the same mask object in a forward: derive the padding once per mask.
     key_padding = (None if packing is not None
                    else key_padding_of_call(state, attention_mask, B, T, S, windowed=window is not None))
+    if state.static_cache is not None:
+        filled = state.static_cache.layers[module.layer_idx].get_seq_length()
+        key, value, key_padding = static_cache_keys(key, value, key_padding, filled)
     cu_seqlens = None if packing is None else packing[0]
     xg = state.xg_mode if adapter.layer_idx in state.causal_ids else None
     gate = adapter.gate.to(dtype)
@@ -125,7 +166,18 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
     if state.attention_records is not None and adapter.layer_idx in state.recorded_layers:
         state.attention_records[adapter.layer_idx] = adapter_attention_record(
             query, ak, av, gate, cfg, scaling, key_padding, S)
-    return out, None
+    return out
+
+
+def _prompt_attention_weights(module, state, query, key, value, attention_mask, scaling, kwargs):
+    """What an adapted layer returns as its attention weights when the forward asks for them: on an eager
+    base, the prompt part's probabilities softmax(q k^T * scale + mask) (B, Hq, T, S), exactly as the
+    base's eager attention returns them (the adapter's weights are recorded by `record_adapter_attention`);
+    on an SDPA base None, as SDPA itself returns."""
+    if not state.output_attentions or state.base_impl != "eager":
+        return None
+    return _base_function("eager", module)(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling,
+                                           **kwargs)[1]
 
 
 def _projector(o_proj, dtype):

@@ -19,22 +19,41 @@ import torch
 from fastdca import causal_term
 from fastdca.hf import peft as peft_integration
 from fastdca.hf import trl as trl_integration
+from fastdca.hf.attention import route
 from fastdca.hf.masks import unpack_tokens, unpacked_layout
 from fastdca.hf.state import STATE_ATTR
 from fastdca.loss import causal_loss_of_features
 
 
+# The names transformers passes an argument under, newest first: 5.25 renamed past_key_values to cache.
+ARGUMENT_SPELLINGS = {"past_key_values": ("cache", "past_key_values")}
+
+
+def call_arguments(state, model, args, kwargs) -> dict:
+    """Every argument of this forward by name: positional ones bound to the model's signature, the **kwargs
+    flattened in, and each argument of ARGUMENT_SPELLINGS under its one name here, whichever spelling the
+    installed transformers uses. The only place that reads the forward's arguments."""
+    try:
+        bound = dict(state.forward_signature.bind_partial(model, *args, **kwargs).arguments)
+    except TypeError:
+        bound = dict(kwargs)
+    for param in state.forward_signature.parameters.values():
+        if param.kind is inspect.Parameter.VAR_KEYWORD and isinstance(bound.get(param.name), dict):
+            bound.update(bound.pop(param.name))
+    for name, spellings in ARGUMENT_SPELLINGS.items():
+        bound[name] = next((bound[s] for s in spellings if bound.get(s) is not None), None)
+    return bound
+
+
 def pre_hook(model, args, kwargs):
     state = getattr(model, STATE_ATTR)
     cfg = state.config
-    try:
-        bound = state.forward_signature.bind_partial(model, *args, **kwargs).arguments
-    except TypeError:
-        bound = kwargs
-    labels = bound.get("labels")
-    past = bound.get("past_key_values")
-    if past is not None and "Static" in type(past).__name__:
-        raise NotImplementedError(f"fastdca adapted layers need a DynamicCache; got {type(past).__name__}")
+    route(model, state)
+    arguments = call_arguments(state, model, args, kwargs)
+    labels = arguments.get("labels")
+    past = arguments["past_key_values"]
+    # A static cache's keys are slots: the filled ones first, then empty ones the op must not see (masks.py).
+    state.static_cache = past if getattr(past, "is_compileable", False) else None
     collect = cfg.alpha > 0 and (labels is not None or model.training) and not state.adapters_disabled
     state.xg_mode = cfg.variance if collect else None
     state.stats = {}
@@ -42,10 +61,13 @@ def pre_hook(model, args, kwargs):
     state.grad_enabled = torch.is_grad_enabled()
     state.linear_4bit.before_forward(builds_graph=state.grad_enabled)
     state.labels = labels
-    state.num_items = bound.get("num_items_in_batch", kwargs.get("num_items_in_batch"))
-    state.shift_labels = kwargs.get("shift_labels")
+    state.num_items = arguments.get("num_items_in_batch")
+    state.shift_labels = arguments.get("shift_labels")
+    output_attentions = arguments.get("output_attentions")
+    state.output_attentions = bool(getattr(model.config, "output_attentions", False) if output_attentions is None
+                                   else output_attentions)
     # Without position_ids the model numbers the tokens 0, 1, ... itself: no restart, nothing to read.
-    state.packing_possible = bound.get("position_ids") is not None or kwargs.get("cu_seq_lens_q") is not None
+    state.packing_possible = arguments.get("position_ids") is not None or arguments.get("cu_seq_lens_q") is not None
     if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
         peft_integration.check_not_frozen_by_peft(model, state.dca_parameters())
 

@@ -3,7 +3,8 @@
 Key padding: the op wants a (B, S) bool mask of real keys. It is read off the 4-D mask transformers built
 for this very call: its last query row sits at the last key position, so under the causal mask it sees
 every real key and no padding key (bool masks: True = visible; additive float masks: 0 = visible). A mask
-of None means no padding. This stays aligned with the KV cache (S = past + T).
+of None means no padding. This stays aligned with the KV cache (S = past + T); a static cache's slots are rolled so that it is
+(`static_cache_keys`).
 
 Packed sequences: several sequences end to end in one row (B = 1), told apart by the `cu_seq_lens_q`
 that DataCollatorWithFlattening passes down, or by position_ids that restart, with no padding. Read once
@@ -30,6 +31,24 @@ def key_padding_of_call(state, attention_mask, B, T, S, windowed=False):
     key_padding = key_padding_mask(attention_mask, B, T, S, windowed)
     state.padding_cache = cache[-1:] + [(attention_mask, (B, T, S, windowed), key_padding)]
     return key_padding
+
+
+def static_cache_keys(key, value, key_padding, filled):
+    """A static cache's keys and values (B, Hkv, S, D) hold the `filled` tokens seen so far in their first
+    slots and empty slots after them (a full sliding-window layer: every slot, in order). The op places the
+    last query at the last key: this rolls the filled slots to the end and marks the empty ones as padding,
+    (key, value, key padding (B, S)). `filled` may be a tensor on the device (no host read)."""
+    B, Hkv, S, D = key.shape
+    if isinstance(filled, int) and filled >= S:
+        return key, value, key_padding
+    slots = torch.arange(S, device=key.device)
+    shift = S - torch.as_tensor(filled, device=key.device).clamp(max=S)
+    source = (slots - shift) % S
+    real = (slots >= shift).expand(B, S)
+    if key_padding is not None:
+        real = real & key_padding.gather(1, source.expand(B, S))
+    index = source.view(1, 1, S, 1).expand(B, Hkv, S, D)
+    return key.gather(2, index), value.gather(2, index), real
 
 
 def packing_of_call(state, query, key, attention_mask, kwargs):

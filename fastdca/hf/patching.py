@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import math
 from typing import Optional
@@ -19,7 +20,7 @@ from fastdca.config import DCAConfig
 from fastdca.hf import peft as peft_integration
 from fastdca.hf.adapter import DCAAdapter
 from fastdca.hf.architectures import architecture_of, find
-from fastdca.hf.attention import SUPPORTED_BASE_ATTENTION, register, set_attn_implementation
+from fastdca.hf.attention import base_implementation, register, set_attn_implementation, switch_attn_implementation
 from fastdca.hf.hooks import declared_output_class, post_hook, pre_hook, with_dca_losses
 from fastdca.hf.state import STATE_ATTR, PatchState, adapter_state_dict, state_of, unwrap
 from fastdca.ops import MAX_ADAPTER_LEN, MAX_HEAD_DIM
@@ -64,11 +65,8 @@ def patch_model(model: nn.Module, config: DCAConfig, backend: Optional[str]):
     if config.adapter_len > MAX_ADAPTER_LEN:
         raise ValueError(f"DCAConfig.adapter_len={config.adapter_len} exceeds the op's maximum of "
                          f"{MAX_ADAPTER_LEN} adapter tokens")
-    base_impl = hf_config._attn_implementation
-    if base_impl not in SUPPORTED_BASE_ATTENTION:
-        raise ValueError(f"fastdca.patch supports the base attention implementations "
-                         f"{SUPPORTED_BASE_ATTENTION}, but the model uses {base_impl!r}; load it with "
-                         "attn_implementation='sdpa' or 'eager'")
+    # A model built from a patched model's config (assisted decoding's assistant) says "fastdca_sdpa": its base.
+    base_impl = base_implementation(hf_config._attn_implementation)
 
     info = model_info(model)
     hidden, num_heads = info["hidden_size"], info["num_attention_heads"]
@@ -110,6 +108,7 @@ def patch_model(model: nn.Module, config: DCAConfig, backend: Optional[str]):
     _swap_config(model, state.orig_config, hf_config)
     name = register(base_impl)
     set_attn_implementation(model, name)
+    model.set_attn_implementation = functools.partial(switch_attn_implementation, model)
     state.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
     state.handles.append(model.register_forward_hook(post_hook, with_kwargs=True, always_call=True))
     state.forward_signature = inspect.signature(type(model).forward)
@@ -137,7 +136,11 @@ def unpatch_model(model: nn.Module) -> None:
     for attn in state.plain_attn_modules:
         delattr(attn, STATE_ATTR)
     state.linear_4bit.restore()
+    model.__dict__.pop("set_attn_implementation", None)
     _swap_config(model, model.config, state.orig_config)
+    if state.orig_config._attn_implementation != state.base_impl:
+        # The base chosen while patched (set_attn_implementation) outlives the patch.
+        model.set_attn_implementation(state.base_impl)
     for name, p in model.named_parameters():
         if name in state.requires_grad:
             p.requires_grad_(state.requires_grad[name])

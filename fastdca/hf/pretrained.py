@@ -17,17 +17,20 @@ import os
 from fastdca import adapter_file
 from fastdca.errors import AdapterError
 from fastdca.hf.saving import save_adapter
+from fastdca.hf.state import state_of
 from fastdca.io import atomic_write_text
 
 MARKER_IMPL = "fastdca_from_pretrained"
 CONFIG_KEY = "fastdca"
+DCA_TENSOR_PATTERN = r"\.dca\.(prompt|gate)$"
+_ABSENT = object()
 
 
-def install(model, base_impl: str, peft_wrapper, load_adapter) -> None:
+def install(model, peft_wrapper, load_adapter) -> None:
     """Give the patched `model` (and the PeftModel around it, if one was patched) their save_pretrained,
     and the PeftModel its load_adapter, as instance attributes that `remove` takes away. `load_adapter`
     is fastdca's."""
-    model.save_pretrained = functools.partial(_save_pretrained, model, base_impl)
+    model.save_pretrained = functools.partial(_save_pretrained, model)
     if peft_wrapper is None:
         return
     save, load = type(peft_wrapper).save_pretrained, type(peft_wrapper).load_adapter
@@ -70,7 +73,29 @@ def base_attn_implementation(directory) -> str:
     return entry["base_attn_implementation"]
 
 
-def _save_pretrained(model, base_impl, save_directory, *args, **kwargs):
+def load_base(directory, **kwargs):
+    """The base model of a patched model's save_pretrained folder, through transformers' from_pretrained of
+    the class AutoModelForCausalLM picks, told that the DCA tensors in its weights are expected there (the
+    adapter loads them next): its load report lists nothing as unexpected."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.auto_factory import _get_model_class
+
+    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(
+        directory, **{k: kwargs[k] for k in ("revision", "trust_remote_code", "cache_dir", "token") if k in kwargs})
+    model_class = _get_model_class(config, AutoModelForCausalLM._model_mapping)
+    own = model_class.__dict__.get("_keys_to_ignore_on_load_unexpected", _ABSENT)
+    model_class._keys_to_ignore_on_load_unexpected = list(model_class._keys_to_ignore_on_load_unexpected or []) + [
+        DCA_TENSOR_PATTERN]
+    try:
+        return model_class.from_pretrained(directory, config=config, **kwargs)
+    finally:
+        if own is _ABSENT:
+            del model_class._keys_to_ignore_on_load_unexpected
+        else:
+            model_class._keys_to_ignore_on_load_unexpected = own
+
+
+def _save_pretrained(model, save_directory, *args, **kwargs):
     result = type(model).save_pretrained(model, save_directory, *args, **kwargs)
     if not kwargs.get("is_main_process", True):
         return result
@@ -79,7 +104,7 @@ def _save_pretrained(model, base_impl, save_directory, *args, **kwargs):
     with open(path) as f:
         config = json.load(f)
     config["attn_implementation"] = MARKER_IMPL
-    config[CONFIG_KEY] = {"base_attn_implementation": base_impl,
+    config[CONFIG_KEY] = {"base_attn_implementation": state_of(model).base_impl,
                           "note": "a fastdca DCA model: load it with fastdca.from_pretrained(directory)"}
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return result

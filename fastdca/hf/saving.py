@@ -52,6 +52,23 @@ def check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> 
                                f"{tuple(tensors[name].shape)} in the adapter, {tuple(p.shape)} in the model")
 
 
+def named_as_in(model, tensors: dict) -> dict:
+    """The adapter's tensors under `model`'s own parameter names: saved from the bare decoder (LlamaModel,
+    `layers.3.self_attn.dca.prompt`) for the causal LM (`model.layers.3...`) or the reverse, the model's
+    `base_model_prefix` is added or taken away, as transformers does for weights. Any other mismatch is left
+    for `check_adapter_matches` to name."""
+    prefix = getattr(model, "base_model_prefix", "")
+    names = set(adapter_state_dict(model))
+    if not prefix or set(tensors) == names:
+        return tensors
+    head = prefix + "."
+    if all(n.startswith(head) for n in names) and not any(n.startswith(head) for n in tensors):
+        return {head + n: t for n, t in tensors.items()}
+    if all(n.startswith(head) for n in tensors) and not any(n.startswith(head) for n in names):
+        return {n[len(head):]: t for n, t in tensors.items()}
+    return tensors
+
+
 def check_same_model(info: dict, saved_model: dict, directory) -> None:
     diffs = [f"{k}: model {info.get(k)!r} vs adapter {v!r}" for k, v in saved_model.items() if info.get(k) != v]
     if diffs:

@@ -36,6 +36,8 @@ class PatchState:
         self.recorded_layers = frozenset()
         self.adapters_disabled = False              # inside disable_adapter: every layer attends as the base model
         self.peft_wrapper = None                    # the PeftModel that was patched, if one was
+        self.static_cache = None                    # this forward's cache when it is a static one (slots)
+        self.output_attentions = False              # this forward returns attention weights
 
     def dca_parameters(self) -> list:
         """Every adapter's prompt and gate, from the adapted modules (no walk over the model's parameters)."""
