@@ -15,12 +15,16 @@ def _python(*args, env=None):
 
 
 def test_transformers_imports_after_fastdca_from_the_root():
-    done = _python("-c", "import fastdca, fastdca.kernels.dca_attention, transformers.modeling_utils, kernels; "
-                         "print(kernels.__file__); print(fastdca.kernels.__file__)")
+    code = ("import fastdca, fastdca.kernels.dca_attention, transformers.modeling_utils\n"
+            "print(fastdca.kernels.__file__)\n"
+            "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('missing')\n"
+            "else:\n    print(kernels.__file__)\n")
+    done = _python("-c", code)
     assert done.returncode == 0, done.stderr
-    installed, ours = done.stdout.split()
-    assert os.path.dirname(os.path.dirname(installed)) != ROOT          # Hugging Face's package
+    ours, installed = done.stdout.split()
     assert ours == os.path.join(ROOT, "kernels", "__init__.py")           # fastdca's, under its own name
+    # Hugging Face's package where it is installed (transformers 5.25 depends on it), else missing: never ours
+    assert installed == "missing" or os.path.dirname(os.path.dirname(installed)) != ROOT
 
 
 def test_cli_as_a_module_from_the_root(tiny_model_dir, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from typing import Optional
 
 import torch
@@ -66,6 +67,10 @@ def pre_hook(model, args, kwargs):
     output_attentions = arguments.get("output_attentions")
     state.output_attentions = bool(getattr(model.config, "output_attentions", False) if output_attentions is None
                                    else output_attentions)
+    if state.output_attentions and state.base_impl != "eager":
+        warnings.warn(f"attention weights are returned on an eager base only; the patched model's base is "
+                      f"{state.base_impl!r}, whose layers return none: call model.set_attn_implementation('eager') "
+                      "first (DCA stays on)", stacklevel=2)
     # Without position_ids the model numbers the tokens 0, 1, ... itself: no restart, nothing to read.
     state.packing_possible = arguments.get("position_ids") is not None or arguments.get("cu_seq_lens_q") is not None
     if model.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
