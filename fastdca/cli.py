@@ -1,4 +1,4 @@
-"""The `fastdca` command: train, eval, inspect, demo, sweep and check."""
+"""The `fastdca` command: train, eval, inspect, demo, sweep, check and lm-eval."""
 
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from pathlib import Path
 
 from fastdca.config import COMPILE_MODES
 
+LM_EVAL_COMMAND = "lm-eval"
 
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == [LM_EVAL_COMMAND]:
+        # the rest is lm-eval's own command line, passed through unparsed (argparse would claim its options)
+        args = argparse.Namespace(command=LM_EVAL_COMMAND, harness_args=argv[1:], run=run_lm_eval)
+    else:
+        args = parser.parse_args(argv)
     from fastdca.errors import TrainingDiverged, TrainingInterrupted
 
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
@@ -184,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--no-speed", action="store_true", help="skip the timings (CUDA only)")
     check.add_argument("--json", metavar="PATH", default=None, help="also write the report as JSON to PATH")
     check.set_defaults(run=run_check)
+
+    # main() hands everything after `lm-eval` to the harness before this parser sees it; listed for --help
+    commands.add_parser(LM_EVAL_COMMAND, add_help=False,
+                        help="score an adapter with lm-evaluation-harness: `fastdca lm-eval --model fastdca "
+                             "--model_args pretrained=BASE,adapter=ADAPTER ...`, the rest as lm-eval's own "
+                             "arguments (needs pip install \"fastdca[eval]\")")
     return parser
 
 
@@ -370,6 +382,16 @@ def run_sweep(args) -> int:
                  test_limit=args.limit)
     print(summary_table(rows))
     return 0
+
+
+def run_lm_eval(args) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise RuntimeError('lm-evaluation-harness is not installed: pip install "fastdca[eval]"')
+    from fastdca.lm_eval_harness import cli
+
+    return cli(args.harness_args)
 
 
 def run_check(args) -> int:
