@@ -33,8 +33,9 @@ MODEL_NAME = "fastdca"
 @register_model(MODEL_NAME)
 class FastDCALM(HFLM):
     """HFLM with a DCA adapter: `pretrained=BASE,adapter=ADAPTER_DIR` (the folder `fastdca train` or
-    `fastdca.save_adapter` wrote), or `pretrained=DIR` alone where DIR is a patched model's
-    `save_pretrained` folder (loaded by `fastdca.from_pretrained`). Every other argument is HFLM's.
+    `fastdca.save_adapter` or a patched model's `save_pretrained` wrote), or `pretrained=DIR` alone where DIR
+    is a patched model's `save_pretrained(dir, full_model=True)` folder (loaded by `fastdca.from_pretrained`).
+    Every other argument is HFLM's.
     Anything else, a missing or wrong adapter among it, raises fastdca.AdapterError (a ValueError) in
     one line that names `adapter=` or `pretrained=`."""
 
@@ -55,7 +56,7 @@ class FastDCALM(HFLM):
     def _create_model(self, pretrained: str, **kwargs) -> None:
         saved = getattr(self.config, SAVED_MODEL_KEY, None) is not None
         if saved and self.adapter is not None:
-            raise AdapterError(f"pretrained={pretrained} is a fastdca-patched model's save_pretrained folder, which "
+            raise AdapterError(f"pretrained={pretrained} is a fastdca-patched model's whole-model save_pretrained folder, which "
                                f"carries its own adapter; drop adapter={self.adapter}, or give the base model as "
                                "pretrained=")
         if not saved and self.adapter is None:
@@ -86,7 +87,7 @@ class FastDCALM(HFLM):
 
 
 class _SavedPatchedModel:
-    """Stands in for AutoModelForCausalLM while HFLM loads a patched model's save_pretrained folder."""
+    """Stands in for AutoModelForCausalLM while HFLM loads a patched model's whole-model save_pretrained folder."""
 
     @staticmethod
     def from_pretrained(directory, **kwargs):

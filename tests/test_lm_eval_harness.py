@@ -25,7 +25,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 @pytest.fixture(scope="module")
 def setup(tiny_model_dir, tmp_path_factory):
     """The base model, an adapter with gates of 1 (so that it changes the scores), the patched model's
-    save_pretrained folder, and a local task folder for --include_path."""
+    whole-model save_pretrained folder, and a local task folder for --include_path."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     root = tmp_path_factory.mktemp("lm-eval")
@@ -36,7 +36,7 @@ def setup(tiny_model_dir, tmp_path_factory):
         if name.endswith("gate"):
             param.data.fill_(1.0)
     fastdca.save_adapter(model, root / "adapter")
-    model.save_pretrained(root / "saved")
+    model.save_pretrained(root / "saved", full_model=True)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(root / "saved")
 
     data = root / "data.jsonl"
@@ -149,7 +149,7 @@ def test_wrong_arguments_refused_in_one_line(setup, tmp_path):
     refused(f"adapter={base} is not a fastdca adapter folder", pretrained=base, adapter=base)
     refused("needs adapter=ADAPTER_DIR", pretrained=base)
     refused("adapter= is empty", pretrained=base, adapter="")
-    refused(f"pretrained={setup['saved']} is a fastdca-patched model's save_pretrained folder", pretrained=setup["saved"],
+    refused(f"pretrained={setup['saved']} is a fastdca-patched model's whole-model save_pretrained folder", pretrained=setup["saved"],
             adapter=adapter)
     # an adapter trained on another architecture: load_adapter's check, named as adapter=
     other = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

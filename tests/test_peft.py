@@ -126,3 +126,37 @@ def test_peft_save_pretrained_writes_and_load_adapter_reads_both_adapters(tmp_pa
     fresh.load_adapter(str(tmp_path), adapter_name="default")   # what Trainer's resume calls
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(ids).logits, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loader", ["AutoPeftModelForCausalLM", "PeftModel.from_pretrained",
+                                    "transformers from_pretrained", "fastdca.from_pretrained"])
+def test_a_lora_and_dca_folder_loads_both_through_every_loader(loader, tmp_path):
+    """A patched PeftModel's folder loaded the ways PEFT and transformers load adapters gives LoRA and DCA, never
+    LoRA alone (fastdca is imported: it wraps their load_adapter)."""
+    base = _base()
+    base.save_pretrained(tmp_path / "base")
+    peft_model = _lora(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
+    fastdca.patch(peft_model, CFG)
+    with torch.no_grad():
+        for name, p in patch_mod.adapter_state_dict(peft_model).items():
+            p.normal_()
+    ids = _batch()["input_ids"]
+    with torch.no_grad():
+        expected = peft_model.eval()(ids).logits
+        lora_only = _lora(_base())
+        lora_only.get_base_model().load_state_dict(
+            {k: v for k, v in peft_model.get_base_model().state_dict().items() if ".dca." not in k})
+        assert (lora_only.eval()(ids).logits - expected).abs().max() > 1e-3     # DCA changes the logits
+    peft_model.save_pretrained(tmp_path / "out")
+    if loader == "AutoPeftModelForCausalLM":
+        loaded = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    elif loader == "PeftModel.from_pretrained":
+        loaded = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                                tmp_path / "out")
+    elif loader == "transformers from_pretrained":
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    else:
+        loaded = fastdca.from_pretrained(tmp_path / "out")
+    assert patch_mod.is_patched(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, expected, rtol=1e-5, atol=1e-5)

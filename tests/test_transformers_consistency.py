@@ -347,11 +347,15 @@ def test_save_pretrained_and_from_pretrained_give_equal_logits(family, tmp_path)
     batch = _padded_batch()
     inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     real = batch["attention_mask"].bool()
-    model.save_pretrained(tmp_path)
-    loaded = fastdca.from_pretrained(tmp_path).eval()
+    # the adapter-sized folder, on its base saved apart (a model built in memory records no base), and the whole model
+    base = tmp_path / "base"
+    _model(family).save_pretrained(base)
+    model.save_pretrained(tmp_path / "adapter", base_model=str(base))
+    loaded = fastdca.from_pretrained(tmp_path / "adapter").eval()
     assert patch_mod.is_patched(loaded)
-    # and loaded with another base implementation, as transformers' test_eager_matches_sdpa_inference loads
-    eager = fastdca.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    model.save_pretrained(tmp_path / "whole", full_model=True)
+    # loaded with another base implementation, as transformers' test_eager_matches_sdpa_inference loads
+    eager = fastdca.from_pretrained(tmp_path / "whole", attn_implementation="eager").eval()
     assert patch_mod.is_patched(eager)
     with torch.no_grad():
         want = model(**inputs).logits[real]

@@ -11,7 +11,7 @@ from torch import nn
 from fastdca import adapter_file
 from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError
-from fastdca.hf import pretrained
+from fastdca.hf import hub, pretrained
 from fastdca.hf.patching import model_info, patch_model, unpatch_model
 from fastdca.hf.saving import check_adapter_matches, check_same_model, copy_adapter, named_as_in
 from fastdca.hf.state import is_patched, state_of, unwrap
@@ -32,7 +32,7 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
         raise TypeError(f"config must be a fastdca.DCAConfig, got {type(config).__name__}")
     base = patch_model(model, config, backend)
     state = state_of(base)
-    pretrained.install(base, state.peft_wrapper, load_adapter)
+    pretrained.install(base, state.peft_wrapper)
     return model
 
 
@@ -76,9 +76,26 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     return model
 
 
-def from_pretrained(directory, **kwargs):
-    """The patched model that `model.save_pretrained(directory)` saved: the base weights through
-    transformers' AutoModelForCausalLM.from_pretrained(directory, **kwargs), then the DCA adapter from
-    the same folder (checked as `load_adapter` checks it)."""
-    kwargs.setdefault("attn_implementation", pretrained.base_attn_implementation(directory))
-    return load_adapter(pretrained.load_base(directory, **kwargs), directory)
+def from_pretrained(name_or_path, *, base_model=None, **kwargs):
+    """The adapted model a patched model's `save_pretrained` (or `fastdca train`, or `save_adapter`) wrote,
+    from a local folder or a Hugging Face Hub repository id, in one call: the base model it records (or
+    `base_model`, a name or path) through transformers' AutoModelForCausalLM.from_pretrained(**kwargs)
+    (dtype, device_map, quantization_config, attn_implementation, ...), patched with the adapter's own
+    DCAConfig, with the adapter loaded and checked as `load_adapter` checks it. A whole-model folder
+    (`save_pretrained(dir, full_model=True)`) loads its own base weights. `revision`, `token` and
+    `cache_dir` also choose the Hub download of the adapter. A folder a patched PeftModel wrote (LoRA and
+    DCA) gives the PeftModel with both adapters."""
+    directory = hub.local_folder(name_or_path, **{k: kwargs[k] for k in ("revision", "token", "cache_dir")
+                                                  if k in kwargs})
+    if pretrained.is_full_model_folder(directory):
+        if base_model is not None:
+            raise ValueError(f"{str(name_or_path)!r} holds a whole model (save_pretrained(full_model=True)), which is "
+                             "its own base: drop base_model=")
+        return load_adapter(pretrained.load_full_model(directory, **kwargs), directory)
+    kwargs.pop("revision", None)     # the adapter's; the base's is the one the adapter records
+    base = pretrained.load_base_of_adapter(directory, base_model, **kwargs)
+    if pretrained.is_peft_folder(directory):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, directory)     # PEFT's adapter, then the DCA one (fastdca.hf.peft)
+    return load_adapter(base, directory)

@@ -3,6 +3,8 @@ checks that an adapter belongs to the model it is loaded into."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -11,11 +13,14 @@ from fastdca.errors import AdapterError
 from fastdca.hf.state import adapter_state_dict, state_of, unwrap
 
 
-def save_adapter(model: nn.Module, directory) -> None:
+def save_adapter(model: nn.Module, directory, *, base_model=None) -> None:
     """Write `adapter.safetensors` and `dca_config.json` into `directory`, together and atomically.
 
-    A model sharded with FSDP2 (DTensor parameters): every rank calls it, the parameters are gathered
-    (a collective), and rank 0 alone writes the whole, unsharded adapter."""
+    dca_config.json records the base model, `base_model` or the model's `config._name_or_path` (a local
+    folder as an absolute path) and the revision it was loaded at where transformers recorded one, so that
+    `fastdca.from_pretrained(directory)` can load it. A model sharded with FSDP2 (DTensor parameters):
+    every rank calls it, the parameters are gathered (a collective), and rank 0 alone writes the whole,
+    unsharded adapter."""
     model = unwrap(model)
     state = state_of(model)
     params = adapter_state_dict(model)
@@ -27,7 +32,17 @@ def save_adapter(model: nn.Module, directory) -> None:
         raise AdapterError(f"refusing to write a non-finite adapter to {directory}: {bad[0]}"
                            f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN or inf")
     adapter_file.write(directory, tensors, {"dca_config": state.config.to_dict(), "model": state.model_info,
-                                            "layers": state.layer_ids})
+                                            "layers": state.layer_ids, "base_model": base_model_record(model, base_model)})
+
+
+def base_model_record(model, base_model=None) -> dict:
+    """{"name_or_path", "revision"} of the base model an adapter belongs to (None where unknown)."""
+    config = model.config
+    name = base_model if base_model is not None else (getattr(config, "_name_or_path", "") or None)
+    if name is not None and base_model is None and os.path.isdir(name):
+        name = os.path.abspath(name)
+    revision = getattr(config, "_commit_hash", None) if base_model is None else None
+    return {"name_or_path": None if name is None else str(name), "revision": revision}
 
 
 def check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> None:

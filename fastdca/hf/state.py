@@ -38,6 +38,7 @@ class PatchState:
         self.peft_wrapper = None                    # the PeftModel that was patched, if one was
         self.static_cache = None                    # this forward's cache when it is a static one (slots)
         self.output_attentions = False              # this forward returns attention weights
+        self.keys_to_ignore_on_save = None          # the model's own _keys_to_ignore_on_save, restored by unpatch
 
     def dca_parameters(self) -> list:
         """Every adapter's prompt and gate, from the adapted modules (no walk over the model's parameters)."""
