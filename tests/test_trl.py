@@ -51,9 +51,10 @@ def _model(tokenizer, alpha, **dca):
 
 def _args(tmp_path, **extra):
     # gradient checkpointing is SFTConfig's default (on), and stays on
-    return trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, bf16=False,
-                         dataloader_num_workers=0, **extra)
+    settings = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, report_to=[], save_strategy="no", seed=0, use_cpu=True, bf16=False,
+                    dataloader_num_workers=0)
+    return trl.SFTConfig(**{**settings, **extra})
 
 
 def _sft(tmp_path, tokenizer, alpha, mode, **dca):
@@ -139,3 +140,27 @@ def test_compute_loss_func_without_the_term_stops_and_with_it_trains(tmp_path, t
     custom.train()
     default, _ = _sft(tmp_path / "c", tokenizer, 1.0, "padded")
     torch.testing.assert_close(torch.tensor(_losses(custom)), torch.tensor(_losses(default)), rtol=2e-6, atol=0)
+
+
+def test_sft_trainer_checkpoints_are_adapter_sized_and_resume_the_adapter(tmp_path, tokenizer):
+    """SFTTrainer saves through the patched model's save_pretrained: the checkpoint holds the adapter, not the
+    base, and resuming from it restores the adapter and runs on (Trainer's own resume path)."""
+    dataset = datasets.Dataset.from_list([{"text": t} for t in TEXTS])
+
+    def sft(model, steps):
+        args = _args(tmp_path, max_steps=steps, save_strategy="steps", save_steps=2)
+        return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+
+    model = _model(tokenizer, 1.0)
+    sft(model, 2).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert "adapter.safetensors" in names and "model.safetensors" not in names, names
+    trained = {n: p.detach().clone() for n, p in patch_mod.adapter_state_dict(model).items()}
+    fresh = _model(tokenizer, 1.0)       # gates 0.5, prompts as drawn: not the trained adapter
+    assert not all(torch.equal(p, trained[n]) for n, p in patch_mod.adapter_state_dict(fresh).items())
+    resumed = sft(fresh, 2)
+    resumed._load_from_checkpoint(str(checkpoint))
+    for name, p in patch_mod.adapter_state_dict(fresh).items():
+        assert torch.equal(p, trained[name]), name
+    sft(fresh, 3).train(resume_from_checkpoint=str(checkpoint))
