@@ -27,7 +27,6 @@ def _patched(seed=0):
 
 def _saved_base(tmp_path, seed=0):
     """A patched model whose base was loaded from a folder, as users load one: its config names the folder."""
-    _patched(seed)                        # draws the same base weights as _patched(seed)
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                                       num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")
@@ -91,8 +90,8 @@ def test_base_model_overrides_the_record_and_an_old_folder_says_what_is_missing(
     (tmp_path / "adapter" / "dca_config.json").write_text(json.dumps(meta))
     with pytest.raises(fastdca.AdapterError, match="does not record its base model"):
         fastdca.from_pretrained(tmp_path / "adapter")
+    model.save_pretrained(tmp_path / "whole", full_model=True)
     with pytest.raises(ValueError, match="whole model.*drop base_model="):
-        model.save_pretrained(tmp_path / "whole", full_model=True)
         fastdca.from_pretrained(tmp_path / "whole", base_model=str(tmp_path / "base"))
 
 
