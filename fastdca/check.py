@@ -187,13 +187,12 @@ def kernel_switches(switches):
     if switches is None:
         yield
         return
-    from fastdca.kernels.dca_attention import atomic_dq, tma_backward, tma_forward
-    from fastdca.prompt_sdpa import sdpa_forward
+    from fastdca.switches import ATOMIC_DQ, SDPA_FWD, TMA_BWD, TMA_FWD
 
     unknown = set(switches) - {"atomic-dq", "tma-fwd", "tma-bwd", "sdpa-fwd"}
     assert not unknown, unknown
-    with atomic_dq("atomic-dq" in switches), tma_forward("tma-fwd" in switches), \
-            tma_backward("tma-bwd" in switches), sdpa_forward("sdpa-fwd" in switches):
+    with ATOMIC_DQ.set("atomic-dq" in switches), TMA_FWD.set("tma-fwd" in switches), \
+            TMA_BWD.set("tma-bwd" in switches), SDPA_FWD.set("sdpa-fwd" in switches):
         yield
 
 

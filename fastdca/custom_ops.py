@@ -30,7 +30,6 @@ as the adapter half itself.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -38,18 +37,15 @@ from torch import Tensor
 
 from fastdca import ops
 from fastdca.reference import compute_dtype
+from fastdca.switches import triton_interpreted
 
 NAMESPACE = "fastdca"
-
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _kernel_op(name, fn, fake):
     """A Triton-backed operator: triton_op where Triton compiles the kernels, and where it interprets
     them (no kernel object a tracer can record) an opaque custom_op with `fake`."""
-    if _interpreted():
+    if triton_interpreted():
         op = torch.library.custom_op(f"{NAMESPACE}::{name}", fn, mutates_args=())
         op.register_fake(fake)
         return op

@@ -16,7 +16,6 @@ since a trip through the dispatcher costs more than the adapter half itself on s
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from fastdca import reference
 from fastdca.config import GATE_FNS
 from fastdca.reference import compute_dtype, gate_values, query_is_real, sequence_ids
+from fastdca.switches import BACKEND, triton_interpreted
 
 BACKENDS = ("auto", "triton", "torch", "reference")
 XG_MODES = ("sample", "token", None)
@@ -87,7 +87,7 @@ def effective_window(window, S: int):
 
 def resolve_backend(backend, q) -> str:
     """The backend a call runs on: the argument, else FASTDCA_BACKEND, else auto."""
-    name = backend if backend is not None else os.environ.get("FASTDCA_BACKEND", "auto")
+    name = backend if backend is not None else BACKEND.read()
     if name not in BACKENDS:
         source = "backend" if backend is not None else "FASTDCA_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
@@ -112,10 +112,6 @@ def _kernels_fast_for(dtype) -> bool:
 
         return tf32_allowed()
     return False
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def triton_available() -> bool:

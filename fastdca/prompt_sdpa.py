@@ -12,17 +12,17 @@ shape and takes the faster.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
 
 from fastdca.reference import causal_visible
+from fastdca.switches import SDPA_FWD
 from fastdca.timing import cuda_time_ms
 
 # torch.nn.attention.SDPBackend's values, as torch._fused_sdp_choice returns them
 _FLASH, _EFFICIENT, _CUDNN = 1, 2, 3
-_MODES = {None: "off", "0": "off", "1": "on", "auto": "auto"}
+_MODES = {"0": "off", "1": "on", "auto": "auto"}
 # the forward auto chose per shape: {(device, dtype, B, Hq, Hkv, T, D, M, padded, xg): "sdpa" | "fused"}
 MEASURED: dict = {}
 
@@ -30,17 +30,10 @@ MEASURED: dict = {}
 def sdpa_forward_mode() -> str:
     """"off" (FASTDCA_SDPA_FWD unset or 0: the fused forward, the default until a GPU run has measured the
     alternative), "on" (1) or "auto" (auto: whichever of the two was faster the first time a shape came)."""
-    value = os.environ.get("FASTDCA_SDPA_FWD")
+    value = SDPA_FWD.read()
     if value not in _MODES:
         raise ValueError(f"FASTDCA_SDPA_FWD must be 0, 1 or auto, got {value!r}")
     return _MODES[value]
-
-
-def sdpa_forward(on: bool):
-    """FASTDCA_SDPA_FWD set to `on` while the block runs (read at each forward)."""
-    from fastdca.kernels.dca_attention import switch
-
-    return switch("FASTDCA_SDPA_FWD", on)
 
 
 def triton_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,

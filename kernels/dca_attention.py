@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from fastdca import switches
+from fastdca.switches import triton_interpreted
 
 XG_NONE, XG_SAMPLE, XG_TOKEN = 0, 1, 2
 XG_CODES = {None: XG_NONE, "sample": XG_SAMPLE, "token": XG_TOKEN}
@@ -1017,13 +1019,6 @@ def _dca_bwd_dq_kernel(
 # launch configuration
 
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # Triton reads it once, when imported
-
-
-def interpreted() -> bool:
-    return _INTERPRETED
-
-
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -1156,7 +1151,7 @@ def _table_configs(D, decoding, dtype, arch):
 
 
 def _launch_opts(cfg: dict) -> dict:
-    if _INTERPRETED:
+    if triton_interpreted():
         return {}
     return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -1171,7 +1166,7 @@ def _on_device(q):
 
 
 def _upcast(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _INTERPRETED
+    return dtype == torch.bfloat16 and triton_interpreted()
 
 
 def tf32_allowed() -> bool:
@@ -1259,57 +1254,6 @@ def _direct(kernel):
     return kernel
 
 
-def tma_forward_enabled() -> bool:
-    """Whether the forward reads q, K and V and writes out through tensor descriptors (TMA on Hopper; fewer
-    registers, which larger tiles use). Off unless FASTDCA_TMA_FWD=1: not the default until a GPU run has
-    checked it."""
-    return os.environ.get("FASTDCA_TMA_FWD") == "1"
-
-
-def tma_forward(on: bool):
-    """FASTDCA_TMA_FWD set to `on` while the block runs (the launchers read it at each forward)."""
-    return switch("FASTDCA_TMA_FWD", on)
-
-
-def tma_backward_enabled() -> bool:
-    """Whether the backward's loops read through tensor descriptors (TMA on Hopper): the dk/dv kernel its q
-    and dout blocks, the dq kernel its K and V blocks. Off unless FASTDCA_TMA_BWD=1: not the default until
-    a GPU run has checked it."""
-    return os.environ.get("FASTDCA_TMA_BWD") == "1"
-
-
-def tma_backward(on: bool):
-    """FASTDCA_TMA_BWD set to `on` while the block runs (the launchers read it at each backward)."""
-    return switch("FASTDCA_TMA_BWD", on)
-
-
-def atomic_dq_enabled() -> bool:
-    """Whether the backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls
-    and 1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel. Off unless
-    FASTDCA_ATOMIC_DQ=1, and never while torch.use_deterministic_algorithms is on: atomics add in a varying
-    order. Not the default until a GPU run has checked it. Head dims up to 128 (D = 256 keeps the dq kernel)."""
-    return os.environ.get("FASTDCA_ATOMIC_DQ") == "1" and not torch.are_deterministic_algorithms_enabled()
-
-
-def atomic_dq(on: bool):
-    """FASTDCA_ATOMIC_DQ set to `on` while the block runs (the launchers read it at each backward)."""
-    return switch("FASTDCA_ATOMIC_DQ", on)
-
-
-@contextlib.contextmanager
-def switch(variable: str, on: bool):
-    """The environment variable set to "1" or "0" while the block runs, then restored."""
-    saved = os.environ.get(variable)
-    os.environ[variable] = "1" if on else "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(variable)
-        else:
-            os.environ[variable] = saved
-
-
 def _check_dtype(q):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must have dtype float16, bfloat16 or float32 for the triton kernels (float64: use the "
@@ -1374,13 +1318,21 @@ def _tma_forward(q, k, v, scale) -> bool:
     positive scale (which the loop folds into the exponent), what _tma_reads asks of q, K and V, and rows of
     16-byte multiples for out (B, T, Hq, D), which dca_forward makes contiguous."""
     row_bytes = q.shape[-1] * q.element_size()
-    return tma_forward_enabled() and scale > 0 and row_bytes % 16 == 0 and _tma_reads(q, (q, k, v))
+    return switches.TMA_FWD.on() and scale > 0 and row_bytes % 16 == 0 and _tma_reads(q, (q, k, v))
 
 
 def _tma_backward(q, k, v, dout) -> bool:
     """Whether this backward's loops read through tensor descriptors (the dk/dv kernel's q and dout, the dq
     kernel's K and V): FASTDCA_TMA_BWD=1 and what _tma_reads asks of the four."""
-    return tma_backward_enabled() and _tma_reads(q, (q, k, v, dout))
+    return switches.TMA_BWD.on() and _tma_reads(q, (q, k, v, dout))
+
+
+def _atomic_dq(D) -> bool:
+    """Whether this backward accumulates dq with atomics inside the dk/dv kernel (one kernel fewer, 5 matmuls and
+    1 exp per tile instead of 7 and 2) rather than in the deterministic dq kernel: FASTDCA_ATOMIC_DQ=1, never
+    while torch.use_deterministic_algorithms is on (atomics add in a varying order), head dims up to 128 (D = 256
+    keeps the dq kernel)."""
+    return switches.ATOMIC_DQ.on() and not torch.are_deterministic_algorithms_enabled() and head_block(D) <= 128
 
 
 def _tma_reads(q, tensors) -> bool:
@@ -1389,7 +1341,7 @@ def _tma_reads(q, tensors) -> bool:
     D, 16-byte aligned base and strides). Sets Triton's allocator on CUDA."""
     if q.dtype == torch.float32 or head_block(q.shape[-1]) > 128:
         return False
-    if not (_INTERPRETED or target_arch(q.device) >= 90):
+    if not (triton_interpreted() or target_arch(q.device) >= 90):
         return False
     if not all(_tma_layout(t) for t in tensors):
         return False
@@ -1551,7 +1503,7 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     H = causal_len
     group = Hq // Hkv
     cfgs = _configs(D, T, q.dtype, q.device, configs)
-    atomic = atomic_dq_enabled() and head_block(D) <= 128
+    atomic = _atomic_dq(D)
     dout = dout.contiguous() if dout is not None and dout.stride() != out.stride() else dout
     tma = dout is not None and _tma_backward(q, k, v, dout)
     acfg, qcfg = cfgs["bwd_adapter"], cfgs["bwd_dq"]

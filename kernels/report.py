@@ -80,8 +80,9 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     import torch
 
     from fastdca.kernels import dca_attention as k
+    from fastdca.switches import ATOMIC_DQ, TMA_BWD, TMA_FWD, triton_interpreted
 
-    assert os.environ.get("TRITON_INTERPRET") != "1", "the report compiles for GPUs: unset TRITON_INTERPRET"
+    assert not triton_interpreted(), "the report compiles for GPUs: unset TRITON_INTERPRET"
     q = torch.empty(B, Hq, T, D, dtype=dtype)
     kv = torch.empty(B, Hkv, S, D, dtype=dtype)
     ak = torch.empty(Hkv, M, D, dtype=dtype)
@@ -91,8 +92,8 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording(k, log), _targeting(k, arch), k.atomic_dq(atomic_dq), k.tma_forward(tma_fwd), \
-            k.tma_backward(tma_bwd):
+    with _recording(k, log), _targeting(k, arch), ATOMIC_DQ.set(bool(atomic_dq)), TMA_FWD.set(bool(tma_fwd)), \
+            TMA_BWD.set(bool(tma_bwd)):
         if sdpa_fwd:
             prompt = (torch.empty_like(q), torch.empty(B, Hq, T, dtype=torch.float32))
             out, lse, extra = k.dca_merge_forward(q, *prompt, ak, ak, gate, causal_len=H, scale=D ** -0.5,
@@ -429,7 +430,9 @@ def main(argv=None):
     parser.add_argument("--json", metavar="PATH", help="also write the compile table's rows as JSON to PATH")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")   # Triton's current default, stated
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    from fastdca.switches import triton_interpreted
+
+    if triton_interpreted():
         sys.exit("unset TRITON_INTERPRET: the report compiles for real GPU targets")
     import triton
 

@@ -357,7 +357,7 @@ def test_atomic_dq_backward_matches_reference(monkeypatch, shape, window, softca
     from fastdca.kernels import dca_attention as kmod
 
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
-    assert kmod.atomic_dq_enabled()
+    assert kmod._atomic_dq(shape[5])
     launched = spy_on_launches(monkeypatch, "_dca_bwd_dq_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
@@ -368,14 +368,15 @@ def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypa
     from fastdca.kernels import dca_attention as kmod
 
     monkeypatch.delenv("FASTDCA_ATOMIC_DQ", raising=False)
-    assert not kmod.atomic_dq_enabled()
+    assert not kmod._atomic_dq(128)
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
     torch.use_deterministic_algorithms(True)
     try:
-        assert not kmod.atomic_dq_enabled()
+        assert not kmod._atomic_dq(128)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert kmod.atomic_dq_enabled()
+    assert kmod._atomic_dq(128)
+    assert not kmod._atomic_dq(256)         # D = 256 keeps the dq kernel
 
 
 TMA_CASES = switched_cases([torch.float16, torch.bfloat16, torch.float16, torch.float16])    # no float32 TMA
