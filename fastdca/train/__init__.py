@@ -6,8 +6,9 @@ Trainer brings gradient accumulation, mixed precision, checkpoints, resume and m
 the cross-entropy and the causal loss separately.
 """
 
-from fastdca.train.run import (DCATrainer, PadCollator, TrainSettings, check_checkpoint, compile_mode, is_rank_zero,
-                               length_buckets, packing_collator, tokenize_examples, train)
+from fastdca.train.data import IGNORE_INDEX, PadCollator, length_buckets, packing_collator, tokenize_examples
+from fastdca.train.settings import TrainSettings, compile_mode
+from fastdca.train.run import DCATrainer, check_checkpoint, is_rank_zero, train
 
 __all__ = ["train", "TrainSettings", "DCATrainer", "tokenize_examples", "PadCollator", "packing_collator",
-           "length_buckets", "compile_mode", "check_checkpoint", "is_rank_zero"]
+           "length_buckets", "IGNORE_INDEX", "compile_mode", "check_checkpoint", "is_rank_zero"]

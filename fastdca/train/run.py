@@ -15,20 +15,19 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca import fsdp
-from fastdca.config import COMPILE_MODES, DCAConfig
+from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
-from fastdca.guards import NONFINITE_MODES, InterruptGuard, NonFiniteGuard
+from fastdca.guards import InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_all, atomic_write_text
 from fastdca.locks import only_writer
 from fastdca.grad_share import causal_gradient_share, measurement_due, warn_if_causal_term_inert
@@ -36,125 +35,10 @@ from fastdca.adapter_file import ADAPTER_FILE, CONFIG_FILE
 from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
 from fastdca.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.tasks import Example
+from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
+from fastdca.train.settings import TrainSettings, compile_mode
 
-IGNORE_INDEX = -100
 HISTORY_FILE = "loss_history.json"
-
-
-@dataclass
-class TrainSettings:
-    """The optimisation settings of `fastdca train`; the defaults are the paper's."""
-
-    epochs: float = 5.0
-    max_steps: int = -1            # > 0 overrides epochs
-    batch_size: int = 4
-    grad_accum: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.02
-    warmup: float = 0.0            # warmup steps, or a fraction of the total when < 1
-    lr_scheduler: str = "linear"
-    max_length: int = 256
-    seed: int = 0
-    save_steps: int = 500
-    save_total_limit: Optional[int] = 2
-    logging_steps: int = 10
-    bf16: bool = False
-    fp16: bool = False
-    dataloader_workers: int = 0
-    nonfinite: str = "stop"        # "stop" at the first non-finite loss or gradient, or "skip" such steps
-    packing: bool = False          # each micro-batch's examples end to end in one row, no padding
-    compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
-    compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA
-    gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    fsdp: bool = False             # shard the model over the launched processes (FSDP2; fastdca.fsdp)
-    extra: dict = field(default_factory=dict)  # further TrainingArguments fields
-
-    def __post_init__(self):
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps <= 0 and not self.epochs > 0:
-            raise ValueError(f"epochs must be > 0 when max_steps is not set, got {self.epochs}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.nonfinite not in NONFINITE_MODES:
-            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {self.nonfinite!r}")
-        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.compile_mode is not None and not self.compile:
-            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile (--compile)")
-
-
-def compile_mode(settings: "TrainSettings", on_cuda: bool) -> Optional[str]:
-    """The torch.compile mode of a compiled run: the one asked for, else "reduce-overhead" on CUDA (CUDA
-    graphs replay each step's launches, so the host side stops setting the pace) and "default" elsewhere
-    (CUDA graphs need a GPU); None when the run is not compiled."""
-    if not settings.compile:
-        return None
-    return settings.compile_mode or ("reduce-overhead" if on_cuda else "default")
-
-
-def length_buckets(max_length: int, smallest: int = 16) -> tuple:
-    """The row widths a compiled run pads its batches to: powers of two from `smallest` below max_length,
-    then max_length. A compiled step is specialised (and under CUDA graphs recorded) per shape: a few
-    widths keep it to a few compilations, at most twice the tokens of the longest row."""
-    widths = []
-    width = smallest
-    while width < max_length:
-        widths.append(width)
-        width *= 2
-    return tuple(widths) + (max_length,)
-
-
-def tokenize_examples(examples: list[Example], tokenizer, max_length: int) -> list[dict]:
-    """prompt + target + EOS as input_ids, with the prompt tokens masked out of the labels.
-
-    Raises ValueError, before any training, when a prompt leaves no room for its answer within
-    max_length. Targets longer than the room left are truncated (the prompt is never cut).
-    """
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; fastdca needs one to end the training targets")
-    rows = []
-    for ex in examples:
-        prompt_ids = tokenizer(ex.prompt, add_special_tokens=True)["input_ids"]
-        target_ids = tokenizer(ex.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        room = max_length - len(prompt_ids)
-        if room < 1:
-            raise ValueError(f"max_length={max_length} is too short for the prompts: example {ex.id!r} has a "
-                             f"{len(prompt_ids)}-token prompt; use --max-length {len(prompt_ids) + 32} or more")
-        target_ids = target_ids[:room]
-        rows.append({"input_ids": prompt_ids + target_ids,
-                     "labels": [IGNORE_INDEX] * len(prompt_ids) + target_ids})
-    return rows
-
-
-class PadCollator:
-    """Right-pads input_ids (with the pad token), labels (with -100) and builds the attention mask, to
-    the longest row of the batch, or with `buckets` (increasing widths) to the narrowest bucket that holds
-    it. Padding to a bucket changes no loss: the pads are masked out of attention, CE and the causal loss."""
-
-    def __init__(self, pad_token_id: int, buckets=None):
-        self.pad_token_id = pad_token_id
-        self.buckets = tuple(buckets) if buckets else None
-
-    def __call__(self, rows):
-        width = max(len(r["input_ids"]) for r in rows)
-        if self.buckets is not None:
-            width = next((b for b in self.buckets if b >= width), width)
-        batch = {"input_ids": [], "labels": [], "attention_mask": []}
-        for r in rows:
-            pad = width - len(r["input_ids"])
-            batch["input_ids"].append(r["input_ids"] + [self.pad_token_id] * pad)
-            batch["labels"].append(r["labels"] + [IGNORE_INDEX] * pad)
-            batch["attention_mask"].append([1] * len(r["input_ids"]) + [0] * pad)
-        return {k: torch.tensor(v) for k, v in batch.items()}
-
-
-def packing_collator():
-    """transformers' DataCollatorWithFlattening: a micro-batch's examples end to end in one row, position_ids
-    restarting at 0 for each and the boundaries as cu_seq_lens_q/k, which fastdca.patch reads; the first
-    label of each example is masked, so no example is trained to predict the next one's first token."""
-    return DataCollatorWithFlattening(return_flash_attn_kwargs=True)
 
 
 class LogLastStep(TrainerCallback):
