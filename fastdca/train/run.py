@@ -26,15 +26,15 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca import fsdp
 from fastdca.config import DCAConfig
-from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
+from fastdca.errors import TrainingDiverged, TrainingInterrupted
 from fastdca.guards import InterruptGuard, NonFiniteGuard
-from fastdca.io import atomic_write_all, atomic_write_text
+from fastdca.io import atomic_write_text
 from fastdca.locks import only_writer
 from fastdca.grad_share import causal_gradient_share, measurement_due, warn_if_causal_term_inert
-from fastdca.adapter_file import ADAPTER_FILE, CONFIG_FILE
 from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
 from fastdca.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.tasks import Example
+from fastdca.train.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE, check_checkpoint, keep_last_checkpoint
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.settings import TrainSettings, compile_mode
 
@@ -334,7 +334,7 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
             trainer.train(resume_from_checkpoint=checkpoint)
     except TrainingDiverged as diverged:
         _write_history(trainer, output_dir)
-        kept = _keep_last_checkpoint(trainer, output_dir)
+        kept = keep_last_checkpoint(trainer, output_dir)
         raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
     except RuntimeError as error:
         if not _is_write_failure(error):
@@ -365,34 +365,6 @@ def _compiled_backward_retains_graph(compiled: bool):
     return torch._functorch.config.patch(donated_buffer=False)
 
 
-OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"     # Trainer's names
-CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, "trainer_state.json")
-
-
-def check_checkpoint(path) -> None:
-    """Refuse to resume from a checkpoint folder that lacks a file resuming needs (Trainer would quietly
-    restart the optimizer or the schedule without it), or whose files are damaged: each is read here, so
-    the error names the file instead of coming from deep inside Trainer's resume."""
-    path = Path(path)
-    advice = f"delete {path} to resume from an earlier checkpoint, or pass --no-resume to start over"
-    for name in CHECKPOINT_FILES:
-        if not (path / name).is_file():
-            raise AdapterError(f"{path / name} is missing: checkpoint {path.name} cannot be resumed exactly; {advice}")
-    try:
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError) as error:
-        raise AdapterError(f"{path / 'trainer_state.json'} is unreadable ({error}); {advice}") from None
-    fields = {"global_step": int, "log_history": list}
-    wrong = [name for name, kind in fields.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)]
-    if wrong:
-        raise AdapterError(f"{path / 'trainer_state.json'} has no valid {', '.join(wrong)}; {advice}")
-    for file in [path / OPTIMIZER_FILE, path / SCHEDULER_FILE, *sorted(path.glob("rng_state*.pth"))]:
-        try:
-            torch.load(file, map_location="cpu", weights_only=False)
-        except Exception as error:       # truncated zip, unpickling garbage, ...
-            raise AdapterError(f"{file} is damaged ({type(error).__name__}: {str(error)[:200]}); {advice}") from None
-
-
 def _write_history(trainer, output_dir) -> list:
     """loss_history.json (strict JSON: a non-finite value is written as null); returns the history."""
     history = [dict(step=h["step"], ce=h["ce"], causal_loss=h["causal_loss"], grad_share=h.get("grad_share"),
@@ -403,16 +375,3 @@ def _write_history(trainer, output_dir) -> list:
                 for h in history]
         atomic_write_text(Path(output_dir) / HISTORY_FILE, json.dumps(safe, indent=1, allow_nan=False))
     return history
-
-
-def _keep_last_checkpoint(trainer, output_dir) -> str:
-    """After divergence: the output adapter becomes the last checkpoint's (written while every parameter
-    was finite); with no checkpoint the output directory keeps what it had. Says which."""
-    last = get_last_checkpoint(str(output_dir))
-    if last is None:
-        return f"nothing was written to {output_dir}"
-    if trainer.is_world_process_zero():
-        # the pair together, as save_adapter writes it
-        atomic_write_all({Path(output_dir) / name: lambda tmp, source=Path(last) / name: shutil.copyfile(source, tmp)
-                          for name in (ADAPTER_FILE, CONFIG_FILE)})
-    return f"the adapter in {output_dir} is {Path(last).name}'s, the last checkpoint"
