@@ -1,0 +1,146 @@
+"""The Trainer fastdca trains with: DCATrainer (adapter-only checkpoints, CE and the causal loss logged
+apart, the causal term's gradient share measured on logged steps, FSDP's optimizer state gathered) and the
+callbacks that show and log its progress."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from fastdca import fsdp
+from fastdca.grad_share import causal_gradient_share, measurement_due
+from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
+from fastdca.train.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step whatever logging_steps is, so that the history always ends at the final step
+    (with logging_steps above max_steps it would otherwise stay empty)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            control.should_log = True
+        return control
+
+
+class DCATrainer(Trainer):
+    """Trainer that checkpoints only the adapter and logs CE and the causal loss separately."""
+
+    def __init__(self, model, *args, **kwargs):
+        # Trainer refuses a quantised model unless trainable adapters sit on it, and it recognises only
+        # PEFT's; DCA's float32 adapters on the frozen 4-bit/8-bit weights are exactly that case.
+        flagged = getattr(model, "_hf_peft_config_loaded", False)
+        model._hf_peft_config_loaded = True
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            model._hf_peft_config_loaded = flagged
+        self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+        self._step_losses = []
+        self._share = {"step": None, "value": None}
+
+    def take_step_losses(self) -> list:
+        """The {"loss", "ce", "causal_loss"} of each micro-batch since the last call (NonFiniteGuard)."""
+        losses, self._step_losses = self._step_losses, []
+        return losses
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
+                                             num_items_in_batch=num_items_in_batch)
+        if model.training:
+            # Trainer may rescale the model's loss (token averaging across devices multiplies it by the
+            # number of processes, in place: outputs["loss"] is that tensor): the CE part gets the same
+            # factor, so that the logged CE and Trainer's logged loss agree. Without collected statistics
+            # (alpha = 0) the model's loss is all CE.
+            ce, term = outputs.get("ce_loss"), outputs.get("causal_term")
+            raw = float(outputs["loss"].detach() if ce is None or term is None else (ce + term).detach())
+            scale = float(loss.detach()) / raw if raw else 1.0
+            ce_value = float((outputs["loss"] if ce is None else ce).detach())
+            self._loss_sums["ce"] += ce_value * scale
+            causal = outputs.get("causal_loss")
+            causal_value = 0.0 if causal is None else float(causal.detach())
+            self._loss_sums["causal"] += causal_value
+            self._loss_sums["n"] += 1
+            self._step_losses.append({"loss": raw, "ce": ce_value, "causal_loss": causal_value})
+            self._measure_gradient_share(outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _measure_gradient_share(self, outputs):
+        """On the first micro-batch of each step that will be logged: the causal term's share of the
+        gradient on the DCA parameters (fastdca.grad_share). Not under several processes, whose
+        gradient synchronisation an extra backward would disturb."""
+        step = self.state.global_step + 1
+        if not measurement_due(self.args, step, self._share["step"]):
+            return
+        params = adapter_state_dict(self.accelerator.unwrap_model(self.model)).values()
+        self._share = {"step": step, "value": causal_gradient_share(outputs, params)}
+
+    def log(self, logs, *args, **kwargs):
+        n = self._loss_sums["n"]
+        if n and "loss" in logs:
+            steps = n / max(self.args.gradient_accumulation_steps, 1)
+            logs["ce"] = round(self._loss_sums["ce"] / steps, 6)
+            logs["causal_loss"] = round(self._loss_sums["causal"] / n, 8)
+            if self._share["step"] == self.state.global_step and self._share["value"] is not None:
+                logs["grad_share"] = float(f"{self._share['value']:.4g}")
+            self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+        super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model),
+                     resume_from_checkpoint)
+
+    # Under FSDP, Trainer's checkpoint would be the whole sharded model (the frozen base too) and it would
+    # write no adapter; fastdca's holds what an unsharded run's does, gathered (every rank takes part).
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        save_adapter(self.model, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        fsdp.save_optimizer(self.model, self.optimizer, os.path.join(output_dir, OPTIMIZER_FILE))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if not self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        fsdp.load_optimizer(self.model, self.optimizer, os.path.join(checkpoint, OPTIMIZER_FILE))
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_FILE), weights_only=True))
+
+
+class LossProgressBar(TrainerCallback):
+    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "ce" in logs:
+            postfix = dict(ce=f"{logs['ce']:.4f}", causal=f"{logs['causal_loss']:.2e}")
+            if "grad_share" in logs:
+                postfix["share"] = f"{logs['grad_share']:.1e}"     # the causal term's pull on the adapter
+            self.bar.set_postfix(**postfix, lr=f"{logs.get('learning_rate', 0):.1e}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
