@@ -281,7 +281,7 @@ def run_train(args) -> int:
                              packing=args.packing, compile=args.compile, compile_mode=args.compile_mode,
                              gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
     if args.fsdp:
-        from fastdca.fsdp import check_launch
+        from fastdca.train.fsdp import check_launch
 
         check_launch()      # before the model loads
     model, tokenizer = load(args)

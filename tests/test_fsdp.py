@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import fastdca
-from fastdca.fsdp import precision_policy
+from fastdca.train.fsdp import precision_policy
 from fastdca.patch import adapter_state_dict
 
 from test_distributed import free_port
@@ -195,7 +195,7 @@ def test_fsdp2_sharded_training_equals_one_process_on_the_whole_batch(case, tmp_
 
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_fsdp2_bf16_mixed_precision_equals_one_process_under_the_same_policy(layout, tmp_path):
-    """fastdca.fsdp.precision_policy(bf16): the layers gathered and computed in bf16, the DCA parameters kept
+    """fastdca.train.fsdp.precision_policy(bf16): the layers gathered and computed in bf16, the DCA parameters kept
     (sharded) in float32 and the gradients reduced in float32. Two ranks against one sharded process on the
     whole batch under the same policy, and against float32."""
     case = ("token", "hidden", layout, False, None, torch.bfloat16)

@@ -20,7 +20,7 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from fastdca import fsdp
+from fastdca.train import fsdp
 from fastdca.config import DCAConfig
 from fastdca.errors import TrainingDiverged, TrainingInterrupted
 from fastdca.guards import InterruptGuard, NonFiniteGuard

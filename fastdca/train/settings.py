@@ -34,7 +34,7 @@ class TrainSettings:
     compile: bool = False          # torch.compile the model (Trainer's torch_compile, Inductor by default)
     compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
-    fsdp: bool = False             # shard the model over the launched processes (FSDP2; fastdca.fsdp)
+    fsdp: bool = False             # shard the model over the launched processes (FSDP2; fastdca.train.fsdp)
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):

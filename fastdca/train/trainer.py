@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
-from fastdca import fsdp
+from fastdca.train import fsdp
 from fastdca.grad_share import causal_gradient_share, measurement_due
 from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
 from fastdca.train.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE
