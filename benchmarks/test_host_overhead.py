@@ -59,7 +59,7 @@ class _CountOps(TorchDispatchMode):
 def stubbed_launches(monkeypatch):
     """The kernels' launchers with every launch a no-op (the interpreter flag only lets the triton backend
     be chosen for CPU tensors; nothing is interpreted)."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import plumbing as kmod
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the stubbed triton path needs TRITON_INTERPRET=1 set before triton is imported")

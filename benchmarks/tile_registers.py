@@ -39,7 +39,7 @@ def _set_entry(k, entry, D, tile):
 
 
 def compile_one(job):
-    from fastdca.kernels import dca_attention as k
+    from fastdca.kernels import tuning as k
     from fastdca.kernels import report
 
     kernel, column, dname, D, tile = job

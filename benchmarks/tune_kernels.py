@@ -2,9 +2,9 @@
 
 For each kernel (forward, and the backward's adapter, dk/dv and dq kernels), head dim and, for the
 forward, decoding, every candidate (BLOCK_M, BLOCK_N, warps, stages) is timed with the other kernels at
-their table entries (`fastdca.kernels.dca_attention.launch_config`), bf16, B=4, Hq=Hkv=32 (T=2048) or
+their table entries (`fastdca.kernels.tuning.launch_config`), bf16, B=4, Hq=Hkv=32 (T=2048) or
 B=8, Hq=32, Hkv=8 (decoding, S=8192). The median of triton.testing.do_bench; the fastest candidate is
-marked. This is how the tables in kernels/dca_attention.py were chosen (BENCHMARKS.md has the run). The
+marked. This is how the tables in kernels/tuning.py were chosen (BENCHMARKS.md has the run). The
 kernels behind switches (fwd_tma, bwd_dkdv_tma, bwd_dkdv_atomic, bwd_dkdv_atomic_tma) are timed with
 their switches on; `--only bwd_dkdv_tma ...` sweeps just those.
 """
@@ -72,7 +72,8 @@ def time_candidate(kernel, candidate, inputs, D):
 def _time_candidate(kernel, candidate, inputs, D):
     from triton.testing import do_bench
 
-    from fastdca.kernels.dca_attention import dca_backward, dca_forward
+    from fastdca.kernels.backward import dca_backward
+    from fastdca.kernels.forward import dca_forward
 
     q, k, v, ak, av, gate = inputs
     kw = dict(causal_len=2, scale=1 / math.sqrt(D), xg="sample", configs={kernel: _as_config(candidate)})

@@ -5,7 +5,7 @@ Registered, in the namespace "fastdca":
 - `dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg)
   -> (out, lse, extra)` and `dca_attention_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
   key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg) -> (dq, dk, dv, dak, dav, dgate)`:
-  the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.dca_attention.dca_forward`:
+  the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.forward.dca_forward`:
   q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool or
   None; cu_seqlens (N + 1,) int32 or None; out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the
   prompt softmax's row log2-sum-exp; extra by xg: "sample" -> (B, Hq * D + 1) float32, the sums of X_G
@@ -62,7 +62,7 @@ def _dca_attention_impl(q: Tensor, k: Tensor, v: Tensor, ak: Tensor, av: Tensor,
                         ) -> tuple[Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
 
-    from fastdca.kernels.dca_attention import dca_forward
+    from fastdca.kernels.forward import dca_forward
 
     out, lse, extra = dca_forward(q, k, v, ak, av, gate, causal_len=causal_len, scale=scale,
                                   key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
@@ -96,7 +96,7 @@ def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tens
                                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     from torch.library import wrap_triton
 
-    from fastdca.kernels.dca_attention import dca_backward
+    from fastdca.kernels.backward import dca_backward
 
     grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse, causal_len=causal_len, scale=scale,
                          key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window, softcap=softcap,

@@ -108,7 +108,7 @@ def _kernels_fast_for(dtype) -> bool:
     if dtype in (torch.float16, torch.bfloat16):
         return True
     if dtype == torch.float32:
-        from fastdca.kernels.dca_attention import tf32_allowed
+        from fastdca.kernels.plumbing import tf32_allowed
 
         return tf32_allowed()
     return False
@@ -490,7 +490,7 @@ class _TritonDCAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dstat, dcounts):
-        from fastdca.kernels.dca_attention import dca_backward
+        from fastdca.kernels.backward import dca_backward
 
         window, softcap, causal_len, scale, gate_fn, xg = ctx.spec
         key_padding_mask, cu_seqlens = ctx.masks

@@ -4,7 +4,7 @@ The fused forward computes the prompt attention and the adapter term in one Trit
 takes the prompt attention, softmax(q k^T * scale + mask) v with its row log-sum-exp, from the kernel
 scaled_dot_product_attention itself runs for the call (flash, cuDNN or memory-efficient attention on CUDA,
 flash on the CPU), and adds the adapter term, gate and X_G in one Triton kernel
-(`kernels.dca_attention.dca_merge_forward`). The backward is the fused one either way: it takes the prompt
+(`fastdca.kernels.merge.dca_merge_forward`). The backward is the fused one either way: it takes the prompt
 output as out - A av, so nothing more is kept for it. Not the default until a GPU run has measured it
 (`fastdca check` times it beside the fused forward). FASTDCA_SDPA_FWD=auto times both forwards once per
 shape and takes the faster.
@@ -38,12 +38,13 @@ def sdpa_forward_mode() -> str:
 
 def triton_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
                    gate_fn, xg):
-    """(out, lse, extra) as `kernels.dca_attention.dca_forward` returns them: through torch's fused attention
+    """(out, lse, extra) as `fastdca.kernels.forward.dca_forward` returns them: through torch's fused attention
     and the merge kernel where FASTDCA_SDPA_FWD asks for it (1, or auto where that was measured faster for
     the shape) and the call is one torch's kernels express (T = S > 16 causal keys, with or without a padding
     mask; no packing, window or softcap) and SDPA would run a fused kernel on it, else through the fused
     forward."""
-    from fastdca.kernels.dca_attention import dca_forward, dca_merge_forward
+    from fastdca.kernels.forward import dca_forward
+    from fastdca.kernels.merge import dca_merge_forward
 
     kw = dict(causal_len=causal_len, scale=scale, key_padding_mask=key_padding_mask, gate_fn=gate_fn, xg=xg)
     mode = sdpa_forward_mode()

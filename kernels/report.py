@@ -1,6 +1,6 @@
 """Compile report and roofline of the DCA kernels, with no GPU: `python -m fastdca.kernels.report`.
 
-1. Compile-only check (docs/DESIGN.md section 5.2). The launchers in `dca_attention` are run on CPU
+1. Compile-only check (docs/DESIGN.md section 5.2). The launchers of `fastdca.kernels` are run on CPU
    tensors with every kernel replaced by a recorder, so the report compiles exactly the arguments,
    constexprs, block sizes, warps and stages the launchers pass; the arguments are specialised the way
    Triton's JIT does (integers equal to 1 become constants, pointers and integers divisible by 16 get
@@ -45,16 +45,15 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(module, log):
-    names = [n for n in dir(module) if n.startswith("_dca_") and n.endswith("_kernel")]
-    saved = {n: getattr(module, n) for n in names}
+def _recording(modules, log):
+    saved = {(m, n): getattr(m, n) for m in modules for n in dir(m) if n.startswith("_dca_") and n.endswith("_kernel")}
     try:
-        for n, fn in saved.items():
-            setattr(module, n, _Recorder(fn, log))
+        for (m, n), fn in saved.items():
+            setattr(m, n, _Recorder(fn, log))
         yield
     finally:
-        for n, fn in saved.items():
-            setattr(module, n, fn)
+        for (m, n), fn in saved.items():
+            setattr(m, n, fn)
 
 
 @contextlib.contextmanager
@@ -79,7 +78,7 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     `sdpa_fwd`: the forward with FASTDCA_SDPA_FWD=1 (the prompt half given, the merge kernel adding the rest)."""
     import torch
 
-    from fastdca.kernels import dca_attention as k
+    from fastdca.kernels import backward, decode, forward, merge, tuning
     from fastdca.switches import ATOMIC_DQ, TMA_BWD, TMA_FWD, triton_interpreted
 
     assert not triton_interpreted(), "the report compiles for GPUs: unset TRITON_INTERPRET"
@@ -92,16 +91,16 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording(k, log), _targeting(k, arch), ATOMIC_DQ.set(bool(atomic_dq)), TMA_FWD.set(bool(tma_fwd)), \
+    with _recording((forward, decode, merge, backward), log), _targeting(tuning, arch), ATOMIC_DQ.set(bool(atomic_dq)), TMA_FWD.set(bool(tma_fwd)), \
             TMA_BWD.set(bool(tma_bwd)):
         if sdpa_fwd:
             prompt = (torch.empty_like(q), torch.empty(B, Hq, T, dtype=torch.float32))
-            out, lse, extra = k.dca_merge_forward(q, *prompt, ak, ak, gate, causal_len=H, scale=D ** -0.5,
-                                                  key_padding_mask=mask, gate_fn="tanh", xg=xg)
+            out, lse, extra = merge.dca_merge_forward(q, *prompt, ak, ak, gate, causal_len=H, scale=D ** -0.5,
+                                                      key_padding_mask=mask, gate_fn="tanh", xg=xg)
         else:
-            out, lse, extra = k.dca_forward(q, kv, kv, ak, ak, gate, **kw)
+            out, lse, extra = forward.dca_forward(q, kv, kv, ak, ak, gate, **kw)
         dxg = None if extra is None else torch.zeros_like(extra)
-        k.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
+        backward.dca_backward(torch.zeros_like(out), dxg, q, kv, kv, ak, ak, gate, out, lse, **kw)
     return log
 
 
@@ -330,7 +329,7 @@ def held_to_limits(row) -> bool:
 
 def held_to_ratios(row) -> bool:
     """fp16/bf16 at D <= 128 in training must not duplicate work. D = 256 and decoding trade duplicated
-    score work for registers and loads in flight (the comments on the tables in dca_attention say why)."""
+    score work for registers and loads in flight (the comments on the tables in fastdca.kernels.tuning say why)."""
     return row["dtype"] != "float32" and row["D"] <= 128 and row["shape"] == "train"
 
 

@@ -25,18 +25,20 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(autouse=True)
 def fresh_launch_configs():
     """The launchers cache launch_config's answers per shape: tests that patch it start and end uncached."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import tuning
 
-    kmod._table_configs.cache_clear()
+    tuning._table_configs.cache_clear()
     yield
-    kmod._table_configs.cache_clear()
+    tuning._table_configs.cache_clear()
 
 
 def spy_on_launches(monkeypatch, name):
-    """(grid, keyword arguments) of each launch of `fastdca.kernels`' kernel `name` from now on (it still runs)."""
-    from fastdca.kernels import dca_attention as kmod
+    """(grid, keyword arguments) of each launch of `fastdca.kernels`' kernel `name` from now on (it still runs),
+    patched in the module that defines it and launches it."""
+    from fastdca.kernels import backward, decode, forward, merge
 
-    launched, kernel = [], getattr(kmod, name)
+    module = next(m for m in (forward, decode, merge, backward) if hasattr(m, name))
+    launched, kernel = [], getattr(module, name)
 
     class Spy:
         def __getitem__(self, grid):
@@ -45,7 +47,7 @@ def spy_on_launches(monkeypatch, name):
                 return kernel[grid](*args, **kwargs)
             return launch
 
-    monkeypatch.setattr(kmod, name, Spy())
+    monkeypatch.setattr(module, name, Spy())
     return launched
 
 
@@ -115,12 +117,12 @@ def test_gradient_through_xg_stats_only(xg):
 @pytest.mark.parametrize("T,S,padding", [(45, 45, None), (45, 45, "left"), (23, 61, "right"), (1, 50, "left")])
 def test_small_blocks_many_iterations(monkeypatch, T, S, padding):
     """16 x 16 blocks: many key blocks per row, blocks skipped above the diagonal, partial tiles."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import tuning
 
-    def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+    def small(kernel, D, T, dtype, arch, original=tuning.launch_config):
         return dict(original(kernel, D, T, dtype, arch), BLOCK_M=16, BLOCK_N=16)
 
-    monkeypatch.setattr(kmod, "launch_config", small)
+    monkeypatch.setattr(tuning, "launch_config", small)
     for xg in ("sample", "token"):
         check_against_reference("triton", (2, 4, 2, T, S, 64, 10, 2, padding), xg, torch.float32)
 
@@ -161,14 +163,14 @@ def test_hf_layout_noncontiguous_inputs():
 
 
 def test_key_span_kernel_finds_each_rows_first_and_last_real_key():
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import forward
 
     gen = torch.Generator().manual_seed(seed := int(torch.randint(0, 2**31, ()).item()))
     for S in (1, 37, 1500, 2100):             # one block and several of the kernel's 1024 keys
         mask = torch.rand(5, S, generator=gen) < 0.3
         mask[1] = False
         mask[2] = True
-        span = kmod._key_span(mask.to(DEVICE), mask.stride(0), True, torch.empty(0, device=DEVICE), kmod._direct)
+        span = forward.key_span(mask.to(DEVICE), mask.stride(0), True, torch.empty(0, device=DEVICE), None)
         positions = torch.arange(S)
         first = torch.where(mask, positions, S).amin(1)
         last = torch.where(mask, positions + 1, 0).amax(1)
@@ -178,18 +180,18 @@ def test_key_span_kernel_finds_each_rows_first_and_last_real_key():
 def test_key_span_is_found_once_per_mask_and_again_when_the_mask_changes(monkeypatch):
     """The layers of a forward and its backward share one mask object: one span launch for all of them, and
     a new one for a new mask or after the mask is written to."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import backward, forward
 
     launched = spy_on_launches(monkeypatch, "_dca_key_span_kernel")
     inputs, mask = make_inputs(2, 2, 2, 20, 20, 64, 10, "right", torch.float16)
     kw = dict(causal_len=2, scale=0.125, key_padding_mask=mask, xg="sample")
     for _ in range(3):       # three layers, forward and backward
-        out, lse, extra = kmod.dca_forward(*inputs.values(), **kw)
-        kmod.dca_backward(torch.ones_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
+        out, lse, extra = forward.dca_forward(*inputs.values(), **kw)
+        backward.dca_backward(torch.ones_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
     assert len(launched) == 1
     mask[0, -1] = False                      # written to: its version moves on
-    kmod.dca_forward(*inputs.values(), **kw)
-    kmod.dca_forward(*inputs.values(), **dict(kw, key_padding_mask=mask.clone()))
+    forward.dca_forward(*inputs.values(), **kw)
+    forward.dca_forward(*inputs.values(), **dict(kw, key_padding_mask=mask.clone()))
     assert len(launched) == 3
 
 
@@ -219,7 +221,7 @@ def test_float64_is_refused():
 
 def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Triton launches on the current CUDA device: the launchers must make the tensors' device current."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import backward, forward, plumbing
 
     active, launches = [], []
 
@@ -238,24 +240,25 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: launches.append((self.name, list(active)))
 
-    monkeypatch.setattr(kmod, "_on_device", on_device)
-    for name in ("_dca_fwd_kernel", "_dca_bwd_adapter_kernel", "_dca_bwd_dkdv_kernel", "_dca_bwd_dq_kernel"):
-        monkeypatch.setattr(kmod, name, Recorder(name))
+    monkeypatch.setattr(plumbing, "_on_device", on_device)
+    for module, name in ((forward, "_dca_fwd_kernel"), (backward, "_dca_bwd_adapter_kernel"),
+                         (backward, "_dca_bwd_dkdv_kernel"), (backward, "_dca_bwd_dq_kernel")):
+        monkeypatch.setattr(module, name, Recorder(name))
     inputs, mask = make_inputs(2, 4, 2, 20, 20, 64, 10, "left", torch.float16)
     kw = dict(causal_len=2, scale=0.125, key_padding_mask=mask, xg="sample")
-    out, lse, extra = kmod.dca_forward(*inputs.values(), **kw)
-    kmod.dca_backward(torch.zeros_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
+    out, lse, extra = forward.dca_forward(*inputs.values(), **kw)
+    backward.dca_backward(torch.zeros_like(out), torch.zeros_like(extra), *inputs.values(), out, lse, **kw)
     assert [name for name, _ in launches] == ["_dca_fwd_kernel", "_dca_bwd_adapter_kernel",
                                               "_dca_bwd_dkdv_kernel", "_dca_bwd_dq_kernel"]
     assert all(devices == [inputs["q"].device] for _, devices in launches)
 
 
 def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import plumbing
 
     selected = []
     monkeypatch.setattr(torch.cuda, "device", lambda device: selected.append(device) or contextlib.nullcontext())
-    with kmod._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
+    with plumbing._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))):
         pass
     assert selected == [torch.device("cuda", 1)]
 
@@ -280,13 +283,13 @@ def test_second_gpu_while_the_first_is_current():
 ])
 def test_flash_decoding_splits_the_keys(monkeypatch, shape, dtype):
     """T <= 16 runs the flash-decoding kernels: chunks of 16 keys over several programs, merged."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import tuning
 
-    def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+    def small(kernel, D, T, dtype, arch, original=tuning.launch_config):
         config = original(kernel, D, T, dtype, arch)
         return dict(config, BLOCK_N=16, SPLITS=3) if kernel == "decode" else config
 
-    monkeypatch.setattr(kmod, "launch_config", small)
+    monkeypatch.setattr(tuning, "launch_config", small)
     launched = spy_on_launches(monkeypatch, "_dca_decode_split_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype)
@@ -310,13 +313,13 @@ def test_sliding_window_matches_reference(monkeypatch, shape, window, blocks, so
     """The kernels' window: the key blocks before a query block's window are skipped (16 x 16 blocks make
     that several blocks per row), the rest masked, forward, decoding and backward; with Gemma 2's soft-cap
     (2.0, low enough to bend random scores) too."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import tuning
 
     if blocks == "16x16":
-        def small(kernel, D, T, dtype, arch, original=kmod.launch_config):
+        def small(kernel, D, T, dtype, arch, original=tuning.launch_config):
             return dict(original(kernel, D, T, dtype, arch), BLOCK_M=16, BLOCK_N=16)
 
-        monkeypatch.setattr(kmod, "launch_config", small)
+        monkeypatch.setattr(tuning, "launch_config", small)
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, torch.float32, window=window, softcap=softcap)
 
@@ -354,10 +357,10 @@ ATOMIC_CASES = switched_cases([torch.float32, torch.float16, torch.float32, torc
 @pytest.mark.parametrize("shape, window, softcap, dtype", ATOMIC_CASES)
 def test_atomic_dq_backward_matches_reference(monkeypatch, shape, window, softcap, dtype):
     """FASTDCA_ATOMIC_DQ=1: dq accumulated with atomics inside the dk/dv kernel, no dq kernel launched."""
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import backward
 
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
-    assert kmod._atomic_dq(shape[5])
+    assert backward._atomic_dq(shape[5])
     launched = spy_on_launches(monkeypatch, "_dca_bwd_dq_kernel")
     for xg in ("sample", "token"):
         check_against_reference("triton", shape, xg, dtype, window=window, softcap=softcap)
@@ -365,18 +368,18 @@ def test_atomic_dq_backward_matches_reference(monkeypatch, shape, window, softca
 
 
 def test_atomic_dq_is_off_by_default_and_under_deterministic_algorithms(monkeypatch):
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import backward
 
     monkeypatch.delenv("FASTDCA_ATOMIC_DQ", raising=False)
-    assert not kmod._atomic_dq(128)
+    assert not backward._atomic_dq(128)
     monkeypatch.setenv("FASTDCA_ATOMIC_DQ", "1")
     torch.use_deterministic_algorithms(True)
     try:
-        assert not kmod._atomic_dq(128)
+        assert not backward._atomic_dq(128)
     finally:
         torch.use_deterministic_algorithms(False)
-    assert kmod._atomic_dq(128)
-    assert not kmod._atomic_dq(256)         # D = 256 keeps the dq kernel
+    assert backward._atomic_dq(128)
+    assert not backward._atomic_dq(256)         # D = 256 keeps the dq kernel
 
 
 TMA_CASES = switched_cases([torch.float16, torch.bfloat16, torch.float16, torch.float16])    # no float32 TMA
@@ -411,40 +414,40 @@ def test_tma_backward_matches_reference(monkeypatch, shape, window, softcap, dty
 
 
 def test_tma_forward_only_where_asked_for_and_where_tma_can_read_k_and_v(monkeypatch):
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import forward
 
     def kv(D=64, dtype=torch.float16):
         return torch.zeros(1, 2, 40, D, dtype=dtype)
 
     monkeypatch.delenv("FASTDCA_TMA_FWD", raising=False)
-    assert not kmod._tma_forward(kv(), kv(), kv(), 0.125)
+    assert not forward._tma_forward(kv(), kv(), kv(), 0.125)
     monkeypatch.setenv("FASTDCA_TMA_FWD", "1")
-    assert kmod._tma_forward(kv(), kv(), kv(), 0.125)
+    assert forward._tma_forward(kv(), kv(), kv(), 0.125)
     fp32 = kv(dtype=torch.float32)
-    assert not kmod._tma_forward(fp32, fp32, fp32, 0.125)
+    assert not forward._tma_forward(fp32, fp32, fp32, 0.125)
     transposed = torch.zeros(1, 2, 64, 40, dtype=torch.float16).transpose(2, 3)     # D not the unit stride
-    assert not kmod._tma_forward(kv(), transposed, kv(), 0.125)
-    assert not kmod._tma_forward(kv(20), kv(20), kv(20), 0.125)       # rows of 40 bytes: not 16-aligned
+    assert not forward._tma_forward(kv(), transposed, kv(), 0.125)
+    assert not forward._tma_forward(kv(20), kv(20), kv(20), 0.125)       # rows of 40 bytes: not 16-aligned
     shifted = torch.zeros(4 + 2 * 40 * 64, dtype=torch.float16)[4:].view(1, 2, 40, 64)     # base 8 bytes off
-    assert not kmod._tma_forward(kv(), kv(), shifted, 0.125)
-    assert not kmod._tma_forward(kv(), kv(), kv(), -0.125)     # the folded scale needs scale > 0
+    assert not forward._tma_forward(kv(), kv(), shifted, 0.125)
+    assert not forward._tma_forward(kv(), kv(), kv(), -0.125)     # the folded scale needs scale > 0
 
 
 def test_tma_backward_only_where_asked_for_and_where_tma_can_read_q_and_dout(monkeypatch):
-    from fastdca.kernels import dca_attention as kmod
+    from fastdca.kernels import backward
 
     q = kv = torch.zeros(1, 2, 40, 64, dtype=torch.float16)
     dout = torch.zeros(1, 40, 2, 64, dtype=torch.float16)
     monkeypatch.delenv("FASTDCA_TMA_BWD", raising=False)
-    assert not kmod._tma_backward(q, kv, kv, dout)
+    assert not backward._tma_backward(q, kv, kv, dout)
     monkeypatch.setenv("FASTDCA_TMA_BWD", "1")
-    assert kmod._tma_backward(q, kv, kv, dout)
-    assert kmod._tma_backward(q.transpose(1, 2).contiguous().transpose(1, 2), kv, kv, dout)     # as HF builds q
-    assert not kmod._tma_backward(q.float(), kv.float(), kv.float(), dout.float())
-    assert not kmod._tma_backward(q, kv, kv, torch.zeros(1, 40, 64, 2, dtype=torch.float16).transpose(2, 3))
-    assert not kmod._tma_backward(q, kv, kv.transpose(2, 3).contiguous().transpose(2, 3), dout)   # v: D strided
+    assert backward._tma_backward(q, kv, kv, dout)
+    assert backward._tma_backward(q.transpose(1, 2).contiguous().transpose(1, 2), kv, kv, dout)     # as HF builds q
+    assert not backward._tma_backward(q.float(), kv.float(), kv.float(), dout.float())
+    assert not backward._tma_backward(q, kv, kv, torch.zeros(1, 40, 64, 2, dtype=torch.float16).transpose(2, 3))
+    assert not backward._tma_backward(q, kv, kv.transpose(2, 3).contiguous().transpose(2, 3), dout)   # v: D strided
     odd = torch.zeros(1, 2, 40, 20, dtype=torch.float16)                 # rows of 40 bytes: not 16-aligned
-    assert not kmod._tma_backward(odd, odd, odd, torch.zeros(1, 40, 2, 20, dtype=torch.float16))
+    assert not backward._tma_backward(odd, odd, odd, torch.zeros(1, 40, 2, 20, dtype=torch.float16))
 
 
 # FASTDCA_SDPA_FWD: where torch's fused attention takes the prompt half (T = S > 16, padding or none)
@@ -524,7 +527,7 @@ def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
     with NaN in the rows that see no real key (what a fused kernel may leave there): out, X_G and the lse
     the backward reads (log2 units, +inf where no key) equal the fused forward's definition."""
     from fastdca import reference
-    from fastdca.kernels.dca_attention import dca_merge_forward
+    from fastdca.kernels.merge import dca_merge_forward
 
     B, Hq, Hkv, T, D, M, H = 3, 4, 2, 37, 64, 10, 3
     inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, padding, torch.float16)

@@ -228,7 +228,7 @@ def test_auto_backend_by_device_and_dtype(monkeypatch, tf32_settings):
 
 def test_tf32_setting_is_read_under_either_api(tf32_settings):
     """The legacy allow_tf32 read raises once fp32_precision was set; tf32_allowed reads both."""
-    from fastdca.kernels.dca_attention import tf32_allowed
+    from fastdca.kernels.plumbing import tf32_allowed
 
     tf32_settings("tf32")
     assert tf32_allowed()

@@ -15,7 +15,7 @@ def _python(*args, env=None):
 
 
 def test_transformers_imports_after_fastdca_from_the_root():
-    code = ("import fastdca, fastdca.kernels.dca_attention, transformers.modeling_utils\n"
+    code = ("import fastdca, fastdca.kernels.forward, transformers.modeling_utils\n"
             "print(fastdca.kernels.__file__)\n"
             "try:\n    import kernels\nexcept ModuleNotFoundError:\n    print('missing')\n"
             "else:\n    print(kernels.__file__)\n")
