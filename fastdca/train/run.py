@@ -23,7 +23,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from fastdca.train import fsdp
 from fastdca.config import DCAConfig
 from fastdca.errors import TrainingDiverged, TrainingInterrupted
-from fastdca.guards import InterruptGuard, NonFiniteGuard
 from fastdca.io import atomic_write_text
 from fastdca.locks import only_writer
 from fastdca.grad_share import warn_if_causal_term_inert
@@ -31,6 +30,7 @@ from fastdca.hf import load_adapter, save_adapter
 from fastdca.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.tasks import Example
 from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint
+from fastdca.train.guards import InterruptGuard, NonFiniteGuard
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.settings import TrainSettings, compile_mode
 from fastdca.train.trainer import DCATrainer, LogLastStep, LossProgressBar

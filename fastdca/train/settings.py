@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fastdca.config import COMPILE_MODES
-from fastdca.guards import NONFINITE_MODES
+from fastdca.train.guards import NONFINITE_MODES
 
 
 @dataclass
