@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 from fastdca import AdapterError, DCAConfig, TrainingDiverged, TrainingInterrupted
 from fastdca.cli import main
 from fastdca.patch import is_patched, load_adapter, patch, save_adapter
-from fastdca.run_record import write_record
+from fastdca.train.run_record import write_record
 from fastdca.tasks import LetterConcatenation
 from fastdca.train import TrainSettings, train
 

@@ -1,4 +1,4 @@
-"""One run per output folder (fastdca.run_record, fastdca.locks): finished runs are neither retrained nor
+"""One run per output folder (fastdca.train.run_record, fastdca.locks): finished runs are neither retrained nor
 trained over, resumes cannot mix settings, --seed reproduces, and folder errors are one line."""
 
 import json
@@ -308,7 +308,7 @@ def test_a_sharded_run_differs_from_an_unsharded_one_in_its_record():
     """--fsdp checkpoints lay the optimizer state out by parameter name: resuming one without --fsdp (or the
     other way round) is a difference the run record names; records written before --fsdp existed still match."""
     from fastdca.config import DCAConfig
-    from fastdca.run_record import differences, run_record
+    from fastdca.train.run_record import differences, run_record
     from fastdca.tasks import LetterConcatenation
     from fastdca.train import TrainSettings
 

@@ -1,5 +1,5 @@
 """`train`: one training run into its output folder. The folder is created and checked writable and roomy,
-locked for this run and compared with the run it holds (run_record: start, resume, or nothing
+locked for this run and compared with the run it holds (fastdca.train.run_record: start, resume, or nothing
 to train); then Trainer is set up with fastdca's collator, callbacks and guards, and the loss history, the
 adapter and run.json are written; a diverged or interrupted run says what it left."""
 
@@ -27,10 +27,10 @@ from fastdca.io import atomic_write_text
 from fastdca.locks import only_writer
 from fastdca.grad_share import warn_if_causal_term_inert
 from fastdca.hf import load_adapter, save_adapter
-from fastdca.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.tasks import Example
 from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
+from fastdca.train.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.settings import TrainSettings, compile_mode
 from fastdca.train.trainer import DCATrainer, LogLastStep, LossProgressBar
@@ -44,7 +44,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     """Fine-tune a patched model on `examples`; the adapter is saved in `output_dir` at the end and in
     its checkpoint-N folders. With resume=True an interrupted run continues from its last checkpoint.
 
-    One run per folder (fastdca.run_record): `output_dir/run.json` records the settings that decide the
+    One run per folder (fastdca.train.run_record): `output_dir/run.json` records the settings that decide the
     result (`model_name` among them). While this runs it holds a lock on the folder (a second run there
     stops at once). A folder that holds this very run, finished, is not trained again: its adapter is
     loaded into `model` and its history returned. A folder that holds another run is refused, naming the
