@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fastdca.config import DCAConfig
 from fastdca.io import atomic_write, atomic_write_text
-from fastdca.locks import only_writer
+from fastdca.train.locks import only_writer
 
 RESULTS_FILE = "results.jsonl"
 LOCK_FILE = ".sweep.lock"

@@ -1,4 +1,4 @@
-"""One run per output folder (fastdca.train.run_record, fastdca.locks): finished runs are neither retrained nor
+"""One run per output folder (fastdca.train.run_record, fastdca.train.locks): finished runs are neither retrained nor
 trained over, resumes cannot mix settings, --seed reproduces, and folder errors are one line."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from fastdca.cli import main
-from fastdca.locks import only_writer
+from fastdca.train.locks import only_writer
 
 
 def train_argv(model, out, *extra):

@@ -24,12 +24,12 @@ from fastdca.train import fsdp
 from fastdca.config import DCAConfig
 from fastdca.errors import TrainingDiverged, TrainingInterrupted
 from fastdca.io import atomic_write_text
-from fastdca.locks import only_writer
 from fastdca.grad_share import warn_if_causal_term_inert
 from fastdca.hf import load_adapter, save_adapter
 from fastdca.tasks import Example
 from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
+from fastdca.train.locks import only_writer
 from fastdca.train.run_record import differences, prepare_output, read_record, run_record, write_record
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.settings import TrainSettings, compile_mode
