@@ -30,7 +30,7 @@ TASKS = {"word-problems": ("gsm8k", 256), "letter-concat": ("letter_concat", 128
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from fastdca.models import load_smollm2
+    from fastdca.commands.models import load_smollm2
 
     model, tokenizer = load_smollm2(device="cpu")
     fastdca.patch(model, fastdca.DCAConfig(adapter_layers=20, adapter_len=10, causal_len=2, alpha=1.0,

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     previous_format, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         if getattr(args, "dtype", None) is not None:
-            from fastdca.models import resolve_dtype
+            from fastdca.commands.models import resolve_dtype
 
             args.dtype = str(resolve_dtype(args.dtype)).replace("torch.", "")
         return args.run(args)
@@ -212,7 +212,7 @@ def positive_int(text: str) -> int:
 
 
 def _model_arguments(parser):
-    from fastdca.models import DTYPE_NAMES
+    from fastdca.commands.models import DTYPE_NAMES
 
     parser.add_argument("--model", required=True,
                         help="Hugging Face model directory, or 'smollm2' for the embedded SmolLM2-135M-Instruct")
@@ -240,7 +240,7 @@ def resolve_task(args, **options):
 def load(args):
     import torch
 
-    from fastdca.models import load_model, load_smollm2
+    from fastdca.commands.models import load_model, load_smollm2
 
     dtype = getattr(torch, args.dtype)
     if args.model == "smollm2":

@@ -21,7 +21,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
     import torch
 
     from fastdca.eval import evaluate
-    from fastdca.models import load_model, load_smollm2
+    from fastdca.commands.models import load_model, load_smollm2
     from fastdca.hf import describe, patch
     from fastdca.tasks import LetterConcatenation
     from fastdca.train import TrainSettings, train

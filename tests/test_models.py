@@ -1,4 +1,4 @@
-"""fastdca.models: path errors and a round trip through a tiny random model (the real SmolLM2 load is
+"""fastdca.commands.models: path errors and a round trip through a tiny random model (the real SmolLM2 load is
 opt-in: FASTDCA_TEST_SMOLLM2=1)."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fastdca.models import load_model, smollm2_cache_dir
+from fastdca.commands.models import load_model, smollm2_cache_dir
 
 
 def test_missing_path(tmp_path):
@@ -56,7 +56,7 @@ def test_round_trip_tiny_model(tmp_path):
 
 @pytest.mark.skipif(not os.environ.get("FASTDCA_TEST_SMOLLM2"), reason="set FASTDCA_TEST_SMOLLM2=1 (loads the real model)")
 def test_smollm2_loads():  # pragma: no cover - opt-in
-    from fastdca.models import load_smollm2
+    from fastdca.commands.models import load_smollm2
     model, tok = load_smollm2()
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert tok.pad_token is not None and tok.model_max_length == 8192
