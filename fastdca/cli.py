@@ -309,7 +309,7 @@ def _model_name(args) -> str:
 
 
 def run_eval(args) -> int:
-    from fastdca.eval import evaluate
+    from fastdca.commands.eval import evaluate
     from fastdca.hf import load_adapter
 
     task = resolve_task(args)
@@ -328,7 +328,7 @@ def run_eval(args) -> int:
                       max_new_tokens=args.max_new_tokens, predictions_path=output)
     summary = {"task": task.name, "split": args.split, **result, "predictions": output}
     if args.xg_stats:
-        from fastdca.eval import write_json, xg_variance, xg_variance_table
+        from fastdca.commands.eval import write_json, xg_variance, xg_variance_table
 
         stats = xg_variance(model, tokenizer, [ex.prompt for ex in examples], batch_size=args.batch_size)
         stats_path = str(Path(output).with_suffix(".xg_stats.json"))

@@ -20,7 +20,7 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
     from its checkpoint; a finished one is reused (its adapter loaded, no training) unless overwrite."""
     import torch
 
-    from fastdca.eval import evaluate
+    from fastdca.commands.eval import evaluate
     from fastdca.commands.models import load_model, load_smollm2
     from fastdca.hf import describe, patch
     from fastdca.tasks import LetterConcatenation

@@ -103,7 +103,7 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
     """
     import torch
 
-    from fastdca.eval import evaluate
+    from fastdca.commands.eval import evaluate
     from fastdca.commands.models import load_model, load_smollm2
     from fastdca.hf import patch
     from fastdca.train import TrainSettings, train

@@ -1,6 +1,6 @@
 """Held-out X_G statistics of every finished run of a `fastdca sweep` directory (RESULTS.md).
 
-For each run, `fastdca.eval.xg_variance` over the task's test prompts (the quantity the causal loss
+For each run, `fastdca.commands.eval.xg_variance` over the task's test prompts (the quantity the causal loss
 trains down, measured on data no run saw): Var(X_G) and mean x^2, each averaged over the top L' layers
 the causal loss covers, and their ratio. One line per run in `<sweep>/xg_stats.jsonl` (written atomically;
 runs already there are skipped, so the script resumes), and a table per setting on stdout.
@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from fastdca.eval import xg_variance
+from fastdca.commands.eval import xg_variance
 from fastdca.io import atomic_write_text
 from fastdca.commands.models import load_smollm2
 from fastdca.hf import load_adapter

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from fastdca import DCAConfig
 from fastdca.attention_maps import adapter_attention_maps
 from fastdca.cli import main
-from fastdca.eval import xg_variance
+from fastdca.commands.eval import xg_variance
 from fastdca.patch import patch, record_adapter_attention, save_adapter
 
 patch_mod = importlib.import_module("fastdca.patch")  # the module; `fastdca.patch` is the function

@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainerCallb
 
 from fastdca import DCAConfig
 from fastdca.cli import main
-from fastdca.eval import evaluate
+from fastdca.commands.eval import evaluate
 from fastdca.patch import load_adapter, patch
 from fastdca.tasks import LetterConcatenation
 from fastdca.train import PadCollator, TrainSettings, compile_mode, length_buckets, tokenize_examples, train
