@@ -340,7 +340,7 @@ def run_eval(args) -> int:
 
 
 def run_inspect(args) -> int:
-    from fastdca.attention_maps import adapter_attention_maps, write_attention_maps, xg_difference_table
+    from fastdca.commands.attention_maps import adapter_attention_maps, write_attention_maps, xg_difference_table
     from fastdca.config import DCAConfig
     from fastdca.hf import load_adapter, patch
     from fastdca.tasks import format_prompt

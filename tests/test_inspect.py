@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from fastdca import DCAConfig
-from fastdca.attention_maps import adapter_attention_maps
+from fastdca.commands.attention_maps import adapter_attention_maps
 from fastdca.cli import main
 from fastdca.commands.eval import xg_variance
 from fastdca.patch import patch, record_adapter_attention, save_adapter

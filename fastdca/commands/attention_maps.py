@@ -3,11 +3,11 @@
 For one adapted layer, the gated adapter probabilities A = g * softmax(q ak^T * scale) (docs/DESIGN.md
 section 1) of every query token of each prompt over the M adapter tokens, drawn as heatmaps side by side;
 and, per adapted layer, the distance between the two prompts' token-mean X_G, the quantity the causal
-loss is meant to hold fixed. The numbers come from `fastdca.patch.record_adapter_attention`, which
+loss is meant to hold fixed. The numbers come from `fastdca.hf.record_adapter_attention`, which
 recomputes them with the reference equations from the op's own inputs.
 
-(Not named `inspect`: a module of that name beside `fastdca/cli.py` would shadow the standard library's
-when the CLI file is run as a script, and patch.py imports it.)
+(What `fastdca inspect` runs, not named after it: a module named `inspect` would shadow the standard
+library's for any file of its folder run as a script.)
 """
 
 from __future__ import annotations
