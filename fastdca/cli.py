@@ -365,7 +365,7 @@ def run_inspect(args) -> int:
 
 
 def run_demo(args) -> int:
-    from fastdca.demo import demo
+    from fastdca.commands.demo import demo
 
     demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
          n_test=args.n_test, output_dir=args.output, overwrite=args.overwrite)
