@@ -373,7 +373,7 @@ def run_demo(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from fastdca.sweep import parse_grid, parse_task_options, run_sweep as sweep, summary_table
+    from fastdca.commands.sweep import parse_grid, parse_task_options, run_sweep as sweep, summary_table
 
     grid = parse_grid(args.grid)
     task = resolve_task(args, **parse_task_options(args.task_option))

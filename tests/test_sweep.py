@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastdca.cli import main
-from fastdca.sweep import parse_grid, parse_task_options, read_results, summarize
+from fastdca.commands.sweep import parse_grid, parse_task_options, read_results, summarize
 
 
 def test_grid_parsing_and_its_errors():
@@ -59,7 +59,7 @@ def test_sweep_runs_once_resumes_and_summarises(tiny_model_dir, tmp_path, monkey
 def test_a_second_sweep_into_the_same_folder_is_refused(tiny_model_dir, tmp_path, capsys):
     """While one sweep holds the folder, another would rewrite results.jsonl without the first one's rows."""
     fcntl = pytest.importorskip("fcntl")
-    from fastdca.sweep import LOCK_FILE
+    from fastdca.commands.sweep import LOCK_FILE
 
     output = tmp_path / "sweep"
     output.mkdir()
