@@ -118,7 +118,8 @@ def load_full_model(directory, **kwargs):
 
 def load_base_of_adapter(directory, base_model=None, **kwargs):
     """The base model an adapter folder records (dca_config.json's "base_model"), or `base_model`, through
-    AutoModelForCausalLM.from_pretrained(**kwargs); the recorded revision unless `base_model` overrides it."""
+    AutoModelForCausalLM.from_pretrained(**kwargs), with the attention implementation it was patched on
+    unless kwargs say otherwise; the recorded revision unless `base_model` overrides it."""
     from transformers import AutoModelForCausalLM
 
     path = os.path.join(str(directory), adapter_file.CONFIG_FILE)
@@ -126,6 +127,8 @@ def load_base_of_adapter(directory, base_model=None, **kwargs):
         raise FileNotFoundError(f"no fastdca adapter or model at {str(directory)!r}: neither {adapter_file.CONFIG_FILE} "
                                 "(an adapter folder) nor a config.json written by a patched model's save_pretrained")
     recorded = adapter_file.read_config(path).get("base_model") or {}
+    if recorded.get("attn_implementation"):
+        kwargs.setdefault("attn_implementation", recorded["attn_implementation"])
     if base_model is None:
         base_model = recorded.get("name_or_path")
         if recorded.get("revision") and "revision" not in kwargs:

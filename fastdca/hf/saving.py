@@ -36,13 +36,16 @@ def save_adapter(model: nn.Module, directory, *, base_model=None) -> None:
 
 
 def base_model_record(model, base_model=None) -> dict:
-    """{"name_or_path", "revision"} of the base model an adapter belongs to (None where unknown)."""
+    """{"name_or_path", "revision", "attn_implementation"} of the base model an adapter belongs to (None where
+    unknown): the attention implementation it was patched on, which loading it again takes by default
+    (transformers 5.0 ignores a config.json's own, and Gemma 2's SDPA path cannot soft-cap)."""
     config = model.config
     name = base_model if base_model is not None else (getattr(config, "_name_or_path", "") or None)
     if name is not None and base_model is None and os.path.isdir(name):
         name = os.path.abspath(name)
     revision = getattr(config, "_commit_hash", None) if base_model is None else None
-    return {"name_or_path": None if name is None else str(name), "revision": revision}
+    return {"name_or_path": None if name is None else str(name), "revision": revision,
+            "attn_implementation": state_of(model).base_impl}
 
 
 def check_adapter_matches(model, saved_config, tensors, directory, cfg_path) -> None:
