@@ -57,13 +57,13 @@ def _as_config(candidate):
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
-# the kernels behind switches: the switches (fastdca.check.kernel_switches) their candidates are timed with
+# the kernels behind switches: the switches (fastdca.commands.check.kernel_switches) their candidates are timed with
 SWITCHED = {"fwd_tma": ("tma-fwd",), "bwd_dkdv_tma": ("tma-bwd",), "bwd_dkdv_atomic": ("atomic-dq",),
             "bwd_dkdv_atomic_tma": ("atomic-dq", "tma-bwd")}
 
 
 def time_candidate(kernel, candidate, inputs, D):
-    from fastdca.check import kernel_switches
+    from fastdca.commands.check import kernel_switches
 
     with kernel_switches(SWITCHED.get(kernel, ())):
         return _time_candidate(kernel, candidate, inputs, D)

@@ -395,7 +395,7 @@ def run_lm_eval(args) -> int:
 
 
 def run_check(args) -> int:
-    from fastdca.check import run_check as check
+    from fastdca.commands.check import run_check as check
 
     return check(interpret=args.interpret, json_path=args.json, speed=not args.no_speed)
 

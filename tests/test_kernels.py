@@ -571,7 +571,7 @@ def test_check_interpret_reruns_itself_when_triton_was_imported_without_the_flag
     import subprocess
     import sys
 
-    from fastdca import check
+    from fastdca.commands import check
 
     calls = []
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
