@@ -51,7 +51,21 @@ def prompt_batches(model, tokenizer, prompts: list[str], batch_size: int, paddin
 def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_size: int = 16,
              max_new_tokens: Optional[int] = None, predictions_path=None, progress: bool = True) -> dict:
     """Generate for every example, score with the task's answer extraction, and (optionally) write one
-    JSON line per example to `predictions_path`. Returns {"accuracy", "correct", "total"}."""
+    JSON line per example to `predictions_path`.
+
+    Args:
+        model: a causal LM, patched or not (with an adapter: `fastdca.load_adapter(model, folder)` first).
+        tokenizer: its tokenizer (the pad token defaults to EOS).
+        task: the `fastdca.tasks.Task` that extracts and scores the answers.
+        examples: the examples to score, e.g. `task.examples("test")`.
+        batch_size: prompts generated together (greedy, left-padded, with the KV cache).
+        max_new_tokens: the longest continuation; None = the task's.
+        predictions_path: a JSONL file to write (atomically), one scored row per example; None = none.
+        progress: show a progress bar.
+
+    Returns:
+        {"accuracy": correct / total (0.0 with no examples), "correct": int, "total": int}.
+    """
     responses = generate_responses(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens or task.max_new_tokens, progress=progress,
                                    desc=f"eval {task.name}")
@@ -81,9 +95,17 @@ def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, p
     variance / mean_square (None when X_G is 0, e.g. zero gates). The moments are accumulated per batch
     in float64 (Chan et al.'s pairwise update), so the memory does not grow with the number of prompts.
 
-    Returns {"definition", "samples", "layers": [{"layer", "causal_layer" (one of the top L' layers the
-    causal loss averages), "variance", "mean_square", "relative_variance"}, ...]} (variance None with
-    fewer than two prompts).
+    Args:
+        model: a patched model (`fastdca.patch` or `fastdca.load_adapter`).
+        tokenizer: its tokenizer.
+        prompts: the prompt texts, e.g. a task's test prompts.
+        batch_size: prompts run together in one forward.
+        progress: show a progress bar.
+
+    Returns:
+        {"definition": how each number is computed, "samples": the prompts counted, "layers": one row per
+        adapted layer, {"layer", "causal_layer" (one of the top L' layers the causal loss averages),
+        "variance", "mean_square", "relative_variance"}}; variance is None with fewer than two prompts.
     """
     from fastdca.hf import adapted_layers, get_config, record_adapter_attention
 

@@ -51,9 +51,34 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     differences, unless overwrite=True (which deletes that run's adapter and checkpoints) or, for an
     unfinished run being resumed, resume_anyway=True (recorded in run.json).
 
-    `callbacks` are extra transformers TrainerCallbacks. Returns the loss history: a list of {"step", "ce",
-    "causal_loss", "grad_share" (the causal term's share of the gradient on the DCA parameters, measured on
-    the logged step's first micro-batch; see fastdca.grad_share), "loss", "learning_rate"}.
+    Args:
+        model: a causal LM patched with `fastdca.patch(model, config)`; trained in place.
+        tokenizer: its tokenizer; it needs an EOS token (the pad token defaults to it).
+        examples: the training examples (`fastdca.tasks.Example`: prompt and target), at least one.
+        output_dir: the run's folder (created): adapter.safetensors, dca_config.json, checkpoint-N/,
+            loss_history.json, run.json.
+        config: the DCAConfig `model` was patched with (recorded in run.json).
+        settings: the optimisation settings; None = TrainSettings(), the paper's.
+        resume: continue an unfinished run from its last checkpoint (False: start over).
+        progress: show a progress bar with CE and the causal loss.
+        callbacks: extra transformers TrainerCallbacks.
+        overwrite: replace the run the folder holds, finished or not, whatever its settings.
+        resume_anyway: resume the folder's run although its settings differ.
+        model_name: what run.json records as the model (`fastdca train` gives the folder and dtype).
+
+    Returns:
+        The loss history, one dict per logged step: {"step", "ce", "causal_loss", "grad_share" (the causal
+        term's share of the gradient on the DCA parameters, measured on the logged step's first micro-batch;
+        see fastdca.grad_share), "loss", "learning_rate"}.
+
+    Raises:
+        ValueError: no examples, a prompt that leaves no room for its answer in settings.max_length, an output
+            folder that cannot be written or holds another run, too little free disk.
+        AdapterError (a ValueError): the checkpoint to resume lacks a file or is damaged.
+        RuntimeError: another run holds the folder's lock.
+        OSError: writing a checkpoint failed (a full disk, say).
+        TrainingDiverged: a non-finite loss or gradient (output_dir's adapter is the last checkpoint's, if any).
+        TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written, the same call resumes it.
     """
     settings = TrainSettings() if settings is None else settings
     if settings.fsdp:
