@@ -14,8 +14,9 @@ from fastdca.adapter_file import ADAPTER_FILE, CONFIG_FILE
 from fastdca.errors import AdapterError
 from fastdca.io import atomic_write_all
 
-OPTIMIZER_FILE, SCHEDULER_FILE = "optimizer.pt", "scheduler.pt"     # Trainer's names
-CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, "trainer_state.json")
+# Trainer's names
+OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE = "optimizer.pt", "scheduler.pt", "trainer_state.json"
+CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE)
 
 
 def check_checkpoint(path) -> None:
@@ -28,13 +29,13 @@ def check_checkpoint(path) -> None:
         if not (path / name).is_file():
             raise AdapterError(f"{path / name} is missing: checkpoint {path.name} cannot be resumed exactly; {advice}")
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = json.loads((path / TRAINER_STATE_FILE).read_text())
     except (OSError, ValueError) as error:
-        raise AdapterError(f"{path / 'trainer_state.json'} is unreadable ({error}); {advice}") from None
+        raise AdapterError(f"{path / TRAINER_STATE_FILE} is unreadable ({error}); {advice}") from None
     fields = {"global_step": int, "log_history": list}
     wrong = [name for name, kind in fields.items() if not isinstance(state, dict) or not isinstance(state.get(name), kind)]
     if wrong:
-        raise AdapterError(f"{path / 'trainer_state.json'} has no valid {', '.join(wrong)}; {advice}")
+        raise AdapterError(f"{path / TRAINER_STATE_FILE} has no valid {', '.join(wrong)}; {advice}")
     for file in [path / OPTIMIZER_FILE, path / SCHEDULER_FILE, *sorted(path.glob("rng_state*.pth"))]:
         try:
             torch.load(file, map_location="cpu", weights_only=False)

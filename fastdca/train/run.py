@@ -20,22 +20,23 @@ from transformers import TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from fastdca.train import fsdp
 from fastdca.config import DCAConfig
 from fastdca.errors import TrainingDiverged, TrainingInterrupted
-from fastdca.io import atomic_write_text
 from fastdca.grad_share import warn_if_causal_term_inert
 from fastdca.hf import load_adapter, save_adapter
+from fastdca.io import atomic_write_text
 from fastdca.tasks import Example
+from fastdca.train import fsdp
 from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint
+from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
 from fastdca.train.locks import only_writer
-from fastdca.train.run_record import differences, prepare_output, read_record, run_record, write_record
-from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
+from fastdca.train.run_record import decide_run, differences, read_record, run_record, write_record
 from fastdca.train.settings import TrainSettings, compile_mode
 from fastdca.train.trainer import DCATrainer, LogLastStep, LossProgressBar
 
 HISTORY_FILE = "loss_history.json"
+LOCK_FILE = ".train.lock"
 
 
 def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAConfig,
@@ -88,7 +89,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     if not examples:
         raise ValueError("examples is empty: nothing to train on")
     rows = tokenize_examples(examples, tokenizer, settings.max_length)
-    output_dir = prepare_folder(output_dir)
+    output_dir = prepare_output_dir(output_dir)
     record = run_record(examples, settings, config, model_name)
     if not is_rank_zero():
         # rank 0 decides, cleans and writes; the others read the same record and follow its checkpoints
@@ -98,8 +99,8 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         return _train(model, tokenizer, rows, output_dir, config, settings, resume and not overwrite, progress,
                       callbacks)
     with only_writer(output_dir, LOCK_FILE, "fastdca train"):
-        action, carried = prepare_output(output_dir, record, resume=resume, overwrite=overwrite,
-                                         resume_anyway=resume_anyway)
+        action, carried = decide_run(output_dir, record, resume=resume, overwrite=overwrite,
+                                     resume_anyway=resume_anyway)
         if action == "finished":
             print(f"{output_dir} holds this run, finished: nothing to train (its adapter is loaded; --overwrite "
                   "trains it again from the start)")
@@ -111,8 +112,6 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         write_record(output_dir, record, finished=True)
         return history
 
-
-LOCK_FILE = ".train.lock"
 
 
 def _finished_run(model, output_dir) -> list:
@@ -128,7 +127,7 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def prepare_folder(output_dir) -> Path:
+def prepare_output_dir(output_dir) -> Path:
     """`output_dir`, created and checked writable before any training: ValueError naming it otherwise."""
     output_dir = Path(output_dir)
     try:

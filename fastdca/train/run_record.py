@@ -31,11 +31,11 @@ def data_fingerprint(examples) -> str:
     return digest.hexdigest()
 
 
-def run_record(examples, settings, config, model=None) -> dict:
+def run_record(examples, settings, config, model_name=None) -> dict:
     """The settings of a run that decide its result, as run.json stores them (through JSON, so that a
     record compares equal to the one read back: tuples become lists)."""
     record = {"data": {"examples": len(examples), "sha256": data_fingerprint(examples)},
-              "model": model,
+              "model": model_name,
               "settings": {name: getattr(settings, name) for name in RESULT_SETTINGS},
               # fsdp lays the optimizer state in checkpoints out by parameter name (recorded only when on, so
               # that records written before it existed still match)
@@ -72,7 +72,7 @@ def read_record(output_dir):
     return saved
 
 
-def prepare_output(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> tuple:
+def decide_run(output_dir, record: dict, *, resume: bool, overwrite: bool, resume_anyway: bool) -> tuple:
     """Decide what a run into `output_dir` does: (action, the differences a resume carries over) with action
     "fresh", "resume", or "finished" (the folder holds this very run, finished: nothing to train).
     ValueError where it holds another run and neither overwrite nor (for an unfinished run) resume_anyway
