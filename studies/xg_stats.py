@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 from fastdca.commands.eval import xg_variance
-from fastdca.io import atomic_write_text
 from fastdca.commands.models import load_smollm2
-from fastdca.hf import load_adapter
 from fastdca.commands.sweep import parse_task_options, read_results, run_dir
+from fastdca.hf import load_adapter
+from fastdca.io import atomic_write_text
 from fastdca.tasks import get_task
 
 STATS_FILE = "xg_stats.jsonl"

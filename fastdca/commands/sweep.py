@@ -103,7 +103,7 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
     """
     import torch
 
-    from fastdca.commands.eval import evaluate
+    from fastdca.commands.eval import evaluate, write_jsonl
     from fastdca.commands.models import load_model, load_smollm2
     from fastdca.hf import patch
     from fastdca.train import TrainSettings, train
@@ -144,7 +144,7 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
                        config=config.to_dict())
             rows.append(row)
             done.add(key)
-            atomic_write_text(output_dir / RESULTS_FILE, "".join(json.dumps(r) + "\n" for r in rows))
+            write_jsonl(output_dir / RESULTS_FILE, rows)
             log(f"run {index + 1}/{len(plan)} {setting} seed {seed}: accuracy {result['accuracy']:.1%}")
         atomic_write_text(output_dir / "summary.md", summary_table(rows))
         plot_sweep(rows, output_dir / "sweep.png")
