@@ -10,7 +10,7 @@ Registered, in the namespace "fastdca":
   None; cu_seqlens (N + 1,) int32 or None; out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the
   prompt softmax's row log2-sum-exp; extra by xg: "sample" -> (B, Hq * D + 1) float32, the sums of X_G
   over each row's real query tokens flattened over (head, dim), then the row's real-token count
-  (`fastdca.ops.xg_sums_and_counts` splits it); "token" -> X_G (B, T, Hq, D) in q's dtype; None -> an
+  (`fastdca.ops.triton_backend.xg_sums_and_counts` splits it); "token" -> X_G (B, T, Hq, D) in q's dtype; None -> an
   empty (0,) tensor. The gradients have their inputs' shapes and dtypes. Where Triton compiles the kernels they
   are `torch.library.triton_op`s launching through `wrap_triton`: Inductor sees the kernels
   themselves, and the fake implementation is the launcher run on fake tensors. Under Triton's
@@ -19,12 +19,12 @@ Registered, in the namespace "fastdca":
 - `adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg) -> (adapter_out, probs,
   stat)` and `adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len,
   scale, gate_fn, xg) -> (dq, dak, dav, dgate)`: the adapter half of the "torch" backend, any device
-  (`fastdca.ops.adapter_attention_forward` gives the maths and shapes; stat is an empty (0,) tensor
+  (`fastdca.ops.torch_backend.adapter_attention_forward` gives the maths and shapes; stat is an empty (0,) tensor
   for xg=None). The prompt half is scaled_dot_product_attention, already an operator the compilers know.
 
 Each forward carries its backward through `register_autograd`. `fastdca.ops.dca_attention` calls these
-operators while torch.compile traces it; eager calls go straight to the autograd.Functions of
-`fastdca.ops` on the same maths, since on small inputs a trip through the dispatcher costs about as much
+operators while torch.compile traces it; eager calls go straight to the autograd.Functions of the
+backends on the same maths, since on small inputs a trip through the dispatcher costs about as much
 as the adapter half itself.
 """
 
@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastdca import ops
+from fastdca.ops import torch_backend
 from fastdca.reference import compute_dtype
 from fastdca.switches import triton_interpreted
 
@@ -141,7 +141,7 @@ dca_attention.register_autograd(_dca_attention_backward, setup_context=_dca_atte
 @torch.library.custom_op(f"{NAMESPACE}::adapter_attention", mutates_args=())
 def adapter_attention(q: Tensor, ak: Tensor, av: Tensor, gate: Tensor, members: Optional[Tensor], causal_len: int,
                       scale: float, gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    adapter_out, probs, stat = ops.adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+    adapter_out, probs, stat = torch_backend.adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
     return adapter_out, probs, q.new_empty(0) if stat is None else stat.contiguous()
 
 
@@ -165,7 +165,7 @@ def _adapter_attention_fake(q, ak, av, gate, members, causal_len, scale, gate_fn
 def adapter_attention_backward(d_out: Tensor, d_stat: Optional[Tensor], q: Tensor, ak: Tensor, av: Tensor,
                                gate: Tensor, members: Optional[Tensor], probs: Tensor, causal_len: int, scale: float,
                                gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = ops.adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale,
+    grads = torch_backend.adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale,
                                            gate_fn, xg)
     return tuple(g.contiguous() for g in grads)
 

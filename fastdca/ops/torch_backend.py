@@ -1,0 +1,216 @@
+"""The torch backend, any device: scaled_dot_product_attention for the prompt keys, small matmuls (with their
+own autograd) for the adapter keys."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fastdca import reference
+from fastdca.ops.checks import check_cu_seqlens
+from fastdca.ops.common import effective_window, sequence_members
+from fastdca.reference import compute_dtype, gate_values
+
+
+def torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
+                        gate_fn, xg):
+    B, Hq, T, D = q.shape
+    S = k.shape[2]
+    if softcap is not None:
+        prompt_out = _softcapped_prompt_attention(q, k, v, scale, softcap, key_padding_mask, cu_seqlens, window)
+    elif cu_seqlens is None:
+        prompt_out = _prompt_attention(q, k, v, scale, key_padding_mask, window)  # (B, Hq, T, D)
+    else:
+        prompt_out = _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
+    members = sequence_members(key_padding_mask, cu_seqlens, B=B, T=T, S=S, device=q.device) if xg == "sample" else None
+    adapter_out, causal_stat = _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+    out = (prompt_out + adapter_out).transpose(1, 2)
+    if xg is None:
+        return out, None
+    if xg == "token":
+        return out, causal_stat
+    return out, _xg_sample_stats(causal_stat, av, members)
+
+
+def _xg_sample_stats(column_sums, av, members):
+    """(sum of X_G over each sample's tokens (samples, Hq, D), token count (samples,)) from the column
+    sums over each sample's tokens of A[..., :H], (samples, Hkv, Hq/Hkv, H) in the compute dtype:
+    sum_t X_G[t, h] = (sum_t A[h, t, :H]) @ av[h // group, :H], so X_G itself is never built."""
+    samples, Hkv, group, causal_len = column_sums.shape
+    causal_values = av[:, :causal_len].to(column_sums.dtype)                     # (Hkv, H, D)
+    sums = torch.einsum("nkgj,kjd->nkgd", column_sums, causal_values).reshape(samples, Hkv * group, -1)
+    return sums, members.sum(dim=-1).reshape(samples)
+
+
+def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
+    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic:
+    the torch backend's adapter half, forward.
+
+    Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
+    of a row make up each of its N samples; read for xg="sample" only, else None). Returns (A av (B, Hq, T, D) in q's dtype, the adapter
+    probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the compute dtype (what the
+    backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
+    A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H],
+    (B, T, Hq, D) in q's dtype; None -> None. Scores and softmax run in float32 (float64 for float64
+    inputs). The probabilities are M/D of q's size in fp32, and cheaper to keep than to recompute.
+
+    The probabilities are kept M-major, (B, Hkv, M, Hq/Hkv * T): the query heads of a kv group are
+    folded into columns (no repeated ak), and a softmax or sum over a short leading dim is several
+    times faster on CPUs than over a trailing dim of 10.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = ak.shape[0]
+    ct = compute_dtype(q.dtype)
+    q_cols = q.reshape(B, Hkv, -1, D).to(ct)                                    # (B, Hkv, G*T, D)
+    # q ak^T, then transposed: the small (M-wide) scores are copied, never q.
+    scores = torch.matmul(q_cols, ak.to(ct).transpose(-1, -2)).transpose(-1, -2).contiguous()
+    probs = torch.softmax(scores * scale, dim=-2)
+    gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)                            # (1, Hkv, 1, G*T)
+    weights = probs * gates                                                      # (B, Hkv, M, G*T)
+    avf = av.to(ct)
+    adapter_out = torch.matmul(weights.transpose(-1, -2), avf).view(B, Hq, T, D).to(q.dtype)
+    causal = weights[:, :, :causal_len]                                          # (B, Hkv, H, G*T)
+    if xg == "sample":
+        per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T)
+        stat = torch.einsum("bkjgt,bnt->bnkgj", per_token, members.to(ct))
+        stat = stat.reshape(B * members.shape[1], Hkv, Hq // Hkv, causal_len)  # (B * N, Hkv, G, H)
+    elif xg == "token":
+        stat = torch.matmul(causal.transpose(-1, -2), avf[:, :causal_len])
+        stat = stat.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
+    else:
+        stat = None
+    return adapter_out, probs, stat
+
+
+def adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
+    """The backward of adapter_attention_forward: (dq, dak, dav, dgate) in the inputs' dtypes, from the
+    gradients of A av (B, Hq, T, D) and of the statistic (None: no gradient reaches it)."""
+    B, Hq, T, D = q.shape
+    Hkv = ak.shape[0]
+    ct = probs.dtype
+    gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
+    weights = probs * gates
+    avf = av.to(ct)
+    d_out = d_out.reshape(B, Hkv, -1, D).to(ct)                                 # (B, Hkv, G*T, D)
+    d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
+    d_av = torch.matmul(weights, d_out).sum(0)                                  # (Hkv, M, D)
+    if xg == "sample" and d_stat is not None:
+        d_stat = d_stat.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
+        d_causal = torch.einsum("bnkgj,bnt->bkjgt", d_stat, members.to(ct))
+        d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
+    elif xg == "token" and d_stat is not None:
+        d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
+        d_weights[:, :, :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
+        d_av[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], d_xg).sum(0)
+    d_g = (d_weights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
+    d_gate = d_g * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else d_g
+    d_probs = d_weights * gates
+    d_scores = probs * (d_probs - (d_probs * probs).sum(-2, keepdim=True)) * scale
+    d_q = torch.matmul(d_scores.transpose(-1, -2), ak.to(ct)).view(B, Hq, T, D)
+    d_ak = torch.matmul(d_scores, q.reshape(B, Hkv, -1, D).to(ct)).sum(0)
+    return d_q.to(q.dtype), d_ak.to(ak.dtype), d_av.to(av.dtype), d_gate.to(gate.dtype)
+
+
+def _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
+    """(A av, stat) of adapter_attention_forward, differentiable: through the registered operator while
+    torch.compile traces (one node it can place in its graph), else through the autograd.Function."""
+    if torch.compiler.is_compiling():
+        adapter_out, _, stat = torch.ops.fastdca.adapter_attention(q, ak, av, gate, members, causal_len, scale,
+                                                                   gate_fn, xg)
+        return adapter_out, None if xg is None else stat
+    return _AdapterAttention.apply(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+
+
+class _AdapterAttention(torch.autograd.Function):
+    """Autograd around adapter_attention_forward/backward for eager calls. Outputs (A av, stat).
+    Saved for backward: q (which SDPA saves too, so no new storage), ak, av, gate, members and the
+    adapter probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
+        adapter_out, probs, stat = adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+        ctx.save_for_backward(q, ak, av, gate, members, probs)
+        ctx.args = (causal_len, scale, gate_fn, xg)
+        return adapter_out, stat
+
+    @staticmethod
+    def backward(ctx, d_out, d_stat):
+        return (*adapter_attention_backward(d_out, d_stat, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
+
+
+def _grouped_gates(gate, gate_fn, Hkv, T, dtype):
+    """g per column of the M-major (B, Hkv, M, G*T) layout: (1, Hkv, 1, G*T)."""
+    g = gate_values(gate.to(dtype), gate_fn).view(Hkv, -1, 1)
+    return g.expand(Hkv, g.shape[1], T).reshape(1, Hkv, 1, -1)
+
+
+def _prompt_attention(q, k, v, scale, key_padding_mask, window=None):
+    """softmax(q k^T * scale + mask) v through SDPA, bottom-right causal (within `window` keys back when
+    given), rows with no key give 0."""
+    T, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if key_padding_mask is None and T == S and window is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    visible = reference.causal_visible(T, S, q.device, window)[None, None]      # (1, 1, T, S)
+    if key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    visible = visible & key_padding_mask[:, None, None, :]                       # (B, 1, T, S)
+    # A padded slot's k and v never count, but a NaN there would: 0 weight times NaN is NaN in SDPA's
+    # matmuls (the fused kernels and the reference select instead of multiplying).
+    real = key_padding_mask[:, None, :, None]
+    k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
+    has_key = visible.any(-1, keepdim=True)
+    # A row with no visible key would be 0/0 = NaN, and its NaN would reach dk and dv in the
+    # backward even if zeroed afterwards; let it see key 0 and zero its output instead.
+    visible = visible | (~has_key & (torch.arange(S, device=q.device) == 0))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    return out * has_key.to(out.dtype)
+
+
+def _softcapped_prompt_attention(q, k, v, scale, softcap, key_padding_mask, cu_seqlens, window):
+    """The prompt part with soft-capped scores, which SDPA cannot apply: the (T, S) scores are materialised,
+    as transformers' eager attention does for Gemma 2; softmax in float32, rows with no key give 0."""
+    group = q.shape[1] // k.shape[1]
+    probs = reference.prompt_probs(q.float(), k.float().repeat_interleave(group, 1), scale, key_padding_mask,
+                                   cu_seqlens, window, softcap)
+    return (probs @ v.float().repeat_interleave(group, 1)).to(q.dtype)
+
+
+def packed_causal_attention(q, k, v, cu_seqlens, scale=None, window=None, softcap=None):
+    """softmax(q k^T * scale + mask) v, (1, Hq, S, D), for sequences packed in one row, causal within each
+    sequence (within `window` keys back, and scores soft-capped, when given): q (1, Hq, S, D), k and v (1, Hkv, S, D),
+    cu_seqlens (N + 1,) int32 (as for dca_attention). The attention of the layers without an adapter
+    when fastdca.patch reads packed sequences."""
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape[2] != q.shape[2]:
+        raise ValueError(f"packed_causal_attention needs q (1, Hq, S, D) and k, v (1, Hkv, S, D), got q "
+                         f"{tuple(q.shape)} and k {tuple(k.shape)}")
+    check_cu_seqlens(cu_seqlens, None, 1, q.shape[2], q.shape[2], q.device)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    window = effective_window(window, q.shape[2])
+    if softcap is not None:
+        return _softcapped_prompt_attention(q, k, v, scale, softcap, None, cu_seqlens, window)
+    return _packed_prompt_attention(q, k, v, scale, cu_seqlens, window)
+
+
+def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
+    """softmax(q k^T * scale + mask) v for sequences packed in one row, causal within each sequence:
+    one SDPA call per sequence. On the CPU that is 4x faster than one call with a block-diagonal
+    (S, S) mask, which computes every cross-sequence score only to mask it, and 1.7x faster than the
+    padded batch (8 word-problem-like lengths, fwd+bwd, BENCHMARKS.md). Reads the lengths on the host;
+    under torch.compile, where that read would break the graph, one call with the block-diagonal mask."""
+    gqa = q.shape[1] != k.shape[1]
+    if torch.compiler.is_compiling():
+        visible = reference.packed_visible(cu_seqlens, q.shape[2], window)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
+    lengths = cu_seqlens.diff().tolist()
+    pieces = []
+    for qs, ks, vs in zip(q.split(lengths, 2), k.split(lengths, 2), v.split(lengths, 2)):
+        n = qs.shape[2]
+        if window is None or window >= n:
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa))
+        else:
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=reference.causal_visible(
+                n, n, q.device, window), scale=scale, enable_gqa=gqa))
+    return torch.cat(pieces, dim=2)
