@@ -7,7 +7,6 @@ dependency_notices.install()   # before anything imports bitsandbytes
 from fastdca.config import DCAConfig
 from fastdca.errors import AdapterError, TrainingDiverged, TrainingInterrupted
 from fastdca.ops import dca_attention
-from fastdca import custom_ops  # noqa: F401  (registers torch.ops.fastdca.*, which ops.py calls under torch.compile)
 from fastdca.patch import (describe, disable_adapter, from_pretrained, load_adapter, patch, print_trainable_parameters,
                            save_adapter, unpatch)
 

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastdca
-from fastdca import custom_ops  # noqa: F401  (the operators under test)
+from fastdca.ops import custom_ops  # noqa: F401  (the operators under test)
 
 HIDDEN, HEADS, KV_HEADS, VOCAB = 64, 4, 2, 300
 # the three rows: no padding, left padding, right padding
