@@ -482,10 +482,10 @@ def test_sdpa_forward_leaves_what_sdpa_cannot_express_to_the_fused_forward(monke
 
 @pytest.mark.parametrize("sdpa_faster", [True, False])
 def test_sdpa_forward_auto_times_both_forwards_once_per_shape_and_takes_the_faster(monkeypatch, sdpa_faster):
-    from fastdca import prompt_sdpa
+    from fastdca.ops import triton_backend
 
     monkeypatch.setenv("FASTDCA_SDPA_FWD", "auto")
-    monkeypatch.setattr(prompt_sdpa, "MEASURED", {})
+    monkeypatch.setattr(triton_backend, "MEASURED", {})
     timed = []
 
     def seconds(fn, cuda):
@@ -493,14 +493,14 @@ def test_sdpa_forward_auto_times_both_forwards_once_per_shape_and_takes_the_fast
         timed.append(fn.__name__)
         return {"merged": 1.0, "fused": 2.0}[fn.__name__] * (1 if sdpa_faster else -1)
 
-    monkeypatch.setattr(prompt_sdpa, "_seconds", seconds)
+    monkeypatch.setattr(triton_backend, "_seconds", seconds)
     inputs, mask = make_inputs(2, 4, 2, 33, 33, 64, 10, "left", torch.float16)
     merged = spy_on_launches(monkeypatch, "_dca_merge_kernel")
     fused = spy_on_launches(monkeypatch, "_dca_fwd_kernel")
     for _ in range(2):
         dca_attention(**inputs, causal_len=2, key_padding_mask=mask, backend="triton")
     assert sorted(timed) == ["fused", "merged"]                 # measured once, at the first call
-    assert list(prompt_sdpa.MEASURED.values()) == ["sdpa" if sdpa_faster else "fused"]
+    assert list(triton_backend.MEASURED.values()) == ["sdpa" if sdpa_faster else "fused"]
     merged.clear(), fused.clear()
     dca_attention(**inputs, causal_len=2, key_padding_mask=mask, backend="triton")
     assert (len(merged), len(fused)) == ((1, 0) if sdpa_faster else (0, 1))
@@ -511,7 +511,7 @@ def test_sdpa_forward_auto_times_both_forwards_once_per_shape_and_takes_the_fast
         dca_attention(**other, causal_len=2, backend="triton")
     finally:
         torch.use_deterministic_algorithms(False)
-    assert len(timed) == 2 and len(prompt_sdpa.MEASURED) == 1
+    assert len(timed) == 2 and len(triton_backend.MEASURED) == 1
 
 
 def test_sdpa_forward_switch_names_its_variable_on_a_bad_value(monkeypatch):
