@@ -114,7 +114,7 @@ def _backward_ms(fn, inputs):
     on return, so it does not count in a later peak-memory measurement."""
     import torch
 
-    from fastdca.timing import cuda_time_ms
+    from fastdca.ops.timing import cuda_time_ms
 
     out = fn()
     grad = torch.randn_like(out)
@@ -128,7 +128,7 @@ def check_speed(B=4, seqs=(2048, 8192), D=128, M=10):
     import torch.nn.functional as F
 
     from fastdca.ops import dca_attention
-    from fastdca.timing import cuda_time_ms
+    from fastdca.ops.timing import cuda_time_ms
 
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     rows = []

@@ -2,7 +2,8 @@
 
 Modules: `dispatch` (dca_attention, the backend a call runs on), `checks` (the argument checks), `common` (what
 the backends and the model integration share), `torch_backend`, `triton_backend`, `custom_ops` (the backends as
-torch.library operators, for torch.compile; importing this package registers them).
+torch.library operators, for torch.compile; importing this package registers them), `timing` (GPU time by CUDA
+events).
 
 `dca_attention` is the one entry point. Backends:
 - "triton": the fused kernels of `fastdca.kernels` (CUDA tensors, or any tensors under TRITON_INTERPRET=1);

@@ -19,7 +19,7 @@ import torch
 from fastdca.ops.common import sequence_members
 from fastdca.reference import causal_visible
 from fastdca.switches import SDPA_FWD
-from fastdca.timing import cuda_time_ms
+from fastdca.ops.timing import cuda_time_ms
 
 
 def triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
