@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-from fastdca.reference import compute_dtype
+from fastdca.ops.common import compute_dtype
 
 _warned_single_sample = False
 

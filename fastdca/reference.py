@@ -1,7 +1,8 @@
 """The DCA attention equations of docs/DESIGN.md section 1, written out literally.
 
 Every score matrix is materialised, nothing is fused: this is the definition the fast backends are
-tested against, not a path to train with. Pass float64 inputs to get a float64 answer.
+tested against, not a path to train with. Pass float64 inputs to get a float64 answer. The definitions the
+backends share with it (the compute dtype, the gate, the adapter softmax, who sees whom) are in fastdca.ops.common.
 """
 
 from __future__ import annotations
@@ -10,43 +11,7 @@ import math
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmaxes and statistics run in float32, or float64 when the inputs are float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def sequence_ids(cu_seqlens: torch.Tensor, S: int) -> torch.Tensor:
-    """(S,) int64: the index n of the packed sequence each position belongs to, cu_seqlens[n] <= t < cu_seqlens[n + 1]."""
-    positions = torch.arange(S, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
-
-
-def query_is_real(key_padding_mask, batch: int, T: int, S: int, device) -> torch.Tensor:
-    """(B, T) bool: query i sits at key position S - T + i and is real where that key is."""
-    if key_padding_mask is None:
-        return torch.ones(batch, T, dtype=torch.bool, device=device)
-    return key_padding_mask[:, S - T:]
-
-
-def gate_values(gate: torch.Tensor, gate_fn: str) -> torch.Tensor:
-    return torch.tanh(gate) if gate_fn == "tanh" else gate
-
-
-def causal_visible(T: int, S: int, device, window=None) -> torch.Tensor:
-    """(T, S) bool: query i, at position S - T + i, sees key j when j <= S - T + i and, with a sliding
-    window, S - T + i - window < j."""
-    query_pos = torch.arange(S - T, S, device=device)[:, None]
-    key_pos = torch.arange(S, device=device)[None, :]
-    visible = key_pos <= query_pos
-    return visible if window is None else visible & (key_pos > query_pos - window)
-
-
-def packed_visible(cu_seqlens: torch.Tensor, S: int, window=None) -> torch.Tensor:
-    """(S, S) bool for sequences packed in one row (T = S): query i sees key j when both lie in the same
-    sequence and j is causally visible to i (within `window` keys back when given)."""
-    ids = sequence_ids(cu_seqlens, S)
-    return (ids[:, None] == ids[None, :]) & causal_visible(S, S, cu_seqlens.device, window)
+from fastdca.ops.common import adapter_probs, compute_dtype, gate_values, prompt_visible, query_is_real, sequence_ids
 
 
 def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mask=None,
@@ -59,19 +24,9 @@ def prompt_probs(q: torch.Tensor, k: torch.Tensor, scale: float, key_padding_mas
     scores = q @ k.transpose(-1, -2) * scale
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    visible = causal_visible(T, S, q.device, window)[None, None]                 # (1, 1, T, S)
-    if key_padding_mask is not None:
-        visible = visible & key_padding_mask[:, None, None, :]
-    if cu_seqlens is not None:
-        ids = sequence_ids(cu_seqlens, S)
-        visible = visible & (ids[S - T:, None] == ids[None, :])[None, None]
+    visible = prompt_visible(T, S, q.device, key_padding_mask, cu_seqlens, window)    # (B or 1, 1, T, S)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
     return torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
-
-
-def adapter_probs(q: torch.Tensor, ak: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q ak^T * scale) (B, Hq, T, M) with q (B, Hq, T, D), ak (Hq, M, D) (repeated for GQA)."""
-    return torch.softmax(q @ ak.transpose(-1, -2) * scale, dim=-1)
 
 
 def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_mask=None,

@@ -7,6 +7,7 @@ import torch
 
 from fastdca import reference
 from fastdca.ops import dca_attention, sequence_members
+from fastdca.ops.common import adapter_probs, gate_values
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -184,7 +185,7 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
     dk = DELTA_SIGMAS * sigma * scale * ((probs * w).square().transpose(-1, -2) @ q.square()).view(
         B, Hkv, group, S, D).sum(2).sqrt()
 
-    pa = reference.adapter_probs(q, akf, scale)                                     # (B, Hq, T, M)
+    pa = adapter_probs(q, akf, scale)                                               # (B, Hq, T, M)
     terms = pa * (dout.abs() @ avf.abs().transpose(-1, -2))
     if expected["xg"] is not None:
         dxg = grads_out[1].cpu()
@@ -195,7 +196,7 @@ def rounding_allowances(inputs, mask, causal_len, expected, grads_out, dtype, ga
             dxg = dxg.transpose(1, 2)
         H = causal_len
         terms[..., :H] += pa[..., :H] * (dxg.abs() @ avf[:, :H].abs().transpose(-1, -2))
-    g = reference.gate_values(gate, gate_fn)
+    g = gate_values(gate, gate_fn)
     dg = 1 - g**2 if gate_fn == "tanh" else torch.ones_like(g)
     # dak: the adapter softmax's backward, Pa (dPa - rowsum(Pa dPa)) with dPa = g dA, cancels to exactly
     # 0 with one adapter key (M = 1) and far below its terms with a concentrated softmax; a GPU contracts

@@ -528,6 +528,7 @@ def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
     the backward reads (log2 units, +inf where no key) equal the fused forward's definition."""
     from fastdca import reference
     from fastdca.kernels.merge import dca_merge_forward
+    from fastdca.ops.common import causal_visible
 
     B, Hq, Hkv, T, D, M, H = 3, 4, 2, 37, 64, 10, 3
     inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, padding, torch.float16)
@@ -537,7 +538,7 @@ def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
     k64, v64 = k64.repeat_interleave(group, 1), v64.repeat_interleave(group, 1)
     mask64 = None if mask is None else mask.cpu()
     scores = q64 @ k64.transpose(-1, -2) * D ** -0.5
-    visible = reference.causal_visible(T, T, "cpu")[None, None]
+    visible = causal_visible(T, T, "cpu")[None, None]
     visible = visible if mask64 is None else visible & mask64[:, None, None, :]
     has_key = visible.any(-1)                                                       # (B, 1 or Hq, T)
     lse = torch.logsumexp(scores.masked_fill(~visible, float("-inf")), -1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastdca.reference import packed_visible
+from fastdca.ops.common import packed_visible
 
 
 def key_padding_of_call(state, attention_mask, B, T, S, windowed=False):

@@ -1,5 +1,5 @@
 """Inspection: under `record_adapter_attention` each adapted layer also keeps the gated adapter
-probabilities and X_G per token, recomputed with `fastdca.reference` from the op's own inputs
+probabilities and X_G per token, recomputed from the reference equations on the op's own inputs
 (`fastdca inspect`, `fastdca eval --xg-stats`)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import math
 import torch
 from torch import nn
 
-from fastdca import reference
 from fastdca.hf.state import state_of
+from fastdca.ops.common import adapter_probs, compute_dtype, gate_values, query_is_real
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +39,7 @@ def record_adapter_attention(model: nn.Module, layers=None):
     Yields a dict {decoder layer index: AdapterAttentionRecord}, filled by each forward for the layers in
     `layers` (decoder layer indices, each an adapted one; None = every adapted layer); a layer's entry is
     replaced at its next call, so after a `generate` it holds the last decoding step. The records are
-    computed with `fastdca.reference` beside the op, from the very q, ak, av and gate the op receives,
+    computed from the reference equations beside the op, from the very q, ak, av and gate the op receives,
     whatever backend runs the op: one extra (B, Hq, T, M) softmax per recorded layer and call. Outside
     the context the forward is unchanged.
     """
@@ -62,15 +62,15 @@ def record_adapter_attention(model: nn.Module, layers=None):
 def adapter_attention_record(query, ak, av, gate, cfg, scaling, key_padding, S) -> AdapterAttentionRecord:
     """The reference equations on the op's own inputs: query (B, Hq, T, D), ak/av (Hkv, M, D), gate (Hq,)."""
     B, Hq, T, D = query.shape
-    ct = reference.compute_dtype(query.dtype)
+    ct = compute_dtype(query.dtype)
     group = Hq // ak.shape[0]
     scale = 1 / math.sqrt(D) if scaling is None else scaling
     H = cfg.causal_len
     with torch.no_grad():
-        g = reference.gate_values(gate.detach().to(ct), cfg.gate_fn)
-        probs = g[None, :, None, None] * reference.adapter_probs(
+        g = gate_values(gate.detach().to(ct), cfg.gate_fn)
+        probs = g[None, :, None, None] * adapter_probs(
             query.detach().to(ct), ak.detach().to(ct).repeat_interleave(group, dim=0), scale)
         av_heads = av.detach().to(ct).repeat_interleave(group, dim=0)
         xg = (probs[..., :H] @ av_heads[:, :H]).transpose(1, 2)
     return AdapterAttentionRecord(gates=g, probs=probs, xg=xg,
-                                  real=reference.query_is_real(key_padding, B, T, S, query.device))
+                                  real=query_is_real(key_padding, B, T, S, query.device))

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from fastdca.ops import torch_backend
-from fastdca.reference import compute_dtype
+from fastdca.ops.common import compute_dtype
 from fastdca.switches import triton_interpreted
 
 NAMESPACE = "fastdca"

@@ -8,10 +8,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastdca import reference
 from fastdca.ops.checks import check_cu_seqlens
-from fastdca.ops.common import effective_window, sequence_members
-from fastdca.reference import compute_dtype, gate_values
+from fastdca.ops.common import (causal_visible, compute_dtype, effective_window, gate_values, packed_visible,
+                                prompt_visible, sequence_members)
 
 
 def torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap,
@@ -153,10 +152,9 @@ def _prompt_attention(q, k, v, scale, key_padding_mask, window=None):
     gqa = q.shape[1] != k.shape[1]
     if key_padding_mask is None and T == S and window is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    visible = reference.causal_visible(T, S, q.device, window)[None, None]      # (1, 1, T, S)
+    visible = prompt_visible(T, S, q.device, key_padding_mask, window=window)    # (B or 1, 1, T, S)
     if key_padding_mask is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
-    visible = visible & key_padding_mask[:, None, None, :]                       # (B, 1, T, S)
     # A padded slot's k and v never count, but a NaN there would: 0 weight times NaN is NaN in SDPA's
     # matmuls (the fused kernels and the reference select instead of multiplying).
     real = key_padding_mask[:, None, :, None]
@@ -173,8 +171,11 @@ def _softcapped_prompt_attention(q, k, v, scale, softcap, key_padding_mask, cu_s
     """The prompt part with soft-capped scores, which SDPA cannot apply: the (T, S) scores are materialised,
     as transformers' eager attention does for Gemma 2; softmax in float32, rows with no key give 0."""
     group = q.shape[1] // k.shape[1]
-    probs = reference.prompt_probs(q.float(), k.float().repeat_interleave(group, 1), scale, key_padding_mask,
-                                   cu_seqlens, window, softcap)
+    scores = q.float() @ k.float().repeat_interleave(group, 1).transpose(-1, -2) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    visible = prompt_visible(q.shape[2], k.shape[2], q.device, key_padding_mask, cu_seqlens, window)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    probs = torch.where(visible.any(-1, keepdim=True), probs, torch.zeros_like(probs))
     return (probs @ v.float().repeat_interleave(group, 1)).to(q.dtype)
 
 
@@ -202,7 +203,7 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
     under torch.compile, where that read would break the graph, one call with the block-diagonal mask."""
     gqa = q.shape[1] != k.shape[1]
     if torch.compiler.is_compiling():
-        visible = reference.packed_visible(cu_seqlens, q.shape[2], window)
+        visible = packed_visible(cu_seqlens, q.shape[2], window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=scale, enable_gqa=gqa)
     lengths = cu_seqlens.diff().tolist()
     pieces = []
@@ -211,6 +212,6 @@ def _packed_prompt_attention(q, k, v, scale, cu_seqlens, window=None):
         if window is None or window >= n:
             pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa))
         else:
-            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=reference.causal_visible(
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_visible(
                 n, n, q.device, window), scale=scale, enable_gqa=gqa))
     return torch.cat(pieces, dim=2)

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from fastdca.ops.common import sequence_members
-from fastdca.reference import causal_visible
+from fastdca.ops.common import causal_visible, sequence_members
 from fastdca.switches import SDPA_FWD
 from fastdca.ops.timing import cuda_time_ms
 
