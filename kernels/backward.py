@@ -9,14 +9,12 @@ import triton.language as tl
 
 from fastdca import switches
 from fastdca.kernels import tuning
-from fastdca.kernels.blocks import (_adapter_probs, _causal_bounds, _dot, _first_key_block, _from_first_real_key,
-                                    _gate, _key_end, _key_ok, _kv_descriptors, _operand, _query_real, _query_tile,
-                                    _tanh, _visible, _window_lo)
-from fastdca.kernels.tuning import adapter_block, head_block, launch_configs
+from fastdca.kernels.blocks import (_adapter_probs, _dot, _gate, _key_end, _key_ok, _key_range, _kv_descriptors,
+                                    _load_tile, _open_tile, _operand, _query_real, _tanh, _visible)
 from fastdca.kernels.forward import key_span
-from fastdca.kernels.plumbing import (XG_CODES, XG_NONE, XG_SAMPLE, XG_TOKEN, block_args, check_dtype, ieee,
-                                      kpm_arg, launch_options, run, seq_arg, softcap_arg, tma_reads, upcast,
-                                      window_arg)
+from fastdca.kernels.plumbing import (XG_CODES, XG_NONE, XG_SAMPLE, XG_TOKEN, block_args, check_dtype, ieee, kpm_arg,
+                                      launch_options, run, seq_arg, softcap_arg, tma_reads, upcast, window_arg)
+from fastdca.kernels.tuning import adapter_block, head_block, launch_configs
 
 
 @triton.jit
@@ -144,13 +142,9 @@ def _dca_bwd_adapter_kernel(
         dq   += dsa ak * scale;  dak += dsa^T q * scale
         dav  += A^T dout  (+ A[:, :H]^T dX_G, token mode; + (sum of A[:, j] over real t) dsum, sample mode)
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, h, kh, offs_m, offs_d, d_ok, m_ok, q = _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt,
-                                                          stride_qd, GROUP, UPCAST, BLOCK_M, BLOCK_D)
+    pid_m, pid_bh, b, h, kh, offs_m, offs_d, d_ok, m_ok, md_mask, qk_scale, q = _open_tile(
+        Q, Hq, T, D, sm_scale, stride_qb, stride_qh, stride_qt, stride_qd, GROUP, False, UPCAST, BLOCK_M, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    qk_scale = sm_scale * 1.4426950408889634
-    md_mask = m_ok[:, None] & d_ok[None, :]
     o_offs = b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od
     do = tl.load(DOUT + o_offs, mask=md_mask, other=0.0)
     do = _operand(do, DOUT, UPCAST)
@@ -231,25 +225,11 @@ def _dca_bwd_dkdv_kernel(
     all, against 7 and 2 with the dq kernel; the order of the additions, hence dq's rounding, varies).
     Summing the group's heads here, in a fixed order, is the GQA reduction of dk and dv (no atomics).
     """
-    pid_n = tl.program_id(0)
-    pid_bkh = tl.program_id(1)
-    b = (pid_bkh // Hkv).to(tl.int64)
-    kh = (pid_bkh % Hkv).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_n, pid_bkh, b, _, kh, offs_n, offs_d, d_ok, n_ok, nd_mask, qk_scale, k = _open_tile(
+        K, Hkv, S, D, sm_scale, stride_kb, stride_kh, stride_ks, stride_kd, 1, False, UPCAST, BLOCK_N, BLOCK_D)
+    v = _load_tile(V, b * stride_vb + kh * stride_vh, offs_n, offs_d, stride_vs, stride_vd, nd_mask, UPCAST)
     offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    n_ok = offs_n < S
-    nd_mask = n_ok[:, None] & d_ok[None, :]
-    qk_scale = sm_scale * 1.4426950408889634
 
-    k = tl.load(K + b * stride_kb + kh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=nd_mask, other=0.0)
-    k = _operand(k, K, UPCAST)
-    v = tl.load(V + b * stride_vb + kh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=nd_mask, other=0.0)
-    v = _operand(v, V, UPCAST)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     key_ok = n_ok & _key_ok(KPM, b, stride_mb, offs_n, S, HAS_KPM)
@@ -327,27 +307,11 @@ def _dca_bwd_dq_kernel(
 
         dP = dout v^T;  dS = P * (dP - delta);  dq = DQ_ACC (adapter term) + dS k * scale
     """
-    # the longest causal rows first, so the last wave of programs is the shortest
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kh = (h // GROUP).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, kh, offs_m, offs_d, d_ok, m_ok, md_mask, qk_scale, q = _open_tile(
+        Q, Hq, T, D, sm_scale, stride_qb, stride_qh, stride_qt, stride_qd, GROUP, True, UPCAST, BLOCK_M, BLOCK_D)
+    do = _load_tile(DOUT, b * stride_ob + h * stride_oh, offs_m, offs_d, stride_ot, stride_od, md_mask, UPCAST)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    m_ok = offs_m < T
-    md_mask = m_ok[:, None] & d_ok[None, :]
-    qk_scale = sm_scale * 1.4426950408889634
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=md_mask, other=0.0)
-    q = _operand(q, Q, UPCAST)
-    do = tl.load(DOUT + b * stride_ob + offs_m[:, None] * stride_ot + h * stride_oh + offs_d[None, :] * stride_od,
-                 mask=md_mask, other=0.0)
-    do = _operand(do, DOUT, UPCAST)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + kh * stride_kh
@@ -355,11 +319,8 @@ def _dca_bwd_dq_kernel(
     k_desc, v_desc = _kv_descriptors(k_base, v_base, stride_ks, stride_vs, S, D, BLOCK_N, BLOCK_D, TMA)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
-                    _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
-    full_hi = tl.maximum(full_hi, lo)
-    lo, full_hi = _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N, HAS_KPM)
+    lo, full_hi, hi = _key_range(pid_m, SEQ_START, SPAN, b, WINDOW, T, S, BLOCK_M, BLOCK_N, HAS_SEQ, HAS_WINDOW,
+                                 HAS_KPM)
     dq = _dq_key_blocks(q, do, lse, delta, dq, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
                         stride_kd, stride_vs, stride_vd, qk_scale, offs_m, offs_n0, offs_d, d_ok, lo, full_hi, T, S,
                         WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ, UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): the kernels score in log2 units, so the softmax is exp2
+
 
 @triton.jit
 def _dot(a, b, IEEE: tl.constexpr):
@@ -98,7 +100,7 @@ def _visible(offs_m, offs_n, key_ok, key_end, T, S, WINDOW, HAS_KPM: tl.constexp
 def _tanh(x):
     """tanh through one exp2 (the softmax's unit): 1 - 2 / (e^(2x) + 1), exactly +-1 where e^(2x) over- or
     underflows."""
-    return 1.0 - 2.0 / (tl.exp2(x * 2.8853900817779268) + 1.0)
+    return 1.0 - 2.0 / (tl.exp2(x * (2 * LOG2E)) + 1.0)
 
 
 @triton.jit
@@ -156,13 +158,20 @@ def _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def _causal_bounds(pid_m, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, T, S):
-    """(full_hi, hi) for query block pid_m: key blocks starting below full_hi are visible to every row
-    of the block by causality (full_hi a multiple of BLOCK_N); those in [full_hi, hi) straddle the
-    diagonal; keys from hi on are above it for every row."""
+def _key_range(pid_m, SEQ_START, SPAN, b, WINDOW, T, S, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_SEQ: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr):
+    """(lo, full_hi, hi): the key blocks query block pid_m visits. Key blocks starting in [lo, full_hi) lie
+    wholly at or below the block's first query position and need no causal mask (full_hi a multiple of
+    BLOCK_N); those in [full_hi, hi) straddle the diagonal; keys from hi on are above it for every row. Key
+    blocks before the first row's packed sequence, before its sliding window or before its row's first real key
+    are never visible: lo starts after them."""
     hi = tl.minimum(S, S - T + (pid_m + 1) * BLOCK_M)
     full_hi = tl.maximum(tl.minimum((S - T + pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N, hi), 0)
-    return full_hi, hi
+    lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
+                    _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
+    full_hi = tl.maximum(full_hi, lo)
+    lo, full_hi = _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N, HAS_KPM)
+    return lo, full_hi, hi
 
 
 @triton.jit
@@ -303,17 +312,35 @@ def _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h
 
 
 @triton.jit
-def _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt, stride_qd, GROUP: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """What a (query block pid_m, b * Hq + h) program of the adapter kernels starts from: (b, h, kh, offs_m,
-    offs_d, d_ok, m_ok, q), q the block's (BLOCK_M, BLOCK_D) tile of Q (B, Hq, T, D) as a dot operand."""
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kh = (h // GROUP).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+def _open_tile(X, HEADS, LENGTH, D, sm_scale, stride_xb, stride_xh, stride_xr, stride_xd, GROUP: tl.constexpr,
+               LONGEST_FIRST: tl.constexpr, UPCAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program over (a block of BLOCK rows of an axis of LENGTH, b * HEADS + head) starts from: (pid,
+    pid_bh, b, head, kh, offs, offs_d, d_ok, ok, mask, qk_scale, x). pid is the block, the last first with
+    LONGEST_FIRST (causal query blocks: the last wave of programs is then the shortest); kh = head // GROUP the kv
+    head (GROUP = 1 where the heads are kv heads); offs the block's row offsets; ok (BLOCK,) and mask (BLOCK,
+    BLOCK_D) the rows < LENGTH and columns < D; qk_scale the softmax scale in the log2 units the kernels score
+    in; x the block's (BLOCK, BLOCK_D) tile of X (B, HEADS, LENGTH, D) at (b, head) as a dot operand (queries
+    for the adapter, merge and dq kernels; keys for the dk/dv kernel)."""
+    if LONGEST_FIRST:
+        pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    else:
+        pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HEADS).to(tl.int64)
+    head = pid_bh % HEADS
+    kh = (head // GROUP).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    m_ok = offs_m < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    return b, h, kh, offs_m, offs_d, d_ok, m_ok, _operand(q, Q, UPCAST)
+    ok = offs < LENGTH
+    mask = ok[:, None] & d_ok[None, :]
+    x = _load_tile(X, b * stride_xb + head * stride_xh, offs, offs_d, stride_xr, stride_xd, mask, UPCAST)
+    return pid, pid_bh, b, head, kh, offs, offs_d, d_ok, ok, mask, sm_scale * LOG2E, x
+
+
+@triton.jit
+def _load_tile(X, base, offs, offs_d, stride_r, stride_d, mask, UPCAST: tl.constexpr):
+    """The (rows, BLOCK_D) tile of X at offset base + offs * stride_r + offs_d * stride_d (0 where not `mask`) as
+    a dot operand."""
+    x = tl.load(X + base + offs[:, None] * stride_r + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+    return _operand(x, X, UPCAST)

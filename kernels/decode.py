@@ -2,34 +2,38 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from fastdca.kernels.blocks import _finish_rows, _fwd_key_blocks, _gate, _operand, _query_real, _window_lo, _xg_sums
-from fastdca.kernels.tuning import adapter_block
+from fastdca.kernels.blocks import (LOG2E, _finish_rows, _fwd_key_blocks, _gate, _operand, _query_real, _window_lo,
+                                    _xg_sums)
 from fastdca.kernels.plumbing import (XG_CODES, forward_extra, forward_outputs, ieee, kpm_arg, launch_options, run,
                                       softcap_arg, upcast, window_arg)
+from fastdca.kernels.tuning import adapter_block, sm_count
 
 
 DECODE_MAX_ROWS = 64   # the query rows of one kv group (Hq / Hkv * T) the flash-decoding path takes
 
 
 @triton.jit
-def _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok, T,
-                   GROUP: tl.constexpr, ROWS: tl.constexpr, UPCAST: tl.constexpr):
-    """The GROUP * T queries of kv head kh as the rows of one (ROWS, BLOCK_D) tile: row r is query
-    r % T of head kh * GROUP + r // T; rows past GROUP * T are padding (row_ok False, q 0) and borrow
-    the last head, so nothing they index is out of range. Returns (rows, row_ok, head, t, q)."""
+def _group_queries(Q, pid_bk, Hkv, T, D, stride_qb, stride_qh, stride_qt, stride_qd, GROUP: tl.constexpr,
+                   ROWS: tl.constexpr, UPCAST: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program of kv head kh of row b (pid_bk = b * Hkv + kh) starts from: (b, kh, offs_d, d_ok, rows,
+    row_ok, head, t, q), the GROUP * T queries of kv head kh as the rows of one (ROWS, BLOCK_D) tile q: row r is
+    query t = r % T of head kh * GROUP + r // T; rows past GROUP * T are padding (row_ok False, q 0) and borrow
+    the last head, so nothing they index is out of range."""
+    b = (pid_bk // Hkv).to(tl.int64)
+    kh = (pid_bk % Hkv).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP * T
     head = kh * GROUP + tl.minimum(rows // T, GROUP - 1)
     t = rows % T
     q = tl.load(Q + b * stride_qb + head[:, None] * stride_qh + t[:, None] * stride_qt + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    return rows, row_ok, head, t, _operand(q, Q, UPCAST)
+    return b, kh, offs_d, d_ok, rows, row_ok, head, t, _operand(q, Q, UPCAST)
 
 
 @triton.jit
@@ -56,13 +60,9 @@ def _dca_decode_split_kernel(
     """
     split = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    b = (pid_bk // Hkv).to(tl.int64)
-    kh = (pid_bk % Hkv).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    qk_scale = sm_scale * 1.4426950408889634
-    rows, row_ok, head, t, q = _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok,
-                                              T, GROUP, ROWS, UPCAST)
+    b, kh, offs_d, d_ok, rows, row_ok, head, t, q = _group_queries(Q, pid_bk, Hkv, T, D, stride_qb, stride_qh,
+                                                                   stride_qt, stride_qd, GROUP, ROWS, UPCAST, BLOCK_D)
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -101,14 +101,10 @@ def _dca_decode_combine_kernel(
     the forward kernel does (lse, the adapter term, out, X_G); XG_PART (B, 1, Hq * D + 1) as there.
     """
     pid_bk = tl.program_id(0)
-    b = (pid_bk // Hkv).to(tl.int64)
-    kh = (pid_bk % Hkv).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, kh, offs_d, d_ok, rows, row_ok, head, t, q = _group_queries(Q, pid_bk, Hkv, T, D, stride_qb, stride_qh,
+                                                                   stride_qt, stride_qd, GROUP, ROWS, UPCAST, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    d_ok = offs_d < D
-    qk_scale = sm_scale * 1.4426950408889634
-    rows, row_ok, head, t, q = _group_queries(Q, b, kh, stride_qb, stride_qh, stride_qt, stride_qd, offs_d, d_ok,
-                                              T, GROUP, ROWS, UPCAST)
+    qk_scale = sm_scale * LOG2E
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -152,7 +148,7 @@ def decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, w
     rows = max(16, triton.next_power_of_2(group * T))
     block_n = cfg["BLOCK_N"]
     splits = cfg.get("SPLITS") or max(1, min(triton.cdiv(S, block_n),
-                                             triton.cdiv(2 * _sm_count(q.device), B * Hkv)))
+                                             triton.cdiv(2 * sm_count(q.device), B * Hkv)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, chunk)
     acc_part = q.new_empty((B * Hkv, splits, rows, cfg["BLOCK_D"]), dtype=torch.float32)
@@ -180,16 +176,3 @@ def decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, w
         GATE_TANH=gate_fn == "tanh", XG_MODE=mode, BLOCK_A=adapter_block(M), **flags,
         **launch_options(dict(num_warps=4 if cfg["BLOCK_D"] <= 128 else 8, num_stages=1)))
     return out, lse, forward_extra(mode, xg_out, xg_part)
-
-
-def _sm_count(device) -> int:
-    """Multiprocessors of a CUDA device; for the interpreter, a small GPU's worth."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 8
-    return _cuda_sm_count(torch.cuda.current_device() if device.index is None else device.index)
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -9,14 +9,13 @@ import triton
 import triton.language as tl
 
 from fastdca import switches
-from fastdca.kernels.blocks import (_causal_bounds, _finish_rows, _first_key_block, _from_first_real_key,
-                                    _fwd_key_blocks, _gate, _kv_descriptors, _operand, _store_xg_block_sums,
-                                    _window_lo)
-from fastdca.kernels.tuning import adapter_block, launch_configs
+from fastdca.kernels.blocks import (_finish_rows, _fwd_key_blocks, _gate, _key_range, _kv_descriptors, _open_tile,
+                                    _operand, _store_xg_block_sums)
 from fastdca.kernels.decode import DECODE_MAX_ROWS, decode_forward
-from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, kpm_arg,
+from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, ieee, kpm_arg,
                                       launch_options, placeholder, run, seq_arg, softcap_arg, tma_reads, upcast,
-                                      ieee, window_arg)
+                                      window_arg)
+from fastdca.kernels.tuning import adapter_block, launch_configs
 
 
 @triton.jit
@@ -68,34 +67,20 @@ def _dca_fwd_kernel(
     the block's first row's window are skipped. With TMA, K and V (unit stride along D, the other
     strides and the bases 16-byte aligned) are read through tensor descriptors, and so are Q and OUT.
     """
-    # the longest causal rows first, so the last wave of programs is the shortest
-    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // Hq).to(tl.int64)
-    h = pid_bh % Hq
-    kh = (h // GROUP).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_bh, b, h, kh, offs_m, offs_d, d_ok, m_ok, _, qk_scale, q = _open_tile(
+        Q, Hq, T, D, sm_scale, stride_qb, stride_qh, stride_qt, stride_qd, GROUP, True, UPCAST, BLOCK_M, BLOCK_D)
     offs_n0 = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    d_ok = offs_d < D
-    m_ok = offs_m < T
-    # scores in log2 units, so the softmax is exp2 (one MUFU op on the GPU)
-    qk_scale = sm_scale * 1.4426950408889634
-
     if TMA:
+        # q read through a descriptor instead (the pointer load above is then dead code, which the compiler drops)
         n_b = tl.num_programs(1) // Hq
         q_desc = tl.make_tensor_descriptor(Q, shape=[n_b, Hq, T, D], strides=[stride_qb, stride_qh, stride_qt, 1],
                                            block_shape=[1, 1, BLOCK_M, BLOCK_D])
-        q = q_desc.load([b.to(tl.int32), h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        q = _operand(q_desc.load([b.to(tl.int32), h, pid_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D), Q, UPCAST)
         out_desc = tl.make_tensor_descriptor(OUT, shape=[n_b, T, Hq, D], strides=[stride_ob, stride_ot, stride_oh, 1],
                                              block_shape=[1, BLOCK_M, 1, BLOCK_D])
     else:
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         out_desc = OUT
-    q = _operand(q, Q, UPCAST)
     k_base = K + b * stride_kb + kh * stride_kh
     v_base = V + b * stride_vb + kh * stride_vh
     k_desc, v_desc = _kv_descriptors(k_base, v_base, stride_ks, stride_vs, S, D, BLOCK_N, BLOCK_D, TMA)
@@ -103,14 +88,9 @@ def _dca_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    # Key blocks wholly at or below the block's first query position need no causal mask; the ones
-    # up to the last query row's position straddle the diagonal; later ones are never visible.
-    # With packed sequences, key blocks before the first row's sequence are never visible.
-    full_hi, hi = _causal_bounds(pid_m, BLOCK_M, BLOCK_N, T, S)
-    lo = tl.maximum(_first_key_block(SEQ_START, pid_m * BLOCK_M, BLOCK_N, HAS_SEQ),
-                    _window_lo(pid_m * BLOCK_M, WINDOW, T, S, BLOCK_N, HAS_WINDOW))
-    full_hi = tl.maximum(full_hi, lo)
-    lo, full_hi = _from_first_real_key(SPAN, b, lo, full_hi, hi, BLOCK_N, HAS_KPM)
+    # the key blocks wholly visible first, without the causal mask; then those straddling the diagonal
+    lo, full_hi, hi = _key_range(pid_m, SEQ_START, SPAN, b, WINDOW, T, S, BLOCK_M, BLOCK_N, HAS_SEQ, HAS_WINDOW,
+                                 HAS_KPM)
     m_i, l_i, acc = _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_mb, stride_ks,
                                     stride_kd, stride_vs, stride_vd, m_i, l_i, acc, qk_scale, offs_m, offs_n0,
                                     offs_d, d_ok, lo, full_hi, T, S, WINDOW, SOFTCAP, K, V, False, HAS_KPM, HAS_SEQ,

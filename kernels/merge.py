@@ -5,11 +5,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdca.kernels.blocks import _finish_rows, _gate, _query_tile, _store_xg_block_sums
-from fastdca.kernels.tuning import adapter_block, launch_configs
+from fastdca.kernels.blocks import LOG2E, _finish_rows, _gate, _open_tile, _store_xg_block_sums
 from fastdca.kernels.forward import key_span
-from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, ieee,
-                                      kpm_arg, launch_options, run, upcast)
+from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, ieee, kpm_arg,
+                                      launch_options, run, upcast)
+from fastdca.kernels.tuning import adapter_block, launch_configs
 
 
 @triton.jit
@@ -38,13 +38,9 @@ def _dca_merge_kernel(
     A row whose causal keys are all padding (none at or before its position) gets LSE = +inf and a prompt
     part of 0 whatever PO holds there, as in the fused forward.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b, h, kh, offs_m, offs_d, d_ok, m_ok, q = _query_tile(Q, pid_m, pid_bh, Hq, T, D, stride_qb, stride_qh, stride_qt,
-                                                          stride_qd, GROUP, UPCAST, BLOCK_M, BLOCK_D)
+    pid_m, pid_bh, b, h, kh, offs_m, offs_d, d_ok, m_ok, md_mask, qk_scale, q = _open_tile(
+        Q, Hq, T, D, sm_scale, stride_qb, stride_qh, stride_qt, stride_qd, GROUP, False, UPCAST, BLOCK_M, BLOCK_D)
     offs_a = tl.arange(0, BLOCK_A)
-    qk_scale = sm_scale * 1.4426950408889634
-    md_mask = m_ok[:, None] & d_ok[None, :]
     po = tl.load(PO + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pt + offs_d[None, :] * stride_pd,
                  mask=md_mask, other=0.0).to(tl.float32)
     plse = tl.load(PLSE + b * stride_lb + h * stride_lh + offs_m * stride_lt, mask=m_ok, other=0.0)
@@ -53,7 +49,7 @@ def _dca_merge_kernel(
     else:
         has_key = offs_m >= 0
     acc = tl.where(has_key[:, None], po, 0.0)
-    m_i = tl.where(has_key, plse * 1.4426950408889634, 0.0)
+    m_i = tl.where(has_key, plse * LOG2E, 0.0)
     l_i = tl.where(has_key, 1.0, 0.0)
 
     g, _ = _gate(GATE, h, GATE_TANH)

@@ -10,6 +10,7 @@ import torch
 import triton
 
 from fastdca.kernels import tuning
+from fastdca.kernels.blocks import LOG2E
 from fastdca.kernels.tuning import head_block
 from fastdca.switches import triton_interpreted
 
@@ -133,7 +134,7 @@ def window_arg(window) -> int:
 
 def softcap_arg(softcap) -> float:
     """The kernels' SOFTCAP argument: the cap in the log2 units the kernels score in, or 1.0 unread."""
-    return 1.0 if softcap is None else float(softcap) * 1.4426950408889634
+    return 1.0 if softcap is None else float(softcap) * LOG2E.value
 
 
 def tma_reads(q, tensors) -> bool:

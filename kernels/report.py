@@ -91,8 +91,8 @@ def record_launches(dtype, D, T, S, *, arch, B=1, Hq=2, Hkv=2, M=10, H=2, xg="sa
     kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, cu_seqlens=cu_seqlens, window=window,
               softcap=softcap, gate_fn="tanh", xg=xg)
     log = []
-    with _recording((forward, decode, merge, backward), log), _targeting(tuning, arch), ATOMIC_DQ.set(bool(atomic_dq)), TMA_FWD.set(bool(tma_fwd)), \
-            TMA_BWD.set(bool(tma_bwd)):
+    with _recording((forward, decode, merge, backward), log), _targeting(tuning, arch), \
+            ATOMIC_DQ.set(bool(atomic_dq)), TMA_FWD.set(bool(tma_fwd)), TMA_BWD.set(bool(tma_bwd)):
         if sdpa_fwd:
             prompt = (torch.empty_like(q), torch.empty(B, Hq, T, dtype=torch.float32))
             out, lse, extra = merge.dca_merge_forward(q, *prompt, ak, ak, gate, causal_len=H, scale=D ** -0.5,

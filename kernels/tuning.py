@@ -78,16 +78,27 @@ _FP32 = {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)}
 def target_arch(device) -> int:
     """The compute capability the kernels are tuned for on `device` (80 for anything but CUDA devices:
     the interpreter, and the compile report's recorded launches)."""
+    props = _cuda_properties(device)
+    return 80 if props is None else props.major * 10 + props.minor
+
+
+def sm_count(device) -> int:
+    """Multiprocessors of a CUDA device; for the interpreter, a small GPU's worth."""
+    props = _cuda_properties(device)
+    return 8 if props is None else props.multi_processor_count
+
+
+def _cuda_properties(device):
+    """torch.cuda's properties of `device`, or None where it is no CUDA device."""
     device = torch.device(device)
     if device.type != "cuda":
-        return 80
-    return _cuda_arch(torch.cuda.current_device() if device.index is None else device.index)
+        return None
+    return _cuda_device_properties(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.cache
-def _cuda_arch(index: int) -> int:
-    major, minor = torch.cuda.get_device_capability(index)
-    return major * 10 + minor
+def _cuda_device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
 
 
 def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
