@@ -329,7 +329,7 @@ def held_to_limits(row) -> bool:
 
 def held_to_ratios(row) -> bool:
     """fp16/bf16 at D <= 128 in training must not duplicate work. D = 256 and decoding trade duplicated
-    score work for registers and loads in flight (the comments on the tables in fastdca.kernels.tuning say why)."""
+    score work for registers and loads in flight (BENCHMARKS.md, "The tile tables", says why)."""
     return row["dtype"] != "float32" and row["D"] <= 128 and row["shape"] == "train"
 
 

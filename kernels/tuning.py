@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -17,62 +18,54 @@ def adapter_block(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-# (BLOCK_M, BLOCK_N, warps, stages) per target, kernel and padded head dim, fp16/bf16. The tile a
-# program keeps resident (BLOCK_M rows; BLOCK_N in bwd_dkdv) has at least 16 rows per warp: the dot
-# layouts Triton picks for chained dots split the warps along those rows, and with fewer rows than
-# that (64-row tiles on 8 warps) warps, or on sm_90 whole warpgroups, compute the same scores twice.
-# D <= 128 entries compile with 0 spill bytes, within shared memory and with no duplicated tensor-core
-# work on Triton 3.6 (what torch 2.11 pins) and on the Triton the project installs (python -m
-# fastdca.kernels.report measures all three, CI runs it on both); among those, the sm_90 entries are
-# the fastest of `python benchmarks/tune_kernels.py` on an H100 (BENCHMARKS.md): within 4% of the
-# fastest candidate for each kernel, which spilled on one of the two Tritons. At D = 256 no tile with
-# 16 rows per warp fits the registers: those entries keep 8 warps on 32 rows, trading duplicated
-# score work for no spills (listed by the report, not held to the no-duplication rule).
-#   padded D:            64                   128                  256
-_LAUNCH = {
-    90: dict(
-        fwd=        {64: (64, 64, 4, 3),   128: (64, 64, 4, 3),   256: (32, 32, 8, 2)},
-        bwd_adapter={64: (64, 0, 4, 1),    128: (64, 0, 4, 1),    256: (32, 0, 8, 1)},
-        bwd_dkdv=   {64: (32, 64, 4, 3),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
-        bwd_dq=     {64: (64, 32, 4, 3),   128: (64, 64, 4, 2),   256: (32, 32, 8, 1)},
-        merge=      {64: (64, 0, 4, 1),    128: (64, 0, 4, 1),    256: (32, 0, 8, 1)},
-    ),
-    # sm_80, and the default for every other CUDA target
-    80: dict(
-        fwd=        {64: (64, 64, 4, 3),   128: (128, 32, 8, 3),  256: (32, 32, 8, 2)},
-        bwd_adapter={64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
-        bwd_dkdv=   {64: (32, 64, 4, 2),   128: (32, 64, 4, 1),   256: (32, 32, 8, 2)},
-        bwd_dq=     {64: (64, 32, 4, 2),   128: (64, 32, 4, 2),   256: (32, 32, 8, 2)},
-        merge=      {64: (32, 0, 2, 1),    128: (32, 0, 2, 1),    256: (32, 0, 8, 1)},
-    ),
-}
-# bwd_dkdv with FASTDCA_ATOMIC_DQ (the dq tile and its atomics are live in the loop too): the largest
-# tiles of the compile report with 0 spill bytes on Triton 3.9 (D = 256 keeps the dq kernel). Untimed:
-# the first GPU run decides (`fastdca check`, `python benchmarks/tune_kernels.py`).
+class LaunchConfig(NamedTuple):
+    """One kernel's tile and Triton's launch options for it."""
+
+    block_m: int      # query rows a program (or, in the dk/dv kernel, a loop step) takes
+    block_n: int      # keys a loop step (or, in the dk/dv kernel, a program) takes; 0: no key loop
+    num_warps: int
+    num_stages: int   # Triton's software pipelining of the loop's loads
+
+
+def _by_target(*rows) -> dict:
+    """{target: {kernel: {padded D: LaunchConfig}}} from rows (kernel, target, D = 64, D = 128, D = 256)."""
+    tables = {}
+    for kernel, target, *configs in rows:
+        tables.setdefault(target, {})[kernel] = dict(zip((64, 128, 256), configs))
+    return tables
+
+
+# The tables: why each entry is what it is, with the measurements behind it, is in BENCHMARKS.md ("The tile
+# tables"); `python -m fastdca.kernels.report` holds the fp16/bf16 entries to no spills and no duplicated work.
+# fp16/bf16, per kernel and target (sm_80 also stands for every other CUDA target) and padded head dim:
+#   kernel         target  D = 64                       D = 128                      D = 256
+_LAUNCH = _by_target(
+    ("fwd",         90, LaunchConfig(64, 64, 4, 3),  LaunchConfig(64, 64, 4, 3),  LaunchConfig(32, 32, 8, 2)),
+    ("fwd",         80, LaunchConfig(64, 64, 4, 3),  LaunchConfig(128, 32, 8, 3), LaunchConfig(32, 32, 8, 2)),
+    ("bwd_adapter", 90, LaunchConfig(64, 0, 4, 1),   LaunchConfig(64, 0, 4, 1),   LaunchConfig(32, 0, 8, 1)),
+    ("bwd_adapter", 80, LaunchConfig(32, 0, 2, 1),   LaunchConfig(32, 0, 2, 1),   LaunchConfig(32, 0, 8, 1)),
+    ("bwd_dkdv",    90, LaunchConfig(32, 64, 4, 3),  LaunchConfig(32, 64, 4, 1),  LaunchConfig(32, 32, 8, 2)),
+    ("bwd_dkdv",    80, LaunchConfig(32, 64, 4, 2),  LaunchConfig(32, 64, 4, 1),  LaunchConfig(32, 32, 8, 2)),
+    ("bwd_dq",      90, LaunchConfig(64, 32, 4, 3),  LaunchConfig(64, 64, 4, 2),  LaunchConfig(32, 32, 8, 1)),
+    ("bwd_dq",      80, LaunchConfig(64, 32, 4, 2),  LaunchConfig(64, 32, 4, 2),  LaunchConfig(32, 32, 8, 2)),
+    ("merge",       90, LaunchConfig(64, 0, 4, 1),   LaunchConfig(64, 0, 4, 1),   LaunchConfig(32, 0, 8, 1)),
+    ("merge",       80, LaunchConfig(32, 0, 2, 1),   LaunchConfig(32, 0, 2, 1),   LaunchConfig(32, 0, 8, 1)),
+)
+# bwd_dkdv with FASTDCA_ATOMIC_DQ (D = 256 keeps the dq kernel); untimed
 _ATOMIC_DKDV = {
-    90: {64: (32, 64, 4, 3), 128: (32, 32, 4, 2), 256: (32, 32, 8, 2)},
-    80: {64: (32, 32, 4, 2), 128: (32, 16, 4, 2), 256: (32, 32, 8, 2)},
+    90: {64: LaunchConfig(32, 64, 4, 3), 128: LaunchConfig(32, 32, 4, 2), 256: LaunchConfig(32, 32, 8, 2)},
+    80: {64: LaunchConfig(32, 32, 4, 2), 128: LaunchConfig(32, 16, 4, 2), 256: LaunchConfig(32, 32, 8, 2)},
 }
-# The forward with FASTDCA_TMA_FWD (q, K, V and out through tensor descriptors, the scale folded into the
-# exponent; sm_90, padded D <= 128): 128 x 64 on 8 warps, 3 stages, compiles without spills on Triton 3.6 and
-# 3.9 (benchmarks/tile_registers.py; 64 x 128 on 4 warps stays at 250+ registers on 3.6). Untimed: the
-# first GPU run decides (`fastdca check` runs it beside the default).
-_TMA_FWD = {64: (128, 64, 8, 3), 128: (128, 64, 8, 3)}
-# bwd_dkdv with FASTDCA_TMA_BWD (the loop's q and dout blocks through tensor descriptors; sm_90, padded
-# D <= 128), without and with FASTDCA_ATOMIC_DQ: the loads are pipelined (2 stages; the strided loop spills
-# with more than 1 at D = 128), and the freed registers take a 128-key tile where both Tritons compile it
-# without spills (benchmarks/tile_registers.py; with atomic dq at D = 128 only the 32 x 32 tile fits).
-# Untimed: the first GPU run decides (`fastdca check` runs it beside the default).
-_TMA_DKDV = {"bwd_dkdv_tma": {64: (64, 128, 8, 2), 128: (32, 128, 8, 2)},
-             "bwd_dkdv_atomic_tma": {64: (32, 128, 8, 2), 128: (32, 32, 4, 2)}}
-# T <= 16 (decoding), per padded D: the flash-decoding split pass (BLOCK_N, warps, stages), and the
-# forward and adapter backward where they still run (a query group wider than DECODE_MAX_ROWS rows;
-# the backward): 16-row query blocks, tl.dot's minimum. Decoding is bound by reading K and V, and
-# four warps keep more loads in flight than one.
-_DECODE = {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 1)}
-# float32 inputs (exact fp32 dots, no tensor cores) are a correctness path, not a fast one: small
-# tiles keep spilling small (0 at D=64; the forward and adapter-backward spill 240-530 bytes at D=128).
-_FP32 = {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)}
+# the forward with FASTDCA_TMA_FWD (sm_90, padded D <= 128); untimed
+_TMA_FWD = {64: LaunchConfig(128, 64, 8, 3), 128: LaunchConfig(128, 64, 8, 3)}
+# bwd_dkdv with FASTDCA_TMA_BWD, without and with FASTDCA_ATOMIC_DQ (sm_90, padded D <= 128); untimed
+_TMA_DKDV = {"bwd_dkdv_tma": {64: LaunchConfig(64, 128, 8, 2), 128: LaunchConfig(32, 128, 8, 2)},
+             "bwd_dkdv_atomic_tma": {64: LaunchConfig(32, 128, 8, 2), 128: LaunchConfig(32, 32, 4, 2)}}
+# T <= 16 (decoding): the flash-decoding split pass (its block_n, warps, stages), and the forward and adapter
+# backward where they still run (a query group wider than DECODE_MAX_ROWS rows; the backward)
+_DECODE = {64: LaunchConfig(16, 64, 4, 3), 128: LaunchConfig(16, 64, 4, 3), 256: LaunchConfig(16, 64, 4, 1)}
+# float32 inputs (exact fp32 dots, no tensor cores): the correctness path, not a fast one
+_FP32 = {64: LaunchConfig(16, 32, 4, 2), 128: LaunchConfig(16, 32, 4, 2), 256: LaunchConfig(16, 16, 4, 2)}
 
 
 def target_arch(device) -> int:
@@ -102,26 +95,30 @@ def _cuda_device_properties(index: int):
 
 
 def launch_config(kernel: str, D: int, T: int, dtype, arch: int) -> dict:
-    """Block sizes, warps and stages of one kernel's launch (the tables above); "decode" is the
-    flash-decoding split pass (its combine pass runs one warp group per kv head)."""
+    """The keyword arguments of one kernel's launch from the tables above: BLOCK_M, BLOCK_N, BLOCK_D, num_warps
+    and num_stages; "decode" is the flash-decoding split pass (its combine pass runs one warp group per kv head),
+    which takes no BLOCK_M."""
     block_d = head_block(D)
+    d = max(64, block_d)
     if kernel == "decode":
-        _, block_n, warps, stages = (_FP32 if dtype == torch.float32 else _DECODE)[max(64, block_d)]
-        return dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        config = LaunchConfig(*(_FP32 if dtype == torch.float32 else _DECODE)[d])
+        return dict(BLOCK_N=config.block_n, BLOCK_D=block_d, num_warps=config.num_warps,
+                    num_stages=config.num_stages)
     if dtype == torch.float32:
-        block_m, block_n, warps, stages = _FP32[max(64, block_d)]
-    elif kernel in _TMA_DKDV and max(64, block_d) in _TMA_DKDV[kernel]:
-        block_m, block_n, warps, stages = _TMA_DKDV[kernel][max(64, block_d)]
+        entry = _FP32[d]
+    elif kernel in _TMA_DKDV and d in _TMA_DKDV[kernel]:
+        entry = _TMA_DKDV[kernel][d]
     elif kernel.startswith("bwd_dkdv_atomic"):
-        block_m, block_n, warps, stages = _ATOMIC_DKDV[90 if arch == 90 else 80][max(64, block_d)]
-    elif kernel == "fwd_tma" and T > 16 and max(64, block_d) in _TMA_FWD:
-        block_m, block_n, warps, stages = _TMA_FWD[max(64, block_d)]
+        entry = _ATOMIC_DKDV[90 if arch == 90 else 80][d]
+    elif kernel == "fwd_tma" and T > 16 and d in _TMA_FWD:
+        entry = _TMA_FWD[d]
     else:
         kernel = {"fwd_tma": "fwd", "bwd_dkdv_tma": "bwd_dkdv"}.get(kernel, kernel)
-        block_m, block_n, warps, stages = _LAUNCH[90 if arch == 90 else 80][kernel][max(64, block_d)]
-        if T <= 16 and kernel in ("fwd", "bwd_adapter"):
-            block_m, block_n, warps, stages = _DECODE[max(64, block_d)]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps, num_stages=stages)
+        decoding = T <= 16 and kernel in ("fwd", "bwd_adapter")
+        entry = _DECODE[d] if decoding else _LAUNCH[90 if arch == 90 else 80][kernel][d]
+    config = LaunchConfig(*entry)      # benchmarks/tile_registers.py sets plain tuples
+    return dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_D=block_d, num_warps=config.num_warps,
+                num_stages=config.num_stages)
 
 
 KERNELS = ("fwd", "fwd_tma", "decode", "merge", "bwd_adapter", "bwd_dkdv", "bwd_dkdv_atomic", "bwd_dkdv_tma",
