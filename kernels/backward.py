@@ -336,13 +336,22 @@ def _dca_bwd_dq_kernel(
 def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scale, key_padding_mask=None,
                  cu_seqlens=None, window=None, softcap=None, gate_fn="tanh", xg="sample", configs=None,
                  launch=None):
-    """Run the three backward kernels; returns (dq, dk, dv, dak, dav, dgate) in the input dtype.
+    """Run the backward: the adapter kernel, then the dk/dv and the dq kernel (with FASTDCA_ATOMIC_DQ, dq in the
+    dk/dv kernel).
 
-    dout (B, T, Hq, D) or None (no gradient reaches out: dk and dv are then None); dxg: the gradient of
-    X_G or None: in token mode (B, T, Hq, D); in sample mode that of the X_G sums, (B, Hq, D), or of
-    forward's whole `extra` (B, Hq * D + 1), whose count column is not read. The per-block partials of
-    dak, dav and dgate are summed over batch, query blocks and the query heads of each kv group with
-    torch sums of fixed shape: deterministic. `launch` as for dca_forward.
+    Args:
+        dout: (B, T, Hq, D), the gradient of out, or None (no gradient reaches out: dk and dv are then None).
+        dxg: the gradient of the X_G statistic, or None: in token mode (B, T, Hq, D); in sample mode that of the
+            X_G sums, (B, Hq, D), or of forward's whole `extra` (B, Hq * D + 1), whose count column is not read.
+        q, k, v, ak, av, gate: the forward's inputs (shapes as for dca_forward).
+        out: (B, T, Hq, D) and lse: (B, Hq, T) float32, the forward's outputs.
+        causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn, xg, configs, launch: as for
+            dca_forward.
+
+    Returns:
+        (dq, dk, dv, dak, dav, dgate), each with its input's shape and dtype (dk, dv None without dout). The
+        per-block partials of dak, dav and dgate are summed over batch, query blocks and the query heads of
+        each kv group with torch sums of fixed shape: deterministic.
     """
     check_dtype(q)
     B, Hq, T, D = q.shape

@@ -139,8 +139,16 @@ def _dca_decode_combine_kernel(
 def decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn, xg, cfg,
                    launch):
     """Flash-decoding for T <= 16: the keys split into chunks over enough programs to fill the GPU,
-    each kv head's query group as the rows of one tile, then one pass merging the chunks. Returns what
-    dca_forward returns."""
+    each kv head's query group as the rows of one tile, then one pass merging the chunks.
+
+    Args:
+        q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn, xg, launch: as for
+            dca_forward (q (B, Hq, T, D) with T <= 16 and Hq / Hkv * T <= DECODE_MAX_ROWS; no packed sequences).
+        cfg: launch_config("decode", ...): BLOCK_N, BLOCK_D, num_warps, num_stages (and SPLITS, tests only).
+
+    Returns:
+        (out, lse, extra) as dca_forward returns them.
+    """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     M = ak.shape[1]

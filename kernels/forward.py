@@ -112,18 +112,31 @@ def _dca_fwd_kernel(
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
                 window=None, softcap=None, gate_fn="tanh", xg="sample", configs=None, launch=None):
-    """Run the forward kernel.
+    """Run the forward: the fused forward kernel, or for T <= 16 (decoding) the flash-decoding kernels.
 
-    q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool
-    or None; cu_seqlens (N + 1,) int32 boundaries of sequences packed in one row (B = 1, T = S) or None
-    (with it, xg="sample" sums per row, not per sequence: fastdca.ops asks for xg="token"); window: the
-    query at position p sees the keys after p - window (None: no window); softcap: the prompt scores
-    become softcap * tanh(s / softcap) (None: no cap). Returns (out (B, T, Hq, D) input dtype, lse
-    (B, Hq, T) float32, extra) with extra, for xg="sample", (B, Hq * D + 1) float32: the sum of X_G over
-    each row's real query tokens, flattened over (head, dim), then the row's real-token count; for
-    xg="token" X_G (B, T, Hq, D) in the input dtype; for xg=None, None. `configs` overrides
-    launch_config entries per kernel. `launch` wraps each kernel before its launch
-    (torch.library.wrap_triton, for fastdca.custom_ops); None launches the kernels directly.
+    Args:
+        q: (B, Hq, T, D) fp16, bf16 or float32, the queries (the last T of the S positions).
+        k, v: (B, Hkv, S, D), Hq % Hkv == 0.
+        ak, av: (Hkv, M, D) adapter keys and values.
+        gate: (Hq,).
+        causal_len: H, the adapter tokens X_G sums over (0 <= H <= M).
+        scale: the softmax scale.
+        key_padding_mask: (B, S) bool, True = real key, or None.
+        cu_seqlens: (N + 1,) int32 boundaries of N sequences packed in one row (B = 1, T = S), or None; with it
+            xg="sample" sums per row, not per sequence (fastdca.ops asks for xg="token").
+        window: the query at position p sees the keys after p - window; None: no window.
+        softcap: the prompt scores become softcap * tanh(s / softcap); None: no cap.
+        gate_fn: "tanh" or "identity".
+        xg: "sample", "token" or None (see Returns).
+        configs: {kernel: {entry: value}} overriding launch_config entries per kernel (tests, tuning).
+        launch: wraps each kernel before its launch (torch.library.wrap_triton, for fastdca.ops.custom_ops);
+            None launches the kernels directly.
+
+    Returns:
+        (out, lse, extra): out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the prompt softmax's row
+        log2-sum-exp (+inf for a row with no visible key); extra by xg: "sample" -> (B, Hq * D + 1) float32,
+        the sum of X_G over each row's real query tokens flattened over (head, dim), then the row's
+        real-token count; "token" -> X_G (B, T, Hq, D) in q's dtype; None -> None.
     """
     check_dtype(q)
     B, Hq, T, D = q.shape

@@ -64,11 +64,21 @@ def _dca_merge_kernel(
 
 def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, scale, key_padding_mask=None,
                       gate_fn="tanh", xg="sample", configs=None, launch=None):
-    """The forward given its prompt half: prompt_out (B, Hq, T, D), softmax(q k^T * scale + mask) v over
-    T = S causal keys (with key_padding_mask (B, S) bool or None), and prompt_lse (B, Hq, T) float32, its
-    row log-sum-exp in natural log, any strides (from torch's fused attention). Adds the adapter term and
-    returns what dca_forward returns, whose backward (dca_backward) it feeds unchanged: out (B, T, Hq, D),
-    lse (B, Hq, T) float32 in log2 units (+inf for rows with no real key at or before them), extra."""
+    """The forward given its prompt half (computed by torch's fused attention): adds the adapter term, gate and
+    X_G with the merge kernel.
+
+    Args:
+        q: (B, Hq, T, D) fp16, bf16 or float32.
+        prompt_out: (B, Hq, T, D), softmax(q k^T * scale + mask) v over T = S causal keys, any strides.
+        prompt_lse: (B, Hq, T) float32, its row log-sum-exp in natural log, any strides.
+        ak, av, gate, causal_len, scale, gate_fn, xg, configs, launch: as for dca_forward.
+        key_padding_mask: (B, S) bool (S = T), True = real key, or None: the mask prompt_out was computed with.
+
+    Returns:
+        (out, lse, extra) as dca_forward returns them, which its backward (dca_backward) takes unchanged: lse
+        in log2 units, +inf for the rows with no real key at or before them (their prompt part is 0 whatever
+        prompt_out holds there).
+    """
     check_dtype(q)
     B, Hq, T, D = q.shape
     Hkv, M = ak.shape[0], ak.shape[1]

@@ -28,7 +28,8 @@ def effective_window(window, S: int):
 
 
 def sequence_ids(cu_seqlens: torch.Tensor, S: int) -> torch.Tensor:
-    """(S,) int64: the index n of the packed sequence each position belongs to, cu_seqlens[n] <= t < cu_seqlens[n + 1]."""
+    """(S,) int64: the index n of the packed sequence each position t belongs to,
+    cu_seqlens[n] <= t < cu_seqlens[n + 1]."""
     positions = torch.arange(S, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     return torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True)
 

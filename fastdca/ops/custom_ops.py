@@ -3,7 +3,7 @@
 Registered, in the namespace "fastdca":
 
 - `dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg)
-  -> (out, lse, extra)` and `dca_attention_backward(dout, dextra, q, k, v, ak, av, gate, out, lse,
+  -> (out, lse, extra)` and `dca_attention_backward(dout, dxg, q, k, v, ak, av, gate, out, lse,
   key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg) -> (dq, dk, dv, dak, dav, dgate)`:
   the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.forward.dca_forward`:
   q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool or
@@ -17,7 +17,7 @@ Registered, in the namespace "fastdca":
   interpreter (TRITON_INTERPRET=1) the kernels are plain Python that no tracer can enter: there they
   are opaque `custom_op`s with the explicit fakes below.
 - `adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg) -> (adapter_out, probs,
-  stat)` and `adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len,
+  stat)` and `adapter_attention_backward(dout, dxg, q, ak, av, gate, members, probs, causal_len,
   scale, gate_fn, xg) -> (dq, dak, dav, dgate)`: the adapter half of the "torch" backend, any device
   (`fastdca.ops.torch_backend.adapter_attention_forward` gives the maths and shapes; stat is an empty (0,) tensor
   for xg=None). The prompt half is scaled_dot_product_attention, already an operator the compilers know.
@@ -88,7 +88,7 @@ def _dca_attention_fake(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, win
 dca_attention = _kernel_op("dca_attention", _dca_attention_impl, _dca_attention_fake)
 
 
-def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
+def _dca_attention_backward_impl(dout: Tensor, dxg: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor,
                                  ak: Tensor, av: Tensor, gate: Tensor, out: Tensor, lse: Tensor,
                                  key_padding_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
                                  window: Optional[int], softcap: Optional[float], causal_len: int, scale: float,
@@ -98,7 +98,7 @@ def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tens
 
     from fastdca.kernels.backward import dca_backward
 
-    grads = dca_backward(dout, dextra, q, k, v, ak, av, gate, out, lse, causal_len=causal_len, scale=scale,
+    grads = dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, causal_len=causal_len, scale=scale,
                          key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window, softcap=softcap,
                          gate_fn=gate_fn, xg=xg, launch=wrap_triton)
     # dak and dav come out of the launcher as views of one sum; an operator's outputs may not alias
@@ -106,7 +106,7 @@ def _dca_attention_backward_impl(dout: Tensor, dextra: Optional[Tensor], q: Tens
     return dq, dk, dv, dak.clone(), dav.clone(), dgate
 
 
-def _dca_attention_backward_fake(dout, dextra, q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens,
+def _dca_attention_backward_fake(dout, dxg, q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens,
                                  window, softcap, causal_len, scale, gate_fn, xg):
     return tuple(t.new_empty(t.shape) for t in (q, k, v, ak, av, gate))
 
@@ -122,11 +122,11 @@ def _dca_attention_setup_context(ctx, inputs, output):
     ctx.args = (window, softcap, causal_len, scale, gate_fn, xg)
 
 
-def _dca_attention_backward(ctx, dout, dlse, dextra):
+def _dca_attention_backward(ctx, dout, dlse, dxg):
     # lse is the forward's own statistic for the backward: nothing differentiates through it.
     q, k, v, ak, av, gate, out, lse, key_padding_mask, cu_seqlens = ctx.saved_tensors
     window, softcap, causal_len, scale, gate_fn, xg = ctx.args
-    grads = dca_attention_backward(dout, None if xg is None else dextra, q, k, v, ak, av, gate, out, lse,
+    grads = dca_attention_backward(dout, None if xg is None else dxg, q, k, v, ak, av, gate, out, lse,
                                    key_padding_mask, cu_seqlens, window, softcap, causal_len, scale, gate_fn, xg)
     return (*grads, None, None, None, None, None, None, None, None)
 
@@ -141,7 +141,8 @@ dca_attention.register_autograd(_dca_attention_backward, setup_context=_dca_atte
 @torch.library.custom_op(f"{NAMESPACE}::adapter_attention", mutates_args=())
 def adapter_attention(q: Tensor, ak: Tensor, av: Tensor, gate: Tensor, members: Optional[Tensor], causal_len: int,
                       scale: float, gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor]:
-    adapter_out, probs, stat = torch_backend.adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg)
+    adapter_out, probs, stat = torch_backend.adapter_attention_forward(q, ak, av, gate, members, causal_len, scale,
+                                                                       gate_fn, xg)
     return adapter_out, probs, q.new_empty(0) if stat is None else stat.contiguous()
 
 
@@ -162,16 +163,16 @@ def _adapter_attention_fake(q, ak, av, gate, members, causal_len, scale, gate_fn
 
 
 @torch.library.custom_op(f"{NAMESPACE}::adapter_attention_backward", mutates_args=())
-def adapter_attention_backward(d_out: Tensor, d_stat: Optional[Tensor], q: Tensor, ak: Tensor, av: Tensor,
+def adapter_attention_backward(dout: Tensor, dxg: Optional[Tensor], q: Tensor, ak: Tensor, av: Tensor,
                                gate: Tensor, members: Optional[Tensor], probs: Tensor, causal_len: int, scale: float,
                                gate_fn: str, xg: Optional[str]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    grads = torch_backend.adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale,
-                                           gate_fn, xg)
+    grads = torch_backend.adapter_attention_backward(dout, dxg, q, ak, av, gate, members, probs, causal_len, scale,
+                                                     gate_fn, xg)
     return tuple(g.contiguous() for g in grads)
 
 
 @adapter_attention_backward.register_fake
-def _adapter_attention_backward_fake(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
+def _adapter_attention_backward_fake(dout, dxg, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
     return tuple(t.new_empty(t.shape) for t in (q, ak, av, gate))
 
 
@@ -182,11 +183,11 @@ def _adapter_attention_setup_context(ctx, inputs, output):
     ctx.args = (causal_len, scale, gate_fn, xg)
 
 
-def _adapter_attention_backward(ctx, d_out, d_probs, d_stat):
+def _adapter_attention_backward(ctx, dout, dprobs, dxg):
     # probs is saved for the backward; the loss never depends on it directly
     q, ak, av, gate, members, probs = ctx.saved_tensors
     causal_len, scale, gate_fn, xg = ctx.args
-    grads = adapter_attention_backward(d_out, None if xg is None else d_stat, q, ak, av, gate, members, probs,
+    grads = adapter_attention_backward(dout, None if xg is None else dxg, q, ak, av, gate, members, probs,
                                        causal_len, scale, gate_fn, xg)
     return (*grads, None, None, None, None, None)
 

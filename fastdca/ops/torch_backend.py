@@ -48,9 +48,9 @@ def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_
     the torch backend's adapter half, forward.
 
     Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
-    of a row make up each of its N samples; read for xg="sample" only, else None). Returns (A av (B, Hq, T, D) in q's dtype, the adapter
-    probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the compute dtype (what the
-    backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
+    of a row make up each of its N samples; read for xg="sample" only, else None). Returns (A av (B, Hq,
+    T, D) in q's dtype, the adapter probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the
+    compute dtype (what the backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
     A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H],
     (B, T, Hq, D) in q's dtype; None -> None. Scores and softmax run in float32 (float64 for float64
     inputs). The probabilities are M/D of q's size in fp32, and cheaper to keep than to recompute.
@@ -83,7 +83,7 @@ def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_
     return adapter_out, probs, stat
 
 
-def adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
+def adapter_attention_backward(dout, dxg, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
     """The backward of adapter_attention_forward: (dq, dak, dav, dgate) in the inputs' dtypes, from the
     gradients of A av (B, Hq, T, D) and of the statistic (None: no gradient reaches it)."""
     B, Hq, T, D = q.shape
@@ -92,24 +92,24 @@ def adapter_attention_backward(d_out, d_stat, q, ak, av, gate, members, probs, c
     gates = _grouped_gates(gate, gate_fn, Hkv, T, ct)
     weights = probs * gates
     avf = av.to(ct)
-    d_out = d_out.reshape(B, Hkv, -1, D).to(ct)                                 # (B, Hkv, G*T, D)
-    d_weights = torch.matmul(d_out, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()  # (B, Hkv, M, G*T)
-    d_av = torch.matmul(weights, d_out).sum(0)                                  # (Hkv, M, D)
-    if xg == "sample" and d_stat is not None:
-        d_stat = d_stat.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
-        d_causal = torch.einsum("bnkgj,bnt->bkjgt", d_stat, members.to(ct))
-        d_weights[:, :, :causal_len] += d_causal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
-    elif xg == "token" and d_stat is not None:
-        d_xg = d_stat.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
-        d_weights[:, :, :causal_len] += torch.matmul(d_xg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
-        d_av[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], d_xg).sum(0)
-    d_g = (d_weights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
-    d_gate = d_g * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else d_g
-    d_probs = d_weights * gates
-    d_scores = probs * (d_probs - (d_probs * probs).sum(-2, keepdim=True)) * scale
-    d_q = torch.matmul(d_scores.transpose(-1, -2), ak.to(ct)).view(B, Hq, T, D)
-    d_ak = torch.matmul(d_scores, q.reshape(B, Hkv, -1, D).to(ct)).sum(0)
-    return d_q.to(q.dtype), d_ak.to(ak.dtype), d_av.to(av.dtype), d_gate.to(gate.dtype)
+    dout = dout.reshape(B, Hkv, -1, D).to(ct)                                   # (B, Hkv, G*T, D)
+    dweights = torch.matmul(dout, avf.transpose(-1, -2)).transpose(-1, -2).contiguous()   # (B, Hkv, M, G*T)
+    dav = torch.matmul(weights, dout).sum(0)                                    # (Hkv, M, D)
+    if xg == "sample" and dxg is not None:
+        dxg = dxg.to(ct).view(B, members.shape[1], Hkv, Hq // Hkv, causal_len)
+        dcausal = torch.einsum("bnkgj,bnt->bkjgt", dxg, members.to(ct))
+        dweights[:, :, :causal_len] += dcausal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
+    elif xg == "token" and dxg is not None:
+        dxg = dxg.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
+        dweights[:, :, :causal_len] += torch.matmul(dxg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
+        dav[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], dxg).sum(0)
+    dg = (dweights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
+    dgate = dg * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else dg
+    dprobs = dweights * gates
+    dscores = probs * (dprobs - (dprobs * probs).sum(-2, keepdim=True)) * scale
+    dq = torch.matmul(dscores.transpose(-1, -2), ak.to(ct)).view(B, Hq, T, D)
+    dak = torch.matmul(dscores, q.reshape(B, Hkv, -1, D).to(ct)).sum(0)
+    return dq.to(q.dtype), dak.to(ak.dtype), dav.to(av.dtype), dgate.to(gate.dtype)
 
 
 def _adapter_attention(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
@@ -135,8 +135,8 @@ class _AdapterAttention(torch.autograd.Function):
         return adapter_out, stat
 
     @staticmethod
-    def backward(ctx, d_out, d_stat):
-        return (*adapter_attention_backward(d_out, d_stat, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
+    def backward(ctx, dout, dxg):
+        return (*adapter_attention_backward(dout, dxg, *ctx.saved_tensors, *ctx.args), None, None, None, None, None)
 
 
 def _grouped_gates(gate, gate_fn, Hkv, T, dtype):

@@ -82,12 +82,12 @@ class _TritonDCAFunction(torch.autograd.Function):
         return out, extra, counts
 
     @staticmethod
-    def backward(ctx, dout, dstat, dcounts):
+    def backward(ctx, dout, dxg, dcounts):
         from fastdca.kernels.backward import dca_backward
 
         window, softcap, causal_len, scale, gate_fn, xg = ctx.spec
         key_padding_mask, cu_seqlens = ctx.masks
-        grads = dca_backward(dout, dstat, *ctx.saved_tensors, causal_len=causal_len, scale=scale,
+        grads = dca_backward(dout, dxg, *ctx.saved_tensors, causal_len=causal_len, scale=scale,
                              key_padding_mask=key_padding_mask, cu_seqlens=cu_seqlens, window=window,
                              softcap=softcap, gate_fn=gate_fn, xg=xg)
         return (*grads, None, None, None)
