@@ -8,7 +8,7 @@ library around it may do (switch the attention implementation, pick a cache, pad
 crop a cache, save and reload, checkpoint) must compute what the plain forward computes. Each family's
 open gates are checked once (test_eager_equals_sdpa) to change the logits by more than 1e-3, so that no
 equality here holds merely because the adapter does nothing. Tiny random fp32 configs from
-tests/test_families.py; seeds are fixed and printed where inputs are drawn.
+tests/hf/test_families.py; seeds are fixed and printed where inputs are drawn.
 """
 
 import copy

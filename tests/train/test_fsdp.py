@@ -1,7 +1,7 @@
 """DCA under FSDP2 (torch.distributed.fsdp.fully_shard): two gloo processes, each with its decoder layers and
 root sharded and half of the batch, train as one process on the whole batch does (losses and adapter), and
 save the whole adapter once, which a sharded model loads back; the same with a 4-bit base and under a bf16
-mixed-precision policy. Then `fastdca train --fsdp` through Trainer and accelerate (tests/fsdp_on_cpu.py):
+mixed-precision policy. Then `fastdca train --fsdp` through Trainer and accelerate (tests/helpers/fsdp_on_cpu.py):
 equal to the data-parallel run, resumable after a SIGTERM to one rank."""
 
 import json
@@ -221,11 +221,11 @@ def test_fsdp2_bf16_mixed_precision_equals_one_process_under_the_same_policy(lay
 
 FSDP_RUN = ["--task", "letter_concat", "--adapter-layers", "2", "--adapter-len", "4", "--max-steps", "4",
             "--batch-size", "2", "--limit", "16", "--logging-steps", "1", "--save-steps", "2"]
-SHIM = os.path.join(os.path.dirname(__file__), "fsdp_on_cpu.py")
+SHIM = os.path.join(os.path.dirname(os.path.dirname(__file__)), "helpers", "fsdp_on_cpu.py")
 
 
 def fastdca_train(tmp_path, output, args, **env):
-    """`torchrun --nproc-per-node 2 tests/fsdp_on_cpu.py train ...` (fastdca.cli), with FSDP_TEST_* `env`."""
+    """`torchrun --nproc-per-node 2 tests/helpers/fsdp_on_cpu.py train ...` (fastdca.cli), with FSDP_TEST_* `env`."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD), "--master-port",
                str(free_port()), SHIM, "train", *args, "--output", str(tmp_path / output)]
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path,
