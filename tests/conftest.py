@@ -13,7 +13,7 @@ def _round_bf16_to_nearest_even():
 
     Triton 3.9's interpreter truncates instead (docs/DESIGN.md section 5): up to 2 units of rounding per
     stored element, all of one sign, so bf16 kernel results under the interpreter would carry an error
-    a GPU does not make. tests/test_kernels.py checks that this conversion equals torch's.
+    a GPU does not make. tests/kernels/test_kernels.py checks that this conversion equals torch's.
     """
     import numpy as np
     import triton.language as tl
