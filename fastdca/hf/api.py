@@ -25,7 +25,17 @@ def patch(model: nn.Module, config: Optional[DCAConfig] = None, *, backend: Opti
     (num_attention_heads,) = 0, so the patched model's logits equal the unpatched model's until training
     moves the gates. A forward with labels returns CE + alpha * L_causal and sets `causal_loss` on the
     output. `backend` ("torch", "triton", "reference", "auto") is passed to `fastdca.ops.dca_attention`;
-    None = FASTDCA_BACKEND or auto. `model` may be a PeftModel. Returns `model`.
+    None = FASTDCA_BACKEND or auto. `model` may be a PeftModel.
+
+    Args:
+        model: a transformers causal LM (or its bare decoder, or a PeftModel around one) of a supported family.
+        config: the DCAConfig; None = DCAConfig() (L = 20, M = 10, H = 2, alpha = 1).
+        backend: the op's backend for the adapted layers, or None.
+    Returns:
+        `model`, patched in place: each adapted attention module has `dca.prompt` (M, hidden) and
+        `dca.gate` (num_attention_heads,), float32.
+    Raises:
+        ValueError naming the family, the attention implementation or the config value fastdca cannot take.
     """
     config = DCAConfig() if config is None else config
     if not isinstance(config, DCAConfig):
@@ -53,7 +63,15 @@ def load_adapter(model: nn.Module, directory) -> nn.Module:
     adapter saved from the bare decoder, LlamaModel, loads into the causal LM and the reverse: the names
     are mapped through `base_model_prefix` as transformers maps weights).
     A mismatch, or a damaged, truncated or incomplete file, raises fastdca.AdapterError (a ValueError)
-    naming the file and what is wrong, and leaves the model as it was. Returns the model.
+    naming the file and what is wrong, and leaves the model as it was.
+
+    Args:
+        model: a transformers model (patched or not) or a PeftModel around one.
+        directory: the adapter folder (adapter.safetensors + dca_config.json).
+    Returns:
+        `model`, patched, with the adapter's parameters.
+    Raises:
+        FileNotFoundError when a file is missing; fastdca.AdapterError on any mismatch or damage.
     """
     base = unwrap(model)
     meta, tensors = adapter_file.read(directory)
@@ -84,7 +102,19 @@ def from_pretrained(name_or_path, *, base_model=None, **kwargs):
     DCAConfig, with the adapter loaded and checked as `load_adapter` checks it. A whole-model folder
     (`save_pretrained(dir, full_model=True)`) loads its own base weights. `revision`, `token` and
     `cache_dir` also choose the Hub download of the adapter. A folder a patched PeftModel wrote (LoRA and
-    DCA) gives the PeftModel with both adapters."""
+    DCA) gives the PeftModel with both adapters.
+
+    Args:
+        name_or_path: a local folder or a Hub repository id.
+        base_model: the base model's name or path, instead of the one the adapter records.
+        **kwargs: transformers' from_pretrained arguments for the base (and revision/token/cache_dir for
+            the adapter's download).
+    Returns:
+        the patched model (a PeftModel for a LoRA + DCA folder), its adapter loaded.
+    Raises:
+        FileNotFoundError for a folder that holds no adapter; fastdca.AdapterError when the base is not
+        recorded and not given, or the adapter does not match it.
+    """
     directory = hub.local_folder(name_or_path, **{k: kwargs[k] for k in ("revision", "token", "cache_dir")
                                                   if k in kwargs})
     if pretrained.is_full_model_folder(directory):
