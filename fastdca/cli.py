@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--fsdp", action="store_true",
                      help="shard the model over the launched processes (FSDP2 through accelerate, GPUs only; "
                           "launch with torchrun or accelerate launch): each decoder layer is one unit, the "
-                          "adapter and its checkpoints are saved whole; see the README's scale-out section")
+                          "adapter and its checkpoints are saved whole; see docs/integration.md, Multi-GPU")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--save-steps", type=int, default=500)
     opt.add_argument("--logging-steps", type=int, default=10)

@@ -28,7 +28,7 @@ class Architecture:
     key_norm: None, "head" (attn.k_norm over each head's D values: Qwen3, Gemma 3, Cohere) or "width"
         (attn.k_norm over all Hkv * D key values before the split into heads: OLMo 2), applied where the
         module has a k_norm;
-    adapter_keys: what the adapter keys and values are, for the README's supported-models table.
+    adapter_keys: what the adapter keys and values are, for the README's supported-models table (Supported models).
     """
 
     model_type: str

@@ -184,7 +184,7 @@ def _reads_attn_implementation_from_config_json():
 
 @pytest.mark.skipif(not _reads_attn_implementation_from_config_json(),
                     reason=f"transformers {transformers.__version__} ignores config.json's attn_implementation, so a "
-                           "plain from_pretrained of a DCA folder loads the base model (README: Saving)")
+                           "plain from_pretrained of a DCA folder loads the base model (docs/integration.md: Saving the Hugging Face way)")
 def test_a_plain_from_pretrained_of_a_whole_model_folder_refuses(tmp_path):
     _patched().save_pretrained(tmp_path, full_model=True)
     with pytest.raises(ValueError, match="fastdca_from_pretrained"):

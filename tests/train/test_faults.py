@@ -1,5 +1,5 @@
-"""When things go wrong (README): divergence, interruption, damaged or mismatched files, failing writes
-and dependencies' start-up noise. Each test names the row of the README's table it shows."""
+"""When things go wrong (docs/troubleshooting.md): divergence, interruption, damaged or mismatched files, failing writes
+and dependencies' start-up noise. Each test names the row of that page's table it shows."""
 
 import json
 import math
