@@ -4,7 +4,8 @@
 implementation's own mask builder under the same name, so layers without an adapter get exactly the mask
 they always got). A patched model keeps its attention routed here whatever implementation is set on it
 afterwards (`set_attn_implementation`, or `config._attn_implementation` written directly, as transformers'
-own tests do): `route` moves DCA onto the newly chosen base, or refuses one fastdca cannot run on. The function runs `fastdca.ops.dca_attention` for attention modules that carry a `dca`
+own tests do): `route` moves DCA onto the newly chosen base, or refuses one fastdca cannot run on.
+The function runs `fastdca.ops.dca_attention` for attention modules that carry a `dca`
 submodule and hands every other call to the base implementation unchanged, except rows of packed
 sequences, which every layer attends per sequence. The top L' adapted layers store their X_G statistics
 on the model's state for the loss hooks.
