@@ -37,9 +37,10 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
     or, for N sequences packed in one row (B = 1, T = S), cu_seqlens (N + 1,) int32, their boundaries;
     window: the query at position p sees the prompt keys p - window < j <= p (None: every earlier key);
     softcap: the prompt scores become softcap * tanh(scores / softcap) (the adapter scores never do).
-    Returns out (B, T, Hq, D) in q's dtype and, by `xg`: "sample" -> (sum of X_G over each sample's
-    real tokens (B, Hq, D), real-token count (B,)), a sample being a row, or a sequence when packed
-    ((N, Hq, D), (N,)); "token" -> X_G (B, T, Hq, D); None -> None.
+    Returns out (B, T, Hq, D) in q's dtype and, by `xg`, the X_G statistics: the causal weights
+    w = g * softmax(q ak^T * scale)[..., :H], from which X_G = w av[:H] (see `x_g`), in the compute dtype:
+    "sample" -> (the sum of w over each sample's real tokens (B, Hq, H), real-token count (B,)), a sample
+    being a row, or a sequence when packed ((N, Hq, H), (N,)); "token" -> w (B, T, Hq, H); None -> None.
     """
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
@@ -65,13 +66,21 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
 
     if xg is None:
         return out, None
-    x_g = (gated_probs[..., :causal_len] @ avf[:, :causal_len]).transpose(1, 2)  # (B, T, Hq, D)
+    weights = gated_probs[..., :causal_len].transpose(1, 2)                     # (B, T, Hq, H)
     if xg == "token":
-        return out, x_g.to(q.dtype)
+        return out, weights
     if cu_seqlens is not None:
         members = sequence_ids(cu_seqlens, S)[None, :] == torch.arange(len(cu_seqlens) - 1, device=q.device)[:, None]
-        sums = torch.einsum("nt,thd->nhd", members.to(ct), x_g[0])              # (N, Hq, D)
+        sums = torch.einsum("nt,thj->nhj", members.to(ct), weights[0])             # (N, Hq, H)
         return out, (sums, members.sum(dim=1))
     real = query_is_real(key_padding_mask, B, T, S, q.device)
-    sums = (x_g * real[:, :, None, None].to(ct)).sum(dim=1)                      # (B, Hq, D)
+    sums = (weights * real[:, :, None, None].to(ct)).sum(dim=1)                  # (B, Hq, H)
     return out, (sums, real.sum(dim=1))
+
+
+def x_g(weights, av):
+    """X_G = w av[:H] per head: weights (..., Hq, H), the causal weights `dca_attention` returns (per token or
+    summed per sample), av (Hkv, M, D) -> (..., Hq, D) (each query head reads kv head h // (Hq / Hkv))."""
+    Hq, H = weights.shape[-2:]
+    values = av[:, :H].to(weights.dtype).repeat_interleave(Hq // av.shape[0], dim=0)   # (Hq, H, D)
+    return torch.einsum("...hj,hjd->...hd", weights, values)

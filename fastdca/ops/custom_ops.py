@@ -154,9 +154,9 @@ def _adapter_attention_fake(q, ak, av, gate, members, causal_len, scale, gate_fn
     adapter_out = q.new_empty(B, Hq, T, D)
     probs = q.new_empty(B, Hkv, M, Hq // Hkv * T, dtype=ct)
     if xg == "sample":
-        stat = q.new_empty(B * members.shape[1], Hkv, Hq // Hkv, causal_len, dtype=ct)
+        stat = q.new_empty(B * members.shape[1], Hq, causal_len, dtype=ct)
     elif xg == "token":
-        stat = q.new_empty(B, T, Hq, D)
+        stat = q.new_empty(B, T, Hq, causal_len, dtype=ct)
     else:
         stat = q.new_empty(0)
     return adapter_out, probs, stat

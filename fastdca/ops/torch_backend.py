@@ -30,29 +30,18 @@ def torch_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_padding
         return out, None
     if xg == "token":
         return out, causal_stat
-    return out, _xg_sample_stats(causal_stat, av, members)
-
-
-def _xg_sample_stats(column_sums, av, members):
-    """(sum of X_G over each sample's tokens (samples, Hq, D), token count (samples,)) from the column
-    sums over each sample's tokens of A[..., :H], (samples, Hkv, Hq/Hkv, H) in the compute dtype:
-    sum_t X_G[t, h] = (sum_t A[h, t, :H]) @ av[h // group, :H], so X_G itself is never built."""
-    samples, Hkv, group, causal_len = column_sums.shape
-    causal_values = av[:, :causal_len].to(column_sums.dtype)                     # (Hkv, H, D)
-    sums = torch.einsum("nkgj,kjd->nkgd", column_sums, causal_values).reshape(samples, Hkv * group, -1)
-    return sums, members.sum(dim=-1).reshape(samples)
+    return out, (causal_stat, members.sum(dim=-1).reshape(-1))
 
 
 def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_fn, xg):
-    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic:
-    the torch backend's adapter half, forward.
+    """A = g * softmax(q ak^T * scale) over the M adapter keys, its output A av and its X_G statistic, the
+    causal weights w = A[..., :H]: the torch backend's adapter half, forward.
 
     Inputs q (B, Hq, T, D), ak and av (Hkv, M, D), gate (Hq,), members (B, N, T) bool (which tokens
     of a row make up each of its N samples; read for xg="sample" only, else None). Returns (A av (B, Hq,
     T, D) in q's dtype, the adapter probabilities softmax(q ak^T * scale) (B, Hkv, M, Hq/Hkv * T) in the
-    compute dtype (what the backward needs), stat), stat by xg: "sample" -> the column sums over each sample's tokens of
-    A[..., :H], (B * N, Hkv, Hq/Hkv, H) in the compute dtype; "token" -> X_G = A[..., :H] av[:H],
-    (B, T, Hq, D) in q's dtype; None -> None. Scores and softmax run in float32 (float64 for float64
+    compute dtype (what the backward needs), stat), stat by xg, in the compute dtype: "sample" -> the sums of w
+    over each sample's tokens, (B * N, Hq, H); "token" -> w (B, T, Hq, H); None -> None. Scores and softmax run in float32 (float64 for float64
     inputs). The probabilities are M/D of q's size in fp32, and cheaper to keep than to recompute.
 
     The probabilities are kept M-major, (B, Hkv, M, Hq/Hkv * T): the query heads of a kv group are
@@ -70,14 +59,11 @@ def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_
     weights = probs * gates                                                      # (B, Hkv, M, G*T)
     avf = av.to(ct)
     adapter_out = torch.matmul(weights.transpose(-1, -2), avf).view(B, Hq, T, D).to(q.dtype)
-    causal = weights[:, :, :causal_len]                                          # (B, Hkv, H, G*T)
+    causal = weights[:, :, :causal_len].view(B, Hkv, causal_len, Hq // Hkv, T)   # (B, Hkv, H, G, T)
     if xg == "sample":
-        per_token = causal.view(B, Hkv, causal_len, Hq // Hkv, T)
-        stat = torch.einsum("bkjgt,bnt->bnkgj", per_token, members.to(ct))
-        stat = stat.reshape(B * members.shape[1], Hkv, Hq // Hkv, causal_len)  # (B * N, Hkv, G, H)
+        stat = torch.einsum("bkjgt,bnt->bnkgj", causal, members.to(ct)).reshape(B * members.shape[1], Hq, causal_len)
     elif xg == "token":
-        stat = torch.matmul(causal.transpose(-1, -2), avf[:, :causal_len])
-        stat = stat.view(B, Hq, T, D).transpose(1, 2).to(q.dtype)
+        stat = causal.permute(0, 4, 1, 3, 2).reshape(B, T, Hq, causal_len)
     else:
         stat = None
     return adapter_out, probs, stat
@@ -85,7 +71,8 @@ def adapter_attention_forward(q, ak, av, gate, members, causal_len, scale, gate_
 
 def adapter_attention_backward(dout, dxg, q, ak, av, gate, members, probs, causal_len, scale, gate_fn, xg):
     """The backward of adapter_attention_forward: (dq, dak, dav, dgate) in the inputs' dtypes, from the
-    gradients of A av (B, Hq, T, D) and of the statistic (None: no gradient reaches it)."""
+    gradients of A av (B, Hq, T, D) and of the statistic (None: no gradient reaches it), which flows into A[..., :H]
+    alone (w does not depend on av)."""
     B, Hq, T, D = q.shape
     Hkv = ak.shape[0]
     ct = probs.dtype
@@ -100,9 +87,8 @@ def adapter_attention_backward(dout, dxg, q, ak, av, gate, members, probs, causa
         dcausal = torch.einsum("bnkgj,bnt->bkjgt", dxg, members.to(ct))
         dweights[:, :, :causal_len] += dcausal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
     elif xg == "token" and dxg is not None:
-        dxg = dxg.transpose(1, 2).reshape(B, Hkv, -1, D).to(ct)
-        dweights[:, :, :causal_len] += torch.matmul(dxg, avf[:, :causal_len].transpose(-1, -2)).transpose(-1, -2)
-        dav[:, :causal_len] += torch.matmul(weights[:, :, :causal_len], dxg).sum(0)
+        dcausal = dxg.to(ct).view(B, T, Hkv, Hq // Hkv, causal_len).permute(0, 2, 4, 3, 1)
+        dweights[:, :, :causal_len] += dcausal.reshape(B, Hkv, causal_len, Hq // Hkv * T)
     dg = (dweights * probs).sum(-2).view(B, Hkv, -1, T).sum((0, 3)).reshape(Hq)
     dgate = dg * (1 - torch.tanh(gate.to(ct)).square()) if gate_fn == "tanh" else dg
     dprobs = dweights * gates

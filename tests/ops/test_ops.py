@@ -87,12 +87,26 @@ def test_identity_gate_and_custom_scale():
     torch.testing.assert_close(out2 - out0, 2 * (out - out0), rtol=1e-10, atol=1e-10)
 
 
-def test_reference_sample_stats_are_sums_of_token_xg():
+def test_reference_sample_stats_are_sums_of_token_weights():
     inputs, mask = make_inputs(3, 4, 2, 11, 11, 16, 5, "right", torch.float64)
     _, (sums, counts) = dca_attention(**inputs, causal_len=3, key_padding_mask=mask, backend="reference")
-    _, x_g = dca_attention(**inputs, causal_len=3, key_padding_mask=mask, xg="token", backend="reference")
-    torch.testing.assert_close(sums, (x_g * mask[:, :, None, None]).sum(1), rtol=1e-12, atol=1e-12)
+    _, weights = dca_attention(**inputs, causal_len=3, key_padding_mask=mask, xg="token", backend="reference")
+    torch.testing.assert_close(sums, (weights * mask[:, :, None, None]).sum(1), rtol=1e-12, atol=1e-12)
     assert counts.tolist() == mask.sum(1).tolist()
+
+
+def test_reference_weights_are_the_gated_adapter_softmax_and_give_x_g_by_its_definition():
+    # w = g * softmax(q ak^T * scale)[..., :H] and X_G = w av[:H], written out head by head
+    inputs, _ = make_inputs(2, 4, 2, 7, 7, 8, 5, None, torch.float64)
+    H = 3
+    _, weights = dca_attention(**inputs, causal_len=H, xg="token", backend="reference")
+    q, ak, av, gate = (inputs[n].cpu() for n in ("q", "ak", "av", "gate"))
+    for h in range(4):
+        scores = q[:, h] @ ak[h // 2].T / math.sqrt(8)                            # (B, T, M)
+        w = torch.tanh(gate[h]) * torch.softmax(scores, dim=-1)[..., :H]
+        torch.testing.assert_close(weights[:, :, h].cpu(), w, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(reference.x_g(weights, av)[:, :, h].cpu(), w @ av[h // 2, :H],
+                                   rtol=1e-12, atol=1e-14)
 
 
 def test_reference_matches_hand_computed_single_query():
@@ -107,7 +121,9 @@ def test_reference_matches_hand_computed_single_query():
     out, (sums, counts) = reference.dca_attention(q, k, v, ak, av, gate, causal_len=1)
     g = math.tanh(0.5)
     torch.testing.assert_close(out[0, 0, 0], torch.tensor([1 + 10 * g, 2 + 20 * g], dtype=torch.float64))
-    torch.testing.assert_close(sums[0, 0], torch.tensor([10 * g, 20 * g], dtype=torch.float64))
+    # the causal weight of the one adapter token is g, and X_G = g av
+    torch.testing.assert_close(sums[0, 0], torch.tensor([g], dtype=torch.float64))
+    torch.testing.assert_close(reference.x_g(sums, av)[0, 0], torch.tensor([10 * g, 20 * g], dtype=torch.float64))
     assert counts.tolist() == [1]
 
 
