@@ -22,7 +22,7 @@ from fastdca.hf.adapter import DCAAdapter
 from fastdca.hf.masks import key_padding_of_call, packing_of_call, static_cache_keys
 from fastdca.hf.records import adapter_attention_record
 from fastdca.hf.state import STATE_ATTR
-from fastdca.loss import layer_features
+from fastdca.loss import causal_basis, layer_features
 from fastdca.ops import dca_attention, effective_window, packed_causal_attention
 
 
@@ -154,7 +154,7 @@ def _dca_forward(module, adapter, query, key, value, attention_mask, scaling, pa
         # checkpoint's recomputation saves the very tensors the forward did. A packed row's tokens are
         # laid out per sample in the post-hook, outside the layer, for the same reason.
         project = _projector(module.o_proj, dtype) if cfg.xg_space == "hidden" else None
-        features = layer_features(stats, variance=xg, project=project)
+        features = layer_features(stats, causal_basis(av, Hq, cfg.causal_len, project), variance=xg)
         if state.recording:
             if state.grad_enabled and not torch.is_grad_enabled():
                 # Reentrant checkpointing runs the layer under no_grad and only its hidden-state output

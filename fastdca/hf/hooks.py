@@ -95,8 +95,9 @@ def post_hook(model, args, kwargs, output):
     _, real, unpack = layers[0]
     features = [layer[0] for layer in layers]
     if unpack is not None:
-        layout = unpacked_layout(*unpack, features[0].shape[1], features[0].device)
-        features, real = [unpack_tokens(f, layout) for f in features], layout[2]
+        layout = unpacked_layout(*unpack, features[0].weights.shape[1], features[0].weights.device)
+        features = [f._replace(weights=unpack_tokens(f.weights, layout)) for f in features]
+        real = layout[2]
     lc = causal_loss_of_features(features, variance=cfg.variance, real=real,
                                  distributed=cfg.variance_scope == "global")
     # The term as added to the loss: alpha * L_causal, weighted by the micro-batch's share of the label

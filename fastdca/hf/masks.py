@@ -133,7 +133,7 @@ def _mask_allows_packing(attention_mask, cu, T) -> bool:
 def unpacked_layout(cu_seqlens, lengths, S, device):
     """Where each token of a packed row goes when its N sequences are laid out as right-padded samples:
     (sample index (S,), position in the sample (S,), the (N, max length) mask of real tokens). Computed
-    once per forward; `unpack_tokens` applies it to each layer's X_G."""
+    once per forward; `unpack_tokens` applies it to each layer's causal weights."""
     ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device),
                                   output_size=S)
     offsets = torch.arange(S, device=device) - cu_seqlens.to(device=device, dtype=torch.long)[ids]
@@ -141,12 +141,12 @@ def unpacked_layout(cu_seqlens, lengths, S, device):
     return ids, offsets, real.index_put((ids, offsets), torch.ones(S, dtype=torch.bool, device=device))
 
 
-def unpack_tokens(x_g, layout):
-    """A packed row's per-token tensor (1, S, ...) (X_G, or the causal loss's per-token features) laid out as
-    right-padded samples (N, max length, ...), by the layout of `unpacked_layout`: the token variance
-    compares the t-th tokens of the samples."""
+def unpack_tokens(tokens, layout):
+    """A packed row's per-token tensor (1, S, ...) (the causal weights) laid out as right-padded samples
+    (N, max length, ...), by the layout of `unpacked_layout`: the token variance compares the t-th tokens of
+    the samples."""
     ids, offsets, real = layout
-    return x_g.new_zeros(*real.shape, *x_g.shape[2:]).index_put((ids, offsets), x_g[0])
+    return tokens.new_zeros(*real.shape, *tokens.shape[2:]).index_put((ids, offsets), tokens[0])
 
 
 def key_padding_mask(attention_mask, B, T, S, windowed=False):

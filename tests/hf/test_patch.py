@@ -13,7 +13,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import fastdca  # noqa: E402
-from fastdca import DCAConfig  # noqa: E402
+from fastdca import DCAConfig, reference  # noqa: E402
 
 patch_mod = importlib.import_module("fastdca.patch")  # the module; `fastdca.patch` is the function
 attention_mod = importlib.import_module("fastdca.hf.attention")  # where the attention function calls the op
@@ -263,11 +263,11 @@ def test_causal_loss_matches_definition(variance, xg_space):
     def spy(*args, **kwargs):
         kwargs["xg"] = "token"
         result = orig(*args, **kwargs)
-        captured["xg"] = result[1]
+        captured["xg"] = reference.x_g(result[1], args[4])                       # X_G = w av[:H]
         captured["kpm"] = kwargs["key_padding_mask"]
         return result
 
-    model.eval()  # the hooks collect nothing; the spy captures X_G itself ("token")
+    model.eval()  # the hooks collect nothing; the spy captures the causal weights ("token"), hence X_G
     attention_mod.dca_attention = spy
     try:
         with torch.no_grad():

@@ -29,11 +29,22 @@ def full_batch(seed):
     return inputs, mask
 
 
+def o_proj():
+    """The same o_proj, with a bias, in every process: the loss is taken after it (xg_space="hidden")."""
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(Hq * D, 24)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=g) / D)
+        layer.bias.copy_(torch.randn(layer.bias.shape, generator=g))
+    return layer.requires_grad_(False)
+
+
 def loss_and_adapter_grads(inputs, mask, variance, distributed):
     """The causal loss and the gradients of the shared adapter tensors (ak, av, gate)."""
     leaves = {n: t.clone().requires_grad_(n in ("q", "ak", "av", "gate")) for n, t in inputs.items()}
     _, stats = dca_attention(**leaves, causal_len=H, key_padding_mask=mask, xg=variance, backend="torch")
-    loss = layer_causal_loss(stats, variance=variance, real=mask, distributed=distributed)
+    loss = layer_causal_loss(stats, leaves["av"], variance=variance, real=mask, project=o_proj(),
+                             distributed=distributed)
     loss.backward()
     return loss.detach(), [leaves[n].grad for n in ("ak", "av", "gate")]
 
@@ -101,7 +112,7 @@ def packed_row(seed, sequences):
 def packed_loss_and_adapter_grads(inputs, cu_seqlens, distributed):
     leaves = {n: t.clone().requires_grad_(n in ("ak", "av", "gate")) for n, t in inputs.items()}
     _, stats = dca_attention(**leaves, causal_len=H, cu_seqlens=cu_seqlens, backend="torch")
-    loss = layer_causal_loss(stats, variance="sample", distributed=distributed)
+    loss = layer_causal_loss(stats, leaves["av"], variance="sample", project=o_proj(), distributed=distributed)
     loss.backward()
     return loss.detach(), [leaves[n].grad for n in ("ak", "av", "gate")]
 
