@@ -16,7 +16,8 @@ from transformers import AttentionInterface, DataCollatorWithFlattening
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
 import fastdca
-from fastdca import DCAConfig
+from fastdca import DCAConfig, reference
+from fastdca.hf.state import state_of
 
 patch_mod = importlib.import_module("fastdca.patch")  # the module; `fastdca.patch` is the function
 
@@ -189,6 +190,63 @@ def test_open_gates_equal_the_independent_implementation(family, layout, attn):
         torch.testing.assert_close(dca.gate.grad, gate_grad, rtol=1e-4, atol=1e-6 * gate_grad.abs().max().item())
     print(f"{family} {layout} {attn}: largest logit difference against the independent implementation "
           f"{(logits - ref.logits[real]).abs().max().item():.2e}")
+
+
+def _variance_by_definition(x_g, real, variance, project):
+    """Today's definition on X_G (B, T, Hq, D): each sample's mean over its real tokens (sample) or each token
+    (token), through o_proj where given, then the unbiased variance over the samples (real at the position),
+    averaged over the features (and the positions with two or more)."""
+    B, T = real.shape
+    flat = x_g.reshape(B, T, -1)
+    if variance == "sample":
+        means = torch.stack([flat[b][real[b]].mean(0) for b in range(B)])
+        return (means if project is None else project(means)).var(0).mean()
+    flat = flat if project is None else project(flat)
+    return torch.stack([flat[real[:, t], t].var(0).mean() for t in range(T) if real[:, t].sum() >= 2]).mean()
+
+
+@pytest.mark.parametrize("variance,xg_space", [("token", "hidden"), ("sample", "head")])
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_causal_loss_equals_its_definition_on_x_g(family, variance, xg_space, monkeypatch):
+    """L_causal of a patched float64 model, formed from the causal weights and the Gram matrix of each layer's
+    basis, equals today's definition written here: X_G per token by the reference equations on the very
+    inputs each causal layer's op received, through the layer's o_proj, then the variance. Value to float64
+    round-off, and its gradients in the adapter prompts and gates. (Against the independent implementation
+    above the model itself differs by float32 rounding flips: the families' norms compute in float32.)"""
+    model = _model(family)
+    if family == "qwen3_moe":
+        model.set_experts_implementation("eager")     # torch's grouped matmul has no float64
+    fastdca.patch(model, DCAConfig(adapter_layers=2, adapter_len=5, causal_len=2, variance=variance,
+                                   xg_space=xg_space))
+    model.double()          # the adapter too: patch keeps it in float32 for a narrower model
+    _open_gates(model)
+    attention = importlib.import_module("fastdca.hf.attention")
+    op, calls = attention.dca_attention, []
+
+    def spy(q, k, v, ak, av, gate, **kwargs):
+        if kwargs["xg"] is not None:
+            _, weights = reference.dca_attention(q, k, v, ak, av, gate, causal_len=2, scale=kwargs["scale"],
+                                                 key_padding_mask=kwargs["key_padding_mask"], xg="token")
+            calls.append(reference.x_g(weights, av))                              # (B, T, Hq, D)
+        return op(q, k, v, ak, av, gate, **kwargs)
+
+    monkeypatch.setattr(attention, "dca_attention", spy)
+    padded = _padded_batch()
+    if family in EAGER_ONLY:
+        # float64 eager attention gives a left pad, which sees no key, NaN, and the NaN reaches the real tokens
+        # of the next layers through 0 * NaN in probs @ v: no left padding (the other families have it)
+        padded["attention_mask"][1] = 1
+    out = model(**padded, position_ids=(padded["attention_mask"].cumsum(-1) - 1).clamp(min=0))
+    causal = [model.model.layers[i].self_attn for i in sorted(state_of(model).causal_ids)]
+    assert len(calls) == len(causal) == 2
+    real = padded["attention_mask"].bool()
+    expected = torch.stack([_variance_by_definition(x_g, real, variance, attn.o_proj if xg_space == "hidden" else None)
+                            for x_g, attn in zip(calls, causal)]).mean()
+    torch.testing.assert_close(out.causal_loss, expected, rtol=1e-12, atol=0)
+    adapters = [t for attn in causal for t in (attn.dca.prompt, attn.dca.gate)]
+    for a, e in zip(torch.autograd.grad(out.causal_loss, adapters, retain_graph=True),
+                    torch.autograd.grad(expected, adapters)):
+        torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-14 * e.abs().max().item())
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
