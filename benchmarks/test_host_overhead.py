@@ -82,7 +82,7 @@ def _op_inputs(requires_grad):
 def test_triton_path_host_time(benchmark, stubbed_launches, passes):
     inputs = _op_inputs(passes != "forward")
     g = torch.Generator().manual_seed(1)
-    d_out, d_sums = torch.randn(B, T, Hq, D, generator=g), torch.randn(B, Hq, D, generator=g)
+    d_out, d_sums = torch.randn(B, T, Hq, D, generator=g), torch.randn(B, Hq, H, generator=g)
 
     def forward():
         out, (sums, _) = dca_attention(*inputs, causal_len=H, xg="sample", backend="triton")
