@@ -13,16 +13,17 @@ Notation (docs/DESIGN.md sections 1 and 2; per batch b and query head h, kv head
     sa  = q ak^T * scale     (T, M) adapter scores, no mask
     Pa  = softmax(sa),  A = g * Pa,  g = tanh(gate[h]) or gate[h]
     out = P v + A av
-    X_G = A[:, :H] av[:H]
+    w   = A[:, :H]           the causal weights: the X_G statistics the op returns (per token, or summed
+                             over each sample's real tokens); the loss forms X_G = w av[:H] from them
 
-Neither s, P nor A is ever written to global memory. Softmaxes run in base 2 (exp2 of s * log2(e)),
-so the saved row statistic `lse` is log2 of the prompt softmax denominator in those units, +inf for a
-row with no visible key (then exp2(s - lse) is 0 without a special case in the backward).
+Neither s nor P is ever written to global memory, nor A but for w in token mode. Softmaxes run in base 2
+(exp2 of s * log2(e)), so the saved row statistic `lse` is log2 of the prompt softmax denominator in those
+units, +inf for a row with no visible key (then exp2(s - lse) is 0 without a special case in the backward).
 
 Eight kernels, by module (each with its launcher):
     forward   _dca_key_span_kernel   each row's first and last real key, for the others' loop bounds
-              _dca_fwd_kernel        out, lse, X_G (token mode) or per-block column sums of A[:, :H] (sample
-                                     mode); dca_forward
+              _dca_fwd_kernel        out, lse, w (token mode) or its per-block column sums over the real rows
+                                     (sample mode); dca_forward
     decode    _dca_decode_split_kernel, _dca_decode_combine_kernel
                                      the same for T <= 16 (decoding), flash-decoding style: the keys split
                                      over programs that each take a kv head's whole query group, then merged

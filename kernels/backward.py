@@ -12,7 +12,7 @@ from fastdca.kernels import tuning
 from fastdca.kernels.blocks import (_adapter_probs, _dot, _gate, _key_end, _key_ok, _key_range, _kv_descriptors,
                                     _load_tile, _open_tile, _operand, _query_real, _tanh, _visible)
 from fastdca.kernels.forward import key_span
-from fastdca.kernels.plumbing import (XG_CODES, XG_NONE, XG_SAMPLE, XG_TOKEN, block_args, check_dtype, ieee, kpm_arg,
+from fastdca.kernels.plumbing import (XG_CODES, XG_NONE, XG_TOKEN, block_args, check_dtype, ieee, kpm_arg,
                                       launch_options, run, seq_arg, softcap_arg, tma_reads, upcast, window_arg)
 from fastdca.kernels.tuning import adapter_block, head_block, launch_configs
 
@@ -130,17 +130,18 @@ def _dca_bwd_adapter_kernel(
 ):
     """Backward preprocessing and the adapter backward for one (query block, b * Hq + h) program.
 
-    Shapes: Q (B, Hq, T, D); OUT, DOUT (B, T, Hq, D); DXG, the gradient of X_G: (B, T, Hq, D) in token
-    mode, in sample mode the gradient of the sums over real tokens, dsum[b, h, d] at
-    DXG + b * stride_dxb + h * D + d. Writes DELTA (B, Hq, T) float32, DQ_ACC (B, Hq, T, D) float32 (the
-    adapter part of dq), and partials indexed by (b * Hq + h, query block): ADAPTER_PART (2, B * Hq,
-    blocks, M, D) float32 (dak's, then dav's), DGATE_PART (B * Hq, blocks) float32.
+    Shapes: Q (B, Hq, T, D); OUT, DOUT (B, T, Hq, D); DXG, the gradient of the causal weights w = A[:, :H]
+    (the X_G statistics; X_G = w av[:H]): dw (B, T, Hq, H) float32 contiguous in token mode, in sample mode
+    the gradient of w's sums over real tokens, dsum[b, h, j] (float32) at DXG + b * stride_dxb + h * H + j.
+    Writes DELTA (B, Hq, T) float32, DQ_ACC (B, Hq, T, D) float32 (the adapter part of dq), and partials
+    indexed by (b * Hq + h, query block): ADAPTER_PART (2, B * Hq, blocks, M, D) float32 (dak's, then
+    dav's), DGATE_PART (B * Hq, blocks) float32.
 
         delta = rowsum(dout * (out - A av))  = rowsum(dout * P v): only the prompt softmax's share
-        dA    = dout av^T  (+ dX_G av[:H]^T, token mode; + real[t] * (av[j] . dsum), sample mode; j < H)
+        dA    = dout av^T  (+ dw[t, j], token mode; + real[t] * dsum[j], sample mode; j < H)
         dgate = g'(gate) * sum(dA * Pa);  dPa = g * dA;  dsa = Pa * (dPa - rowsum(Pa * dPa))
         dq   += dsa ak * scale;  dak += dsa^T q * scale
-        dav  += A^T dout  (+ A[:, :H]^T dX_G, token mode; + (sum of A[:, j] over real t) dsum, sample mode)
+        dav  += A^T dout  (w does not depend on av)
     """
     pid_m, pid_bh, b, h, kh, offs_m, offs_d, d_ok, m_ok, md_mask, qk_scale, q = _open_tile(
         Q, Hq, T, D, sm_scale, stride_qb, stride_qh, stride_qt, stride_qd, GROUP, False, UPCAST, BLOCK_M, BLOCK_D)
@@ -164,24 +165,18 @@ def _dca_bwd_adapter_kernel(
     delta = tl.sum(do.to(tl.float32) * (o - adapter_out), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * T + offs_m, delta, mask=m_ok)
 
-    av_t = tl.trans(av)
-    da = _dot(do, av_t, IEEE)
+    da = _dot(do, tl.trans(av), IEEE)
     dav = _dot(tl.trans(a_op), do, IEEE)
-    causal_col = offs_a[None, :] < H
     if HAS_DXG:
+        causal_col = offs_a < H
         if XG_MODE == 2:
-            dxg = tl.load(DXG + o_offs, mask=md_mask, other=0.0)
-            dxg = _operand(dxg, DXG, UPCAST)
-            da += tl.where(causal_col, _dot(dxg, av_t, IEEE), 0.0)
-            a_causal = _operand(tl.where(causal_col, a, 0.0), AV, UPCAST)
-            dav += _dot(tl.trans(a_causal), dxg, IEEE)
+            w_rows = ((b * T + offs_m) * Hq + h) * H
+            da += tl.load(DXG + w_rows[:, None] + offs_a[None, :], mask=m_ok[:, None] & causal_col[None, :],
+                          other=0.0)
         if XG_MODE == 1:
             real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
-            dsum = tl.load(DXG + b * stride_dxb + h * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            dcol = tl.sum(av.to(tl.float32) * dsum[None, :], 1)                    # (BLOCK_A,): av[j] . dsum
-            da += tl.where(real[:, None] & causal_col, dcol[None, :], 0.0)
-            colsum = tl.sum(tl.where(real[:, None] & causal_col, a, 0.0), 0)
-            dav += colsum[:, None] * dsum[None, :]
+            dsum = tl.load(DXG + b * stride_dxb + h * H + offs_a, mask=causal_col, other=0.0)      # (BLOCK_A,)
+            da += tl.where(real[:, None], dsum[None, :], 0.0)
 
     dgate = tl.sum(tl.sum(da * pa, 1), 0) * dg_dgate
     dpa = da * g
@@ -340,16 +335,18 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     dk/dv kernel).
 
     Args:
-        dout: (B, T, Hq, D), the gradient of out, or None (no gradient reaches out: dk and dv are then None).
-        dxg: the gradient of the X_G statistic, or None: in token mode (B, T, Hq, D); in sample mode that of the
-            X_G sums, (B, Hq, D), or of forward's whole `extra` (B, Hq * D + 1), whose count column is not read.
+        dout: (B, T, Hq, D), the gradient of out, or None (no gradient reaches out: dk, dv and dav are then None,
+            as the causal weights do not depend on k, v or av).
+        dxg: the gradient of the X_G statistics, or None: in token mode that of the causal weights w, (B, T, Hq,
+            H); in sample mode that of their sums, (B, Hq, H), or of forward's whole `extra` (B, Hq * H + 1), whose
+            count column is not read. Any strides and floating dtype (read as float32).
         q, k, v, ak, av, gate: the forward's inputs (shapes as for dca_forward).
         out: (B, T, Hq, D) and lse: (B, Hq, T) float32, the forward's outputs.
         causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn, xg, configs, launch: as for
             dca_forward.
 
     Returns:
-        (dq, dk, dv, dak, dav, dgate), each with its input's shape and dtype (dk, dv None without dout). The
+        (dq, dk, dv, dak, dav, dgate), each with its input's shape and dtype (dk, dv, dav None without dout). The
         per-block partials of dak, dav and dgate are summed over batch, query blocks and the query heads of
         each kv group with torch sums of fixed shape: deterministic.
     """
@@ -379,15 +376,16 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
 
     prompt_grads = dout is not None
     if dout is None:
-        # only the X_G statistics carry a gradient: k and v get none, q only the adapter term
+        # only the causal weights carry a gradient: k, v and av get none, q only the adapter term
         dout = torch.zeros_like(out)
-    has_dxg = dxg is not None and mode != XG_NONE and not (mode == XG_SAMPLE and H == 0)
-    dxg_arg, stride_dxb = out, 0
+    has_dxg = dxg is not None and mode != XG_NONE and H > 0
+    dxg_arg, stride_dxb = lse, 0
     if has_dxg and mode == XG_TOKEN:
-        dxg_arg = dxg.contiguous() if dxg.stride() != out.stride() else dxg
+        dxg_arg = dxg.to(torch.float32).contiguous()
     elif has_dxg:
-        packed = dxg.stride(-1) == 1 and (dxg.dim() == 2 or dxg.stride(1) == D)
-        dxg_arg = dxg if packed else dxg.contiguous()
+        # (B, Hq, H) or the whole extra (B, Hq * H + 1): rows of (head, adapter token) at unit stride
+        dxg_arg = dxg.to(torch.float32).reshape(B, -1)
+        dxg_arg = dxg_arg if dxg_arg.stride(-1) == 1 else dxg_arg.contiguous()
         stride_dxb = dxg_arg.stride(0)
 
     delta = q.new_empty((B, Hq, T), dtype=torch.float32)
@@ -411,7 +409,8 @@ def dca_backward(dout, dxg, q, k, v, ak, av, gate, out, lse, *, causal_len, scal
     dgate = dgate_part.view(B, Hq, n_mblocks).sum(dim=(0, 2))
     adapter_grads = (dak_dav[0].to(ak.dtype), dak_dav[1].to(av.dtype), dgate.to(gate.dtype))
     if not prompt_grads:
-        return (dq_acc.to(q.dtype), None, None, *adapter_grads)
+        # w depends on neither k, v nor av
+        return (dq_acc.to(q.dtype), None, None, adapter_grads[0], None, adapter_grads[2])
 
     span = key_span(kpm, stride_mb, has_kpm, q, launch)
     seq_start, has_seq = seq_arg(cu_seqlens, q, "start", launch)

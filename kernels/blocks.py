@@ -249,16 +249,20 @@ def _fwd_key_blocks(q, k_base, v_base, k_desc, v_desc, KPM, SEQ_END, b, stride_m
 
 
 @triton.jit
-def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, kh,
+def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, real, g, AK, AV, OUT, LSE, XG, kh,
                  stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
                  stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
                  XG_MODE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, OUT_TMA: tl.constexpr = False):
     """The forward's epilogue for rows (query head `head`, query `t`, all of kv head kh, gate value g:
     a scalar or a (rows, 1) column) whose online softmax over the prompt keys ended at (m_i, l_i, acc):
-    normalise, store lse, add the adapter term A av, store out (and X_G in token mode). With OUT_TMA, OUT
-    is a tensor descriptor of out (B, T, Hq, D) and the rows are one head's consecutive queries from t[0]:
-    out is stored through it (rows past T and columns past D are not written). Returns (A, (rows,
-    BLOCK_A) float32, and the (BLOCK_A, BLOCK_D) adapter-value tile as a dot operand)."""
+    normalise, store lse, add the adapter term A av, store out and, in token mode, the causal weights
+    w = A[:, :H] into XG (B, T, Hq, H) float32 contiguous. With OUT_TMA, OUT is a tensor descriptor of
+    out (B, T, Hq, D) and the rows are one head's consecutive queries from t[0]: out is stored through
+    it (rows past T and columns past D are not written).
+
+    Returns (A, (rows, BLOCK_A) float32; its column sums over the rows where `real` (rows,), (BLOCK_A,)
+    float32, whose first H entries are the sums of w over those rows). The sums are formed before A av, so that
+    A need not stay live past it where the caller keeps only them."""
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
     acc = acc / l_div[:, None]
@@ -269,46 +273,42 @@ def _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g, AK, AV, OUT, LSE, XG, 
     pa, ak = _adapter_probs(q, AK, kh, stride_akh, stride_akm, stride_akd, offs_a, offs_d, M, D,
                             qk_scale, UPCAST, IEEE)
     a = pa * g
+    w_sums = _col_sums(a, real)
     av = tl.load(AV + kh * stride_avh + offs_a[:, None] * stride_avm + offs_d[None, :] * stride_avd,
                  mask=(offs_a[:, None] < M) & d_ok[None, :], other=0.0)
     av = _operand(av, AV, UPCAST)
     acc += _dot(_operand(a, AV, UPCAST), av, IEEE)
 
-    o_rows = b * stride_ob + t * stride_ot + head * stride_oh
-    o_offs = o_rows[:, None] + offs_d[None, :] * stride_od
-    o_mask = row_ok[:, None] & d_ok[None, :]
     if OUT_TMA:
         BLOCK_M: tl.constexpr = acc.shape[0]
         BLOCK_D: tl.constexpr = acc.shape[1]
         OUT.store([b.to(tl.int32), tl.min(t, 0), head, 0],
                   acc.to(OUT.dtype).reshape(1, BLOCK_M, 1, BLOCK_D))
     else:
-        tl.store(OUT + o_offs, acc.to(OUT.dtype.element_ty), mask=o_mask)
+        o_rows = b * stride_ob + t * stride_ot + head * stride_oh
+        tl.store(OUT + o_rows[:, None] + offs_d[None, :] * stride_od, acc.to(OUT.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
     if XG_MODE == 2:
-        a_causal = tl.where(offs_a[None, :] < H, a, 0.0)
-        xg = _dot(_operand(a_causal, AV, UPCAST), av, IEEE)
-        tl.store(XG + o_offs, xg.to(XG.dtype.element_ty), mask=o_mask)
-    return a, av
+        w_rows = ((b * T + t) * Hq + head) * H
+        tl.store(XG + w_rows[:, None] + offs_a[None, :], a, mask=row_ok[:, None] & (offs_a[None, :] < H))
+    return a, w_sums
 
 
 @triton.jit
-def _xg_sums(a, av, real, H, offs_a):
-    """(BLOCK_D,) float32: the sum over the rows that are `real` of X_G = A[:, :H] av[:H], as the column
-    sums of A[:, :H] times av[:H] (X_G itself is never formed)."""
-    colsum = tl.sum(tl.where(real[:, None] & (offs_a[None, :] < H), a, 0.0), 0)
-    return tl.sum(colsum[:, None] * av.to(tl.float32), 0)
+def _col_sums(a, rows):
+    """(BLOCK_A,) float32: the column sums of A (rows, BLOCK_A) over the `rows` (a (rows,) mask); the first H
+    are the sums of the causal weights w = A[:, :H] over them."""
+    return tl.sum(tl.where(rows[:, None], a, 0.0), 0)
 
 
 @triton.jit
-def _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S, D,
-                         H, HAS_KPM: tl.constexpr):
-    """Sample mode: XG_PART[b, pid_m, h * D + d] = the sum of X_G[:, h, d] over query block pid_m's real rows,
-    and (head 0) XG_PART[b, pid_m, Hq * D] = the number of those rows."""
-    real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)
-    row = XG_PART + (b * tl.num_programs(0) + pid_m) * (Hq * D + 1)
-    tl.store(row + h * D + offs_d, _xg_sums(a, av, real, H, offs_a), mask=d_ok)
+def _store_xg_block_sums(XG_PART, w_sums, real, offs_a, b, h, pid_m, Hq, H):
+    """Sample mode: XG_PART[b, pid_m, h * H + j] = w_sums[j] (j < H), the sum of w[:, h, j] = A[:, j] over query
+    block pid_m's real rows, and (head 0) XG_PART[b, pid_m, Hq * H] = the number of those rows (`real`)."""
+    row = XG_PART + (b * tl.num_programs(0) + pid_m) * (Hq * H + 1)
+    tl.store(row + h * H + offs_a, w_sums, mask=offs_a < H)
     if h == 0:
-        tl.store(row + Hq * D, tl.sum(real.to(tl.float32), 0))
+        tl.store(row + Hq * H, tl.sum(real.to(tl.float32), 0))
 
 
 @triton.jit

@@ -6,8 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdca.kernels.blocks import (LOG2E, _finish_rows, _fwd_key_blocks, _gate, _operand, _query_real, _window_lo,
-                                    _xg_sums)
+from fastdca.kernels.blocks import (LOG2E, _col_sums, _finish_rows, _fwd_key_blocks, _gate, _operand, _query_real,
+                                    _window_lo)
 from fastdca.kernels.plumbing import (XG_CODES, forward_extra, forward_outputs, ieee, kpm_arg, launch_options, run,
                                       softcap_arg, upcast, window_arg)
 from fastdca.kernels.tuning import adapter_block, sm_count
@@ -98,7 +98,9 @@ def _dca_decode_combine_kernel(
 ):
     """Flash-decoding, second pass: one program per b * Hkv + kh. Merges the SPLITS partial softmaxes
     of its rows (m = max m_s, l = sum l_s 2^(m_s - m), acc = sum acc_s 2^(m_s - m)), then finishes as
-    the forward kernel does (lse, the adapter term, out, X_G); XG_PART (B, 1, Hq * D + 1) as there.
+    the forward kernel does (lse, the adapter term, out; in token mode the causal weights w = A[:, :H] into XG
+    (B, T, Hq, H) float32); in sample mode XG_PART (B, 1, Hq * H + 1) as there: at [b, 0, h * H + j] the sum
+    of w[:, h, j] over row b's real queries, at [b, 0, Hq * H] (kv head 0) their number.
     """
     pid_bk = tl.program_id(0)
     b, kh, offs_d, d_ok, rows, row_ok, head, t, q = _group_queries(Q, pid_bk, Hkv, T, D, stride_qb, stride_qh,
@@ -122,18 +124,18 @@ def _dca_decode_combine_kernel(
         m_i = m_new
 
     g, _ = _gate(GATE, head, GATE_TANH)
-    a, av = _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, g[:, None], AK, AV, OUT, LSE, XG, kh,
-                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
-                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                         XG_MODE, UPCAST, IEEE)
+    a, _ = _finish_rows(acc, m_i, l_i, q, b, head, t, row_ok, row_ok, g[:, None], AK, AV, OUT, LSE, XG, kh,
+                        stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                        stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
+                        XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
         real = _query_real(t, KPM, b, stride_mb, T, S, HAS_KPM) & row_ok
-        row = XG_PART + b * (Hq * D + 1)
+        row = XG_PART + b * (Hq * H + 1)
         for gi in tl.static_range(GROUP):
             in_head = real & ((rows // T) == gi)
-            tl.store(row + (kh * GROUP + gi) * D + offs_d, _xg_sums(a, av, in_head, H, offs_a), mask=d_ok)
+            tl.store(row + (kh * GROUP + gi) * H + offs_a, _col_sums(a, in_head), mask=offs_a < H)
         if kh == 0:
-            tl.store(row + Hq * D, tl.sum((real & (rows < T)).to(tl.float32), 0))
+            tl.store(row + Hq * H, tl.sum((real & (rows < T)).to(tl.float32), 0))
 
 
 def decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, window, softcap, gate_fn, xg, cfg,
@@ -163,7 +165,7 @@ def decode_forward(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, w
     m_part = q.new_empty((B * Hkv, splits, rows), dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     mode = XG_CODES[xg]
-    out, lse, xg_out, xg_part = forward_outputs(q, mode, 1)
+    out, lse, xg_out, xg_part = forward_outputs(q, mode, 1, causal_len)
     kpm, stride_mb, has_kpm = kpm_arg(key_padding_mask, q, launch)
     flags = dict(GROUP=group, HAS_KPM=has_kpm, UPCAST=upcast(q.dtype), IEEE=ieee(q.dtype), ROWS=rows,
                  BLOCK_D=cfg["BLOCK_D"])

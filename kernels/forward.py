@@ -10,7 +10,7 @@ import triton.language as tl
 
 from fastdca import switches
 from fastdca.kernels.blocks import (_finish_rows, _fwd_key_blocks, _gate, _key_range, _kv_descriptors, _open_tile,
-                                    _operand, _store_xg_block_sums)
+                                    _operand, _query_real, _store_xg_block_sums)
 from fastdca.kernels.decode import DECODE_MAX_ROWS, decode_forward
 from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, ieee, kpm_arg,
                                       launch_options, placeholder, run, seq_arg, softcap_arg, tma_reads, upcast,
@@ -57,10 +57,10 @@ def _dca_fwd_kernel(
     (B, 2) int32, each row's first real key and last real key + 1 (_dca_key_span_kernel; read with
     HAS_KPM); SEQ_START, SEQ_END (S,) int32, the start and end of each position's packed sequence
     (HAS_SEQ: B = 1, T = S);
-    OUT and XG (B, T, Hq, D) in the input dtype (XG only when XG_MODE is token); LSE (B, Hq, T) float32;
-    XG_PART (B, cdiv(T, BLOCK_M), Hq * D + 1) float32 (sample mode only): at [b, block, h * D + d] the sum
-    of X_G[:, h, d] over the block's real query rows, at [b, block, Hq * D] (written by head 0) the
-    number of those rows.
+    OUT (B, T, Hq, D) in the input dtype; LSE (B, Hq, T) float32; XG (B, T, Hq, H) float32 contiguous
+    (token mode only): the causal weights w = A[:, :H], A = g * softmax(q ak^T * scale); XG_PART (B,
+    cdiv(T, BLOCK_M), Hq * H + 1) float32 (sample mode only): at [b, block, h * H + j] the sum of w[:, h, j]
+    over the block's real query rows, at [b, block, Hq * H] (written by head 0) the number of those rows.
 
     out = softmax(q k^T * scale) v + g * softmax(q ak^T * scale) av, online softmax over key blocks;
     with HAS_WINDOW the query at position p sees only keys after p - WINDOW, and the key blocks before
@@ -101,13 +101,13 @@ def _dca_fwd_kernel(
                                     UPCAST, IEEE, HAS_WINDOW, HAS_SOFTCAP, TMA)
 
     g, _ = _gate(GATE, h, GATE_TANH)
-    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, out_desc, LSE, XG, kh,
-                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
-                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                         XG_MODE, UPCAST, IEEE, TMA)
+    real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)     # read in sample mode only
+    _, w_sums = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, real, g, AK, AV, out_desc, LSE, XG, kh,
+                             stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                             stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d,
+                             d_ok, XG_MODE, UPCAST, IEEE, TMA)
     if XG_MODE == 1:
-        _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S,
-                             D, H, HAS_KPM)
+        _store_xg_block_sums(XG_PART, w_sums, real, offs_a, b, h, pid_m, Hq, H)
 
 
 def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=None, cu_seqlens=None,
@@ -119,7 +119,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
         k, v: (B, Hkv, S, D), Hq % Hkv == 0.
         ak, av: (Hkv, M, D) adapter keys and values.
         gate: (Hq,).
-        causal_len: H, the adapter tokens X_G sums over (0 <= H <= M).
+        causal_len: H, the adapter tokens whose weights are the X_G statistics (0 <= H <= M).
         scale: the softmax scale.
         key_padding_mask: (B, S) bool, True = real key, or None.
         cu_seqlens: (N + 1,) int32 boundaries of N sequences packed in one row (B = 1, T = S), or None; with it
@@ -134,9 +134,10 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
 
     Returns:
         (out, lse, extra): out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the prompt softmax's row
-        log2-sum-exp (+inf for a row with no visible key); extra by xg: "sample" -> (B, Hq * D + 1) float32,
-        the sum of X_G over each row's real query tokens flattened over (head, dim), then the row's
-        real-token count; "token" -> X_G (B, T, Hq, D) in q's dtype; None -> None.
+        log2-sum-exp (+inf for a row with no visible key); extra, the X_G statistics, by xg: "token" -> the
+        causal weights w = g * softmax(q ak^T * scale)[..., :H] (B, T, Hq, H) float32 (from which the loss forms
+        X_G = w av[:H]); "sample" -> (B, Hq * H + 1) float32, the sums of w over each row's real query tokens
+        flattened over (head, adapter token), then the row's real-token count; None -> None.
     """
     check_dtype(q)
     B, Hq, T, D = q.shape
@@ -151,7 +152,7 @@ def dca_forward(q, k, v, ak, av, gate, *, causal_len, scale, key_padding_mask=No
     cfg = cfgs["fwd_tma" if tma else "fwd"]
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
-    out, lse, xg_out, xg_part = forward_outputs(q, mode, n_mblocks)
+    out, lse, xg_out, xg_part = forward_outputs(q, mode, n_mblocks, causal_len)
     kpm, stride_mb, has_kpm = kpm_arg(key_padding_mask, q, launch)
     span = key_span(kpm, stride_mb, has_kpm, q, launch)
     seq_start, has_seq = seq_arg(cu_seqlens, q, "start", launch)

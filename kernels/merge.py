@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastdca.kernels.blocks import LOG2E, _finish_rows, _gate, _open_tile, _store_xg_block_sums
+from fastdca.kernels.blocks import LOG2E, _finish_rows, _gate, _open_tile, _query_real, _store_xg_block_sums
 from fastdca.kernels.forward import key_span
 from fastdca.kernels.plumbing import (XG_CODES, block_args, check_dtype, forward_extra, forward_outputs, ieee, kpm_arg,
                                       launch_options, run, upcast)
@@ -32,7 +32,8 @@ def _dca_merge_kernel(
     elsewhere (FASTDCA_SDPA_FWD: torch's own fused attention).
 
     Shapes: Q (B, Hq, T, D); PO (B, Hq, T, D), the prompt attention softmax(q k^T * scale + mask) v; PLSE
-    (B, Hq, T) float32, its row log-sum-exp (natural log); the rest as in _dca_fwd_kernel.
+    (B, Hq, T) float32, its row log-sum-exp (natural log); the rest (XG, the causal weights w = A[:, :H] in
+    token mode, and XG_PART, their per-block sums in sample mode, included) as in _dca_fwd_kernel.
 
         out = PO + g * softmax(q ak^T * scale) av;   LSE = PLSE * log2(e)
     A row whose causal keys are all padding (none at or before its position) gets LSE = +inf and a prompt
@@ -53,19 +54,19 @@ def _dca_merge_kernel(
     l_i = tl.where(has_key, 1.0, 0.0)
 
     g, _ = _gate(GATE, h, GATE_TANH)
-    a, av = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, g, AK, AV, OUT, LSE, XG, kh,
-                         stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
-                         stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d, d_ok,
-                         XG_MODE, UPCAST, IEEE)
+    real = _query_real(offs_m, KPM, b, stride_mb, T, S, HAS_KPM)     # read in sample mode only
+    _, w_sums = _finish_rows(acc, m_i, l_i, q, b, h, offs_m, m_ok, real, g, AK, AV, OUT, LSE, XG, kh,
+                             stride_akh, stride_akm, stride_akd, stride_avh, stride_avm, stride_avd,
+                             stride_ob, stride_ot, stride_oh, stride_od, Hq, T, M, D, H, qk_scale, offs_a, offs_d,
+                             d_ok, XG_MODE, UPCAST, IEEE)
     if XG_MODE == 1:
-        _store_xg_block_sums(XG_PART, a, av, offs_m, offs_a, offs_d, d_ok, KPM, b, h, pid_m, stride_mb, Hq, T, S,
-                             D, H, HAS_KPM)
+        _store_xg_block_sums(XG_PART, w_sums, real, offs_a, b, h, pid_m, Hq, H)
 
 
 def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, scale, key_padding_mask=None,
                       gate_fn="tanh", xg="sample", configs=None, launch=None):
-    """The forward given its prompt half (computed by torch's fused attention): adds the adapter term, gate and
-    X_G with the merge kernel.
+    """The forward given its prompt half (computed by torch's fused attention): adds the adapter term and gate,
+    and writes the X_G statistics (the causal weights w = A[:, :H], or their sums), with the merge kernel.
 
     Args:
         q: (B, Hq, T, D) fp16, bf16 or float32.
@@ -85,7 +86,7 @@ def dca_merge_forward(q, prompt_out, prompt_lse, ak, av, gate, *, causal_len, sc
     cfg = launch_configs(D, T, q.dtype, q.device, configs)["merge"]
     n_mblocks = triton.cdiv(T, cfg["BLOCK_M"])
     mode = XG_CODES[xg]
-    out, lse, xg_out, xg_part = forward_outputs(q, mode, n_mblocks)
+    out, lse, xg_out, xg_part = forward_outputs(q, mode, n_mblocks, causal_len)
     kpm, stride_mb, has_kpm = kpm_arg(key_padding_mask, q, launch)
     # a query sees a real key iff it is at or past its row's first one
     span = key_span(kpm, stride_mb, has_kpm, q, launch)

@@ -1,4 +1,4 @@
-"""What the launchers share: the X_G mode codes, dtype handling, the kernels' arguments for masks and packed
+"""What the launchers share: the X_G statistics' mode codes, dtype handling, the kernels' arguments for masks and packed
 sequences, output allocation, and the launch itself on the tensors' device."""
 
 from __future__ import annotations
@@ -107,21 +107,23 @@ def seq_arg(cu_seqlens, q, edge: str, launch):
     return cu_seqlens[ids + (edge == "end")].contiguous(), True
 
 
-def forward_outputs(q, mode, n_mblocks):
-    """The forward kernels' outputs for q (B, Hq, T, D): out (B, T, Hq, D) in q's dtype, lse (B, Hq, T)
-    float32, X_G (like out; token mode, else out stands in) and the per-block X_G sums (B, n_mblocks,
-    Hq * D + 1) float32 (sample mode, else lse stands in)."""
+def forward_outputs(q, mode, n_mblocks, causal_len):
+    """The forward kernels' outputs for q (B, Hq, T, D) and H = causal_len: out (B, T, Hq, D) in q's dtype, lse
+    (B, Hq, T) float32, the causal weights w (B, T, Hq, H) float32 (token mode, else out stands in) and the
+    per-block sums of w and counts of real rows (B, n_mblocks, Hq * H + 1) float32 (sample mode, else lse stands
+    in)."""
     B, Hq, T, D = q.shape
     out = q.new_empty((B, T, Hq, D))
     lse = q.new_empty((B, Hq, T), dtype=torch.float32)
-    xg_out = torch.empty_like(out) if mode == XG_TOKEN else out
-    xg_part = q.new_empty((B, n_mblocks, Hq * D + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
+    xg_out = q.new_empty((B, T, Hq, causal_len), dtype=torch.float32) if mode == XG_TOKEN else out
+    xg_part = q.new_empty((B, n_mblocks, Hq * causal_len + 1), dtype=torch.float32) if mode == XG_SAMPLE else lse
     return out, lse, xg_out, xg_part
 
 
 def forward_extra(mode, xg_out, xg_part):
-    """The forward's `extra` from the kernels' outputs: the per-block X_G sums and counts summed over
-    the blocks (a fixed-shape sum: deterministic), X_G itself, or None."""
+    """The forward's `extra` from the kernels' outputs: the per-block sums of the causal weights and counts
+    summed over the blocks, (B, Hq * H + 1) (a fixed-shape sum: deterministic), the weights themselves, or
+    None."""
     if mode == XG_SAMPLE:
         return xg_part.sum(dim=1)
     return xg_out if mode == XG_TOKEN else None

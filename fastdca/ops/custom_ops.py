@@ -8,9 +8,10 @@ Registered, in the namespace "fastdca":
   the fused Triton kernels (the "triton" backend). Shapes as in `fastdca.kernels.forward.dca_forward`:
   q (B, Hq, T, D); k, v (B, Hkv, S, D); ak, av (Hkv, M, D); gate (Hq,); key_padding_mask (B, S) bool or
   None; cu_seqlens (N + 1,) int32 or None; out (B, T, Hq, D) in q's dtype; lse (B, Hq, T) float32, the
-  prompt softmax's row log2-sum-exp; extra by xg: "sample" -> (B, Hq * D + 1) float32, the sums of X_G
-  over each row's real query tokens flattened over (head, dim), then the row's real-token count
-  (`fastdca.ops.triton_backend.xg_sums_and_counts` splits it); "token" -> X_G (B, T, Hq, D) in q's dtype; None -> an
+  prompt softmax's row log2-sum-exp; extra, the X_G statistics in the causal weights
+  w = g * softmax(q ak^T * scale)[..., :H] (X_G = w av[:H]), by xg: "sample" -> (B, Hq * H + 1) float32, the sums
+  of w over each row's real query tokens flattened over (head, adapter token), then the row's real-token count
+  (`fastdca.ops.triton_backend.xg_sums_and_counts` splits it); "token" -> w (B, T, Hq, H) float32; None -> an
   empty (0,) tensor. The gradients have their inputs' shapes and dtypes. Where Triton compiles the kernels they
   are `torch.library.triton_op`s launching through `wrap_triton`: Inductor sees the kernels
   themselves, and the fake implementation is the launcher run on fake tensors. Under Triton's
@@ -77,9 +78,9 @@ def _dca_attention_fake(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, win
     out = q.new_empty(B, T, Hq, D)
     lse = q.new_empty(B, Hq, T, dtype=torch.float32)
     if xg == "sample":
-        extra = q.new_empty(B, Hq * D + 1, dtype=torch.float32)
+        extra = q.new_empty(B, Hq * causal_len + 1, dtype=torch.float32)
     elif xg == "token":
-        extra = q.new_empty(B, T, Hq, D)
+        extra = q.new_empty(B, T, Hq, causal_len, dtype=torch.float32)
     else:
         extra = q.new_empty(0)
     return out, lse, extra

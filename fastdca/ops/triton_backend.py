@@ -3,8 +3,8 @@
 The forward runs in one of two ways (FASTDCA_SDPA_FWD). Fused, the default: the prompt attention and the adapter
 term in one Triton kernel. Through SDPA: the prompt attention, softmax(q k^T * scale + mask) v with its row
 log-sum-exp, from the kernel scaled_dot_product_attention itself runs for the call (flash, cuDNN or
-memory-efficient attention on CUDA, flash on the CPU), and the adapter term, gate and X_G added by one Triton
-kernel (`fastdca.kernels.merge.dca_merge_forward`). The backward is the fused one either way: it takes the prompt
+memory-efficient attention on CUDA, flash on the CPU), and the adapter term, gate and X_G statistics added by one
+Triton kernel (`fastdca.kernels.merge.dca_merge_forward`). The backward is the fused one either way: it takes the prompt
 output as out - A av, so nothing more is kept for it. Not the default until a GPU run has measured it (`fastdca
 check` times it beside the fused forward). FASTDCA_SDPA_FWD=auto times both forwards once per shape and takes the
 faster.
@@ -25,12 +25,12 @@ def triton_dca_attention(q, k, v, ak, av, gate, *, causal_len, scale, key_paddin
                          gate_fn, xg):
     spec = (window, softcap, causal_len, scale, gate_fn, xg)
     if cu_seqlens is not None and xg == "sample":
-        # The kernels sum X_G per query block, and blocks straddle sequences: take X_G per token (one
-        # more output the size of out, not kept for backward) and sum it per sequence.
-        out, x_g = _fused_dca_attention(q, k, v, ak, av, gate, None, cu_seqlens, spec[:-1] + ("token",))
+        # The kernels sum the causal weights w per query block, and blocks straddle sequences: take w per token
+        # ((1, S, Hq, H) float32, not kept for backward) and sum it per sequence.
+        out, weights = _fused_dca_attention(q, k, v, ak, av, gate, None, cu_seqlens, spec[:-1] + ("token",))
         B, T, S = q.shape[0], q.shape[2], k.shape[2]
         members = sequence_members(None, cu_seqlens, B=B, T=T, S=S, device=q.device)
-        sums = torch.einsum("nt,thd->nhd", members[0].to(torch.float32), x_g[0].to(torch.float32))
+        sums = torch.einsum("nt,thj->nhj", members[0].to(torch.float32), weights[0])       # (N, Hq, H)
         return out, (sums, members.sum(dim=-1).reshape(-1))
     return _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, spec)
 
@@ -50,16 +50,19 @@ def _fused_dca_attention(q, k, v, ak, av, gate, key_padding_mask, cu_seqlens, sp
 
 
 def xg_sums_and_counts(extra, q_shape):
-    """The kernels' sample-mode statistics (B, Hq * D + 1) as (the X_G sums (B, Hq, D) float32, the
-    real-token counts (B,) int64)."""
-    B, Hq, _, D = q_shape
-    return extra[:, :-1].view(B, Hq, D), extra[:, -1].long()
+    """The kernels' sample-mode statistics (B, Hq * H + 1) float32 as (the sums of the causal weights w over
+    each row's real tokens (B, Hq, H) float32, the real-token counts (B,) int64); H is read off the width."""
+    B, Hq = q_shape[:2]
+    H = (extra.shape[1] - 1) // Hq
+    return extra[:, :-1].view(B, Hq, H), extra[:, -1].long()
 
 
 class _TritonDCAFunction(torch.autograd.Function):
-    """Autograd around the fused kernels, for eager calls. Outputs (out, stat, counts): for xg="sample"
-    the X_G sums over each row's real tokens (B, Hq, D) float32 and the counts (B,) int64; for "token"
-    X_G (B, T, Hq, D) and None; for None, None and None. The non-tensor arguments travel as one tuple,
+    """Autograd around the fused kernels, for eager calls. Outputs (out, stat, counts), stat the X_G
+    statistics, in the causal weights w = g * softmax(q ak^T * scale)[..., :H] (X_G = w av[:H]): for
+    xg="sample" the sums of w over each row's real tokens (B, Hq, H) float32 and the counts (B,) int64; for
+    "token" w (B, T, Hq, H) float32 and None; for None, None and None. The gradient of stat reaches q, ak and
+    gate (w does not depend on k, v or av). The non-tensor arguments travel as one tuple,
     spec = (window, softcap, causal_len, scale, gate_fn, xg): each argument of apply costs host time.
 
     Saved for backward: q, k, v, ak, av, gate, out and the row log-sum-exp (B, Hq, T) float32.

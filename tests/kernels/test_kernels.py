@@ -110,7 +110,8 @@ def test_identity_gate_custom_scale(dtype):
 
 @pytest.mark.parametrize("xg", ["sample", "token"])
 def test_gradient_through_xg_stats_only(xg):
-    """No gradient reaches `out` (dout is None in the backward): the X_G statistics alone drive it."""
+    """No gradient reaches `out` (dout is None in the backward): the X_G statistics, the causal weights w,
+    alone drive it, into q, ak and gate (k, v and av get None: w does not depend on them)."""
     check_against_reference("triton", (2, 4, 2, 20, 20, 64, 10, 2, "right"), xg, torch.float32, with_dout=False)
 
 
@@ -142,7 +143,7 @@ def test_row_without_visible_key_is_zero_not_nan():
 
 def test_backward_is_deterministic():
     inputs, mask = make_inputs(2, 4, 2, 33, 40, 64, 10, "left", torch.float32)
-    grads_out = upstream(2, 33, 4, 64, "sample", torch.float32)
+    grads_out = upstream(2, 33, 4, 64, 2, "sample", torch.float32)
     first, _ = run("triton", inputs, mask, 2, "sample", grads_out)
     second, _ = run("triton", inputs, mask, 2, "sample", grads_out)
     for name in first:
@@ -155,7 +156,7 @@ def test_hf_layout_noncontiguous_inputs():
     for n in ("q", "k", "v"):
         inputs[n] = inputs[n].transpose(1, 2).contiguous().transpose(1, 2)
         assert not inputs[n].is_contiguous()
-    grads_out = upstream(2, 20, 4, 64, "token", torch.float32)
+    grads_out = upstream(2, 20, 4, 64, 2, "token", torch.float32)
     actual, _ = run("triton", inputs, mask, 2, "token", grads_out)
     expected, _ = run("reference", inputs, mask, 2, "token", grads_out, dtype=torch.float64)
     for name, value in expected.items():
@@ -206,7 +207,7 @@ def test_padded_rows_with_holes_and_without_real_keys_match_reference():
     mask[1] = False                              # no real key
     mask[2, 3::4] = False
     mask = mask.to(DEVICE)
-    grads_out = upstream(B, T, Hq, D, "sample", torch.float16)
+    grads_out = upstream(B, T, Hq, D, H, "sample", torch.float16)
     actual, _ = run("triton", inputs, mask, H, "sample", grads_out)
     expected, _ = run("reference", inputs, mask, H, "sample", grads_out, dtype=torch.float64)
     for name, value in expected.items():
@@ -266,7 +267,7 @@ def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_gpu_while_the_first_is_current():
     inputs, mask = make_inputs(2, 4, 2, 33, 33, 64, 10, "left", torch.float16)
-    grads_out = upstream(2, 33, 4, 64, "sample", torch.float16)
+    grads_out = upstream(2, 33, 4, 64, 2, "sample", torch.float16)
     with torch.cuda.device(0):
         on_second = {n: t.to("cuda:1") for n, t in inputs.items()}
         actual, _ = run("triton", on_second, mask.to("cuda:1"), 2, "sample", tuple(g.to("cuda:1") for g in grads_out))
@@ -460,7 +461,8 @@ SDPA_CASES = [pytest.param(SHAPES[1].values[0], torch.float16, id="gqa-d80-T=S=3
 @pytest.mark.parametrize("shape, dtype", SDPA_CASES)
 def test_sdpa_forward_matches_reference(monkeypatch, shape, dtype):
     """FASTDCA_SDPA_FWD=1: the prompt half from torch's fused attention with its log-sum-exp, the adapter term
-    merged by the merge kernel, then the fused backward on that lse: output, X_G and all six gradients."""
+    merged by the merge kernel, then the fused backward on that lse: output, the causal weights (or their sums)
+    and all six gradients."""
     monkeypatch.setenv("FASTDCA_SDPA_FWD", "1")
     merged = spy_on_launches(monkeypatch, "_dca_merge_kernel")
     fused = spy_on_launches(monkeypatch, "_dca_fwd_kernel")
@@ -524,7 +526,8 @@ def test_sdpa_forward_switch_names_its_variable_on_a_bad_value(monkeypatch):
 @pytest.mark.parametrize("padding", [None, "left", "right"])
 def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
     """dca_merge_forward on a prompt half from the float64 equations (strided, as torch's kernels return it),
-    with NaN in the rows that see no real key (what a fused kernel may leave there): out, X_G and the lse
+    with NaN in the rows that see no real key (what a fused kernel may leave there): out, the causal weights w
+    (token) or their sums and counts (sample) and the lse
     the backward reads (log2 units, +inf where no key) equal the fused forward's definition."""
     from fastdca import reference
     from fastdca.kernels.merge import dca_merge_forward
@@ -559,9 +562,11 @@ def test_merge_kernel_adds_the_adapter_term_to_any_prompt_half(padding):
         finite = torch.isfinite(want_lse)
         assert (lse2.cpu()[finite] - want_lse[finite]).abs().max() <= 1e-5 * want_lse[finite].abs().max()
         if xg == "token":
+            assert extra.shape == (B, T, Hq, H) and extra.dtype == torch.float32
             assert relative_error(extra.cpu(), stats) <= TOLERANCE[torch.float16]
         else:
-            assert relative_error(extra[:, :-1].cpu().view(B, Hq, D), stats[0]) <= TOLERANCE[torch.float16]
+            assert extra.shape == (B, Hq * H + 1) and extra.dtype == torch.float32
+            assert relative_error(extra[:, :-1].cpu().view(B, Hq, H), stats[0]) <= TOLERANCE[torch.float16]
             assert torch.equal(extra[:, -1].long().cpu(), stats[1])
 
 
