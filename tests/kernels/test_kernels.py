@@ -115,6 +115,71 @@ def test_gradient_through_xg_stats_only(xg):
     check_against_reference("triton", (2, 4, 2, 20, 20, 64, 10, 2, "right"), xg, torch.float32, with_dout=False)
 
 
+# Every forward path that writes the causal weights w (token mode) or their sums (sample mode): (shape, dtype,
+# FASTDCA_SDPA_FWD, the kernel that writes them); packed sequences take w per token and sum it per sequence
+WEIGHT_PATHS = [
+    pytest.param((2, 4, 2, 20, 20, 64, 10, 3, "left"), torch.float32, "0", "_dca_fwd_kernel", id="fused-left"),
+    pytest.param((2, 4, 2, 20, 26, 64, 10, 0, "right"), torch.float16, "0", "_dca_fwd_kernel", id="fused-H0-right"),
+    pytest.param((2, 4, 2, 3, 30, 64, 10, 3, "left"), torch.float16, "0", "_dca_decode_combine_kernel",
+                 id="decode-T3-left"),
+    pytest.param((2, 4, 2, 3, 30, 64, 10, 0, None), torch.float32, "0", "_dca_decode_combine_kernel",
+                 id="decode-T3-H0"),
+    pytest.param((2, 4, 2, 33, 33, 64, 10, 3, "right"), torch.float16, "1", "_dca_merge_kernel", id="merge-right"),
+    pytest.param((2, 4, 2, 20, 20, 64, 10, 0, "left"), torch.float32, "1", "_dca_merge_kernel", id="merge-H0-left"),
+    pytest.param((1, 4, 2, 40, 40, 64, 10, 3, (9, 3, 14, 14)), torch.float32, "0", "_dca_fwd_kernel", id="packed"),
+    pytest.param((1, 4, 2, 40, 40, 64, 10, 0, (9, 3, 14, 14)), torch.float16, "0", "_dca_fwd_kernel",
+                 id="packed-H0"),
+]
+
+
+@pytest.mark.parametrize("with_dout", [True, False], ids=["with-dout", "w-only"])
+@pytest.mark.parametrize("xg", ["sample", "token"])
+@pytest.mark.parametrize("shape, dtype, sdpa, kernel", WEIGHT_PATHS)
+def test_causal_weights_and_their_gradients_on_every_forward_path(monkeypatch, shape, dtype, sdpa, kernel, xg,
+                                                                   with_dout):
+    """w = g * softmax(q ak^T * scale)[..., :H] (B, T, Hq, H) float32, or its sums over each sample's real
+    tokens, from the fused, flash-decoding and merge forwards and with packed sequences, H = 0 (no column)
+    included; and the gradients, also with w the only output that carries one."""
+    from fastdca.kernels.plumbing import XG_CODES
+
+    monkeypatch.setenv("FASTDCA_SDPA_FWD", sdpa)
+    launched = spy_on_launches(monkeypatch, kernel)
+    check_against_reference("triton", shape, xg, dtype, with_dout=with_dout)
+    packed = isinstance(shape[-1], tuple)
+    assert launched and all(kwargs["XG_MODE"] == XG_CODES["token" if packed else xg] for _, kwargs in launched)
+
+
+@pytest.mark.parametrize("xg", ["sample", "token"])
+def test_backward_reads_the_weights_gradient_in_any_layout(xg):
+    """dca_backward takes the gradient of w (token) or of its sums (sample: (B, Hq, H), or the forward's whole
+    extra (B, Hq * H + 1), whose count column it does not read: NaN there changes nothing) in any strides and
+    floating dtype, with the same result as the contiguous float32 one; without dout, dk, dv and dav are None."""
+    from fastdca.kernels import backward, forward
+
+    B, Hq, Hkv, T, D, M, H = 2, 4, 2, 20, 64, 10, 3
+    inputs, mask = make_inputs(B, Hq, Hkv, T, T, D, M, "left", torch.float32)
+    kw = dict(causal_len=H, scale=D ** -0.5, key_padding_mask=mask, xg=xg)
+    out, lse, extra = forward.dca_forward(*inputs.values(), **kw)
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    if xg == "token":
+        assert extra.shape == (B, T, Hq, H) and extra.dtype == torch.float32
+        dxg = torch.randn(B, T, Hq, H, generator=gen).to(DEVICE)
+        layouts = [dxg.double(), dxg.transpose(1, 3).contiguous().transpose(1, 3), dxg[:1].expand(B, T, Hq, H)]
+        references = [dxg, dxg, dxg[:1].expand(B, T, Hq, H).contiguous()]
+    else:
+        assert extra.shape == (B, Hq * H + 1) and extra.dtype == torch.float32
+        dxg = torch.randn(B, Hq, H, generator=gen).to(DEVICE)
+        whole = torch.cat([dxg.reshape(B, Hq * H), torch.full((B, 1), float("nan"), device=DEVICE)], dim=1)
+        layouts = [whole, dxg.double(), dxg.transpose(1, 2).contiguous().transpose(1, 2), dxg[:1].expand(B, Hq, H)]
+        references = [dxg, dxg, dxg, dxg[:1].expand(B, Hq, H).contiguous()]
+    for layout_, reference_ in zip(layouts, references):
+        expected = backward.dca_backward(None, reference_, *inputs.values(), out, lse, **kw)
+        got = backward.dca_backward(None, layout_, *inputs.values(), out, lse, **kw)
+        assert [g is None for g in got] == [False, True, True, False, True, False]
+        for i, name in ((0, "dq"), (3, "dak"), (5, "dgate")):
+            assert torch.isfinite(got[i]).all() and torch.equal(got[i], expected[i]), name
+
+
 @pytest.mark.parametrize("T,S,padding", [(45, 45, None), (45, 45, "left"), (23, 61, "right"), (1, 50, "left")])
 def test_small_blocks_many_iterations(monkeypatch, T, S, padding):
     """16 x 16 blocks: many key blocks per row, blocks skipped above the diagonal, partial tiles."""
