@@ -315,16 +315,9 @@ def ratio(row, kind):
 
 
 def held_to_limits(row) -> bool:
-    """fp16/bf16 kernels must not spill; float32 (exact fp32 dots) is the correctness path, listed only.
-    So is the adapter backward of xg="token" (the released code's variance, not the default) on sm_80
-    at D = 128: its extra X_G gradient tile spills ~100 bytes with every tiling that keeps the warps'
-    work apart, and that memory-bound kernel is better off spilling than duplicating its dots. And the
-    forward of xg="token" on sm_80 at D = 128 (packed sequences, whose X_G sums per sequence come from
-    token mode, and the token variance): 64 bytes spilled without a padding mask; with one, 8 bytes on
-    Triton 3.9 (0 on 3.6) since the loop starts at the row's first real key."""
-    sm80_token = row["variant"].startswith("token") and row["target"] == "sm_80"
-    exempt = sm80_token and row["kernel"] in ("bwd_adapter", "fwd")
-    return row["dtype"] != "float32" and not exempt
+    """fp16/bf16 kernels must not spill, in every X_G mode; float32 (exact fp32 dots) is the correctness path,
+    listed only."""
+    return row["dtype"] != "float32"
 
 
 def held_to_ratios(row) -> bool:
