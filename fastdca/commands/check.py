@@ -78,7 +78,8 @@ def _relative_error(actual, expected):
 
 
 def check_numerics(device, backend, dtype, shape, seed=0):
-    """Normwise relative errors of out, the X_G sums and the six gradients against the float64 reference."""
+    """Normwise relative errors of out, the causal weights' sums and the six gradients against the float64
+    reference."""
     import torch
 
     from fastdca.ops import dca_attention
@@ -92,7 +93,7 @@ def check_numerics(device, backend, dtype, shape, seed=0):
         lengths = torch.randint(1, S + 1, (B,), generator=gen)
         mask = torch.arange(S)[None, :] >= S - lengths[:, None]
     grad_out = torch.randn(B, T, Hq, D, generator=gen, dtype=torch.float64)
-    grad_xg = torch.randn(B, Hq, D, generator=gen, dtype=torch.float64)
+    grad_xg = torch.randn(B, Hq, H, generator=gen, dtype=torch.float64)
 
     def run(run_backend, run_dtype, run_device):
         leaves = {n: t.to(run_device, run_dtype, copy=True).requires_grad_(True) for n, t in inputs.items()}

@@ -21,7 +21,7 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
 
     out = softmax(q k^T * scale + causal/padding mask) v + g * softmax(q ak^T * scale) av,
     g = tanh(gate) (or gate with gate_fn="identity"), X_G = the adapter term restricted to the first
-    `causal_len` adapter keys (docs/DESIGN.md section 1).
+    `causal_len` adapter keys (docs/DESIGN.md section 1), returned as its causal weights.
 
     Args:
         q: (B, Hq, T, D) queries after RoPE.
@@ -45,10 +45,12 @@ def dca_attention(q, k, v, ak, av, gate, *, causal_len, scale=None, key_padding_
         backend: "auto", "triton", "torch" or "reference"; default FASTDCA_BACKEND or "auto".
 
     Returns:
-        (out, xg_stats): out (B, T, Hq, D) in the inputs' dtype. xg_stats is, for xg="sample",
-        (sum of X_G over each sample's real query tokens, float32 (B, Hq, D); real-token count (B,)),
-        with packed sequences one sample per sequence: ((N, Hq, D), (N,));
-        for xg="token", X_G (B, T, Hq, D); for xg=None, None. Differentiable in q, k, v, ak, av, gate.
+        (out, xg_stats): out (B, T, Hq, D) in the inputs' dtype. xg_stats, the X_G statistics, are the causal
+        weights w = g * softmax(q ak^T * scale)[..., :H] (X_G = w av[:H], `fastdca.reference.x_g`), in the compute
+        dtype (float32, float64 for float64 inputs): for xg="sample", (the sum of w over each sample's real
+        query tokens (B, Hq, H); real-token count (B,)), with packed sequences one sample per sequence:
+        ((N, Hq, H), (N,)); for xg="token", w (B, T, Hq, H); for xg=None, None. Differentiable in q, k, v, ak,
+        av, gate (w does not depend on k, v or av).
     """
     check_args(q, k, v, ak, av, gate, causal_len, scale, key_padding_mask, cu_seqlens, window, softcap, gate_fn, xg)
     window = effective_window(window, k.shape[2])

@@ -92,12 +92,14 @@ def test_one_decoder_layer_compiles_with_fullgraph():
     def run_layer(h, mask):
         state.xg_mode, state.recording, state.stats = "sample", True, {}
         out = layer(h, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
-        return out, state.stats[layer.self_attn.dca.layer_idx][0]      # (per-sample means, counts)
+        features = state.stats[layer.self_attn.dca.layer_idx][0]
+        return out, (features.weights, features.gram, features.counts)   # per-sample mean weights, Gram, counts
 
-    expected, (means, counts) = run_layer(h, mask)
-    compiled, (c_means, c_counts) = torch.compile(run_layer, fullgraph=True, backend="aot_eager")(h, mask)
+    expected, (means, gram, counts) = run_layer(h, mask)
+    compiled, (c_means, c_gram, c_counts) = torch.compile(run_layer, fullgraph=True, backend="aot_eager")(h, mask)
     assert_fp32_close(compiled, expected)
     assert_fp32_close(c_means, means)
+    assert_fp32_close(c_gram, gram)
     assert torch.equal(c_counts, counts) and counts.tolist() == [T, T - 4, T]
 
 
@@ -201,7 +203,7 @@ def test_opcheck_torch_backend_operators(xg, dtype):
     torch.library.opcheck(torch.ops.fastdca.adapter_attention.default, args)
     adapter_out, probs, stat = torch.ops.fastdca.adapter_attention(*args)
     assert probs.dtype == torch.float32 and probs.shape == (2, 2, 3, 2 * 5)
-    assert stat.shape == {"sample": (2, 2, 2, 2), "token": (2, 5, 4, 16), None: (0,)}[xg]
+    assert stat.shape == {"sample": (2, 4, 2), "token": (2, 5, 4, 2), None: (0,)}[xg]
     d_stat = None if xg is None else torch.randn(stat.shape).to(stat.dtype)
     torch.library.opcheck(torch.ops.fastdca.adapter_attention_backward.default,
                           (torch.randn(adapter_out.shape).to(dtype), d_stat, q.detach(), ak.detach(), av.detach(),
@@ -228,7 +230,7 @@ def test_opcheck_fused_kernel_operators(xg, layout):
     torch.library.opcheck(torch.ops.fastdca.dca_attention.default, args)
     out, lse, extra = torch.ops.fastdca.dca_attention(*args)
     B, Hq, T, D = q.shape
-    assert extra.shape == {"sample": (B, Hq * D + 1), "token": (B, T, Hq, D), None: (0,)}[xg]
+    assert extra.shape == {"sample": (B, Hq * 2 + 1), "token": (B, T, Hq, 2), None: (0,)}[xg]
     dextra = None if xg is None else torch.randn_like(extra)
     torch.library.opcheck(torch.ops.fastdca.dca_attention_backward.default,
                           (torch.randn_like(out), dextra, *(t.detach() for t in (q, k, v, ak, av, gate, out, lse)),
