@@ -10,7 +10,8 @@ Its modules, from the bottom up (each imports only those above it in this list):
     guards       NonFiniteGuard and InterruptGuard, the callbacks that keep a run from losing work
     locks        one writer per output folder (an OS lock naming its pid); fastdca sweep's too
     run_record   run.json: the settings that decide a run's result, and what a new run into the folder does
-    checkpoints  what resuming needs of a checkpoint-N folder; the adapter a diverged run leaves
+    checkpoints  what resuming needs of a checkpoint-N folder; its partial folder until it is whole; the adapter
+                 a diverged run leaves
     fsdp         what `--fsdp` adds to Trainer: the FSDP2 options, float32 reduction, the checks
     settings     TrainSettings, the optimisation settings (the paper's defaults)
     data         the examples tokenized, and the collators (padded, bucketed, packed)

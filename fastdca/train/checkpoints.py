@@ -1,9 +1,12 @@
 """A run's checkpoints (checkpoint-N folders, Trainer's layout with fastdca's adapter files): what resuming
-needs of one, checked before Trainer reads it, and the adapter a diverged run leaves in its output folder."""
+needs of one, checked before Trainer reads it; the partial folder a checkpoint is written in before it is moved
+into place whole (fastdca.train.trainer.DCATrainer), and what a killed write leaves of it; the adapter a
+diverged run leaves in its output folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +20,33 @@ from fastdca.io import atomic_write_all
 # Trainer's names
 OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE = "optimizer.pt", "scheduler.pt", "trainer_state.json"
 CHECKPOINT_FILES = (ADAPTER_FILE, CONFIG_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, TRAINER_STATE_FILE)
+# where a checkpoint is written before it is renamed into place (hidden: Trainer's checkpoint-* lookups skip it)
+PARTIAL_CHECKPOINT_DIR = ".checkpoint-partial"
+
+
+def move_into_place(staged, final) -> None:
+    """Rename the whole checkpoint folder `staged` to `final` (one rename on the same disk). A `final` already
+    there (an earlier run's checkpoint of the same step) is moved aside first and deleted after: at every
+    moment checkpoint-N is one whole checkpoint or absent."""
+    replaced = None
+    if os.path.lexists(final):
+        replaced = os.path.join(os.path.dirname(staged), "replaced-" + os.path.basename(final))
+        os.rename(final, replaced)
+    os.rename(staged, final)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_partial_checkpoint(output_dir):
+    """Remove what a run killed while writing a checkpoint left (the partial folder); the caller holds the
+    folder's lock, so no live write owns it. Returns a one-line notice naming it, or None."""
+    partial = Path(output_dir) / PARTIAL_CHECKPOINT_DIR
+    if not partial.is_dir():
+        return None
+    names = sorted(p.name for p in partial.iterdir() if not p.name.startswith("replaced-")) or ["checkpoint"]
+    shutil.rmtree(partial)
+    return (f"removed {partial}: the incomplete {', '.join(names)} of a run stopped while writing it (the "
+            "checkpoints before it are whole)")
 
 
 def check_checkpoint(path) -> None:

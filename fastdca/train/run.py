@@ -6,7 +6,6 @@ adapter and run.json are written; a diverged or interrupted run says what it lef
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from fastdca.hf import load_adapter, save_adapter
 from fastdca.io import atomic_write_text
 from fastdca.tasks import Example
 from fastdca.train import fsdp
-from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint
+from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint, remove_partial_checkpoint
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
 from fastdca.train.locks import only_writer
@@ -77,7 +76,8 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
             folder that cannot be written or holds another run, too little free disk.
         AdapterError (a ValueError): the checkpoint to resume lacks a file or is damaged.
         RuntimeError: another run holds the folder's lock.
-        OSError: writing a checkpoint failed (a full disk, say).
+        OSError: writing a checkpoint failed (a full disk, say): nothing of that checkpoint is left, the ones
+            before it are whole.
         TrainingDiverged: a non-finite loss or gradient (output_dir's adapter is the last checkpoint's, if any).
         TrainingInterrupted: SIGINT or SIGTERM; a checkpoint was written, the same call resumes it.
     """
@@ -99,6 +99,9 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         return _train(model, tokenizer, rows, output_dir, config, settings, resume and not overwrite, progress,
                       callbacks)
     with only_writer(output_dir, LOCK_FILE, "fastdca train"):
+        removed = remove_partial_checkpoint(output_dir)
+        if removed:
+            print(removed)
         action, carried = decide_run(output_dir, record, resume=resume, overwrite=overwrite,
                                      resume_anyway=resume_anyway)
         if action == "finished":
@@ -142,12 +145,6 @@ def prepare_output_dir(output_dir) -> Path:
         raise ValueError(f"--output {output_dir} is not writable ({error.strerror}); give a folder you can "
                          "write to") from None
     return output_dir
-
-
-def _is_write_failure(error: RuntimeError) -> bool:
-    """A RuntimeError from torch.save's writer (PytorchStreamWriter, inline_container), not from training."""
-    text = str(error)
-    return "PytorchStreamWriter" in text or "inline_container" in text
 
 
 def check_free_space(output_dir, model, settings) -> None:
@@ -209,8 +206,9 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         trainer.add_callback(fsdp.ShardingCheck(model))
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if progress:
-        trainer.add_callback(LossProgressBar())
+    bar = LossProgressBar() if progress else None
+    if bar is not None:
+        trainer.add_callback(bar)
     for callback in callbacks:
         trainer.add_callback(callback)
     checkpoint = get_last_checkpoint(str(output_dir)) if resume else None
@@ -227,12 +225,9 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
         _write_history(trainer, output_dir)
         kept = keep_last_checkpoint(trainer, output_dir)
         raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
-    except RuntimeError as error:
-        if not _is_write_failure(error):
-            raise
-        # torch.save's zip writer reports a full disk as an internal assertion that names no file
-        raise OSError(errno.EIO, f"writing checkpoint {trainer.state.global_step} failed (is the disk full? "
-                                 f"{str(error).splitlines()[0][:160]})", str(output_dir)) from None
+    finally:
+        if bar is not None:
+            bar.close()        # the bar's line ends before any message that follows it
     history = _write_history(trainer, output_dir)
     if interrupt.signum is not None:
         # the checkpoint this interruption wrote, not the highest-numbered one (a restarted run's folder

@@ -1,10 +1,12 @@
 """The Trainer fastdca trains with: DCATrainer (adapter-only checkpoints, CE and the causal loss logged
-apart, the causal term's gradient share measured on logged steps, FSDP's optimizer state gathered) and the
-callbacks that show and log its progress."""
+apart, the causal term's gradient share measured on logged steps, FSDP's optimizer state gathered, each
+checkpoint whole or absent) and the callbacks that show and log its progress."""
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 import torch
 from tqdm.auto import tqdm
@@ -13,7 +15,7 @@ from transformers import Trainer, TrainerCallback
 from fastdca.train import fsdp
 from fastdca.grad_share import causal_gradient_share, measurement_due
 from fastdca.hf import adapter_state_dict, load_adapter, save_adapter
-from fastdca.train.checkpoints import OPTIMIZER_FILE, SCHEDULER_FILE
+from fastdca.train.checkpoints import OPTIMIZER_FILE, PARTIAL_CHECKPOINT_DIR, SCHEDULER_FILE, move_into_place
 
 
 class LogLastStep(TrainerCallback):
@@ -27,7 +29,13 @@ class LogLastStep(TrainerCallback):
 
 
 class DCATrainer(Trainer):
-    """Trainer that checkpoints only the adapter and logs CE and the causal loss separately."""
+    """Trainer that checkpoints only the adapter and logs CE and the causal loss separately.
+
+    A checkpoint is whole or absent: Trainer writes it into OUTPUT/.checkpoint-partial/checkpoint-N, which is
+    renamed to OUTPUT/checkpoint-N once every file is written. A write that fails (a full disk) removes the
+    partial folder and raises an OSError naming the file and the checkpoint a resume starts from; a process
+    killed during the write leaves only the partial folder, which the next run into OUTPUT removes
+    (fastdca.train.checkpoints.remove_partial_checkpoint), and no checkpoint-N that is not whole."""
 
     def __init__(self, model, *args, **kwargs):
         # Trainer refuses a quantised model unless trainable adapters sit on it, and it recognises only
@@ -41,6 +49,8 @@ class DCATrainer(Trainer):
         self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
         self._step_losses = []
         self._share = {"step": None, "value": None}
+        self._staging = None                    # set while a checkpoint is written into the partial folder
+        self.last_checkpoint_written = None     # the checkpoint-N folder this trainer last moved into place
 
     def take_step_losses(self) -> list:
         """The {"loss", "ce", "causal_loss"} of each micro-batch since the last call (NonFiniteGuard)."""
@@ -94,6 +104,47 @@ class DCATrainer(Trainer):
         if self.args.should_save:
             save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
 
+    def _get_output_dir(self, trial):
+        return self._staging if self._staging is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Trainer's checkpoint, written into the partial folder and moved into place when whole."""
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, PARTIAL_CHECKPOINT_DIR)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.accelerator.wait_for_everyone()        # every rank writes its RNG state into the partial folder
+        self._staging = staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+        except BaseException as error:
+            self._staging = None
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            failure = _checkpoint_write_error(error, staging, os.path.join(run_dir, name), run_dir)
+            if failure is error:
+                raise
+            raise failure from error
+        self._staging = None
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            move_into_place(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_in(run_dir)
+        self.accelerator.wait_for_everyone()
+        self.last_checkpoint_written = final
+
+    def _rotate_in(self, run_dir):
+        """Trainer's rotation (save_total_limit) in the output folder, which it ran in the partial folder."""
+        try:
+            from transformers.trainer_utils import rotate_checkpoints
+        except ImportError:      # transformers before 5.2x: a Trainer method
+            return self._rotate_checkpoints(use_mtime=True, output_dir=run_dir)
+        rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                           best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         load_adapter(self.accelerator.unwrap_model(model if model is not None else self.model),
                      resume_from_checkpoint)
@@ -119,8 +170,31 @@ class DCATrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_FILE), weights_only=True))
 
 
+def _checkpoint_write_error(error, staging, final, run_dir):
+    """A failed checkpoint write as an OSError naming the file (in checkpoint-N, not the partial folder it was
+    written in) and the checkpoint a resume starts from; other errors (a second Ctrl-C) as they are."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    step = os.path.basename(final).rsplit("-", 1)[-1]
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+        filename = str(error.filename or final).replace(staging, os.path.dirname(final), 1)
+    elif isinstance(error, RuntimeError) and ("PytorchStreamWriter" in str(error) or "inline_container" in str(error)):
+        # torch.save's zip writer reports a full disk as an internal assertion that names no file
+        reason, filename = f"is the disk full? {str(error).splitlines()[0][:160]}", final
+    else:
+        return error
+    code = getattr(error, "errno", None) or errno.EIO
+    fix = "free some space and " if code in (errno.ENOSPC, errno.EDQUOT, errno.EIO) else ""
+    last = get_last_checkpoint(run_dir)
+    kept = (f"nothing of it was kept and {os.path.basename(last)} is whole: {fix}run the same command again to resume "
+            "from it" if last else f"nothing of it was kept: {fix}run the same command again to start over")
+    return OSError(code, f"writing checkpoint {step} failed ({reason}); {kept}", filename)
+
+
 class LossProgressBar(TrainerCallback):
-    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss."""
+    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss. `close()` ends its line,
+    as a run that stops on an error must before the error's line."""
 
     def __init__(self):
         self.bar = None
@@ -141,6 +215,9 @@ class LossProgressBar(TrainerCallback):
             self.bar.set_postfix(**postfix, lr=f"{logs.get('learning_rate', 0):.1e}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.close()
+
+    def close(self):
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -1,6 +1,7 @@
 """When things go wrong (docs/troubleshooting.md): divergence, interruption, damaged or mismatched files, failing writes
 and dependencies' start-up noise. Each test names the row of that page's table it shows."""
 
+import errno
 import json
 import math
 import os
@@ -178,6 +179,101 @@ def test_failed_write_leaves_the_previous_adapter_whole(tiny_model_dir, saved_ad
     monkeypatch.undo()
     assert {name: (saved_adapter / name).read_bytes() for name in before} == before
     assert sorted(os.listdir(saved_adapter)) == ["adapter.safetensors", "dca_config.json"], "no temporary files left"
+
+
+# --------------------------------------------------------------------------------------------------
+# a checkpoint is whole or absent
+
+
+def checkpoint_argv(model, out):
+    return ["train", "--model", str(model), "--task", "letter_concat", "--output", str(out), "--adapter-layers", "2",
+            "--adapter-len", "4", "--limit", "16", "--batch-size", "4", "--max-steps", "4", "--save-steps", "1",
+            "--logging-steps", "1", "--seed", "2"]
+
+
+def exit_code(argv):
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
+@pytest.fixture(scope="module")
+def straight_adapter(tiny_model_dir, tmp_path_factory):
+    """The adapter of checkpoint_argv's run, uninterrupted."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(checkpoint_argv(tiny_model_dir, out)) == 0
+    return load_file(out / "adapter.safetensors")
+
+
+def _assert_equal_adapters(folder, expected):
+    adapter = load_file(folder / "adapter.safetensors")
+    for name in expected:
+        torch.testing.assert_close(adapter[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_full_disk_in_the_middle_of_a_checkpoint_leaves_it_absent_and_the_same_command_resumes(
+        tiny_model_dir, tmp_path, monkeypatch, capsys, straight_adapter):
+    """The disk fills up after checkpoint-3's adapter, optimizer and scheduler are written: one line naming the file
+    and the whole checkpoint before it, no checkpoint-3 and no partial folder; the same command, once there is room,
+    resumes from checkpoint-2 and ends where the uninterrupted run does."""
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if "checkpoint-3" in str(f) and str(f).endswith("rng_state.pth"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert exit_code(checkpoint_argv(tiny_model_dir, out)) == 2
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert last == ("fastdca train: error: writing checkpoint 3 failed (No space left on device); nothing of it was kept "
+                    "and checkpoint-2 is whole: free some space and run the same command again to resume from it: "
+                    f"{out / 'checkpoint-3' / 'rng_state.pth'}")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith((".c", "c"))) == ["checkpoint-1", "checkpoint-2"]
+    monkeypatch.undo()
+    assert main(checkpoint_argv(tiny_model_dir, out)) == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-4"]
+    _assert_equal_adapters(out, straight_adapter)
+
+
+KILL_DRIVER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    from fastdca.cli import main
+
+    real_save = torch.save
+
+
+    def save(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        if "checkpoint-3" in str(f) and str(f).endswith("scheduler.pt"):
+            os.kill(os.getpid(), signal.SIGKILL)     # in the middle of checkpoint-3: its rng state and trainer state unwritten
+
+
+    torch.save = save
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_sigkill_in_the_middle_of_a_checkpoint_leaves_it_absent_and_the_same_command_resumes(
+        tiny_model_dir, tmp_path, capsys, straight_adapter):
+    """A run killed (SIGKILL, nothing of fastdca's runs) while checkpoint-3 is written leaves no checkpoint-3, only the
+    partial folder; the same command removes it, saying so, and resumes from checkpoint-2."""
+    script = tmp_path / "driver.py"
+    script.write_text(KILL_DRIVER)
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, str(script), *checkpoint_argv(tiny_model_dir, out)], capture_output=True,
+                            text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert (out / ".checkpoint-partial" / "checkpoint-3" / "scheduler.pt").is_file()   # killed mid-write, indeed
+    assert main(checkpoint_argv(tiny_model_dir, out)) == 0
+    assert (f"removed {out / '.checkpoint-partial'}: the incomplete checkpoint-3 of a run stopped while writing it "
+            "(the checkpoints before it are whole)") in capsys.readouterr().out
+    assert not (out / ".checkpoint-partial").exists()
+    _assert_equal_adapters(out, straight_adapter)
 
 
 # --------------------------------------------------------------------------------------------------
