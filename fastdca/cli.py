@@ -31,19 +31,43 @@ def main(argv=None) -> int:
             args.dtype = str(resolve_dtype(args.dtype)).replace("torch.", "")
         return args.run(args)
     except TrainingInterrupted as interrupted:
-        parser.exit(interrupted.exit_code, f"fastdca {args.command}: {interrupted}\n")
+        _exit(parser, interrupted.exit_code, f"fastdca {args.command}: {interrupted}\n")
     except TrainingDiverged as diverged:
-        parser.exit(1, f"fastdca {args.command}: error: {diverged}\n")
-    except (ValueError, RuntimeError) as error:
-        parser.exit(2, f"fastdca {args.command}: error: {error}\n")
+        _exit(parser, 1, f"fastdca {args.command}: error: {diverged}\n")
+    except (ValueError, RuntimeError, MemoryError) as error:
+        _exit(parser, 2, f"fastdca {args.command}: error: {_as_out_of_memory(error, args.command)}\n")
     except OSError as error:     # a file or folder the command could not read or write
         where = f": {error.filename}" if error.filename else ""
-        parser.exit(2, f"fastdca {args.command}: error: {error.strerror or error}{where}\n")
+        _exit(parser, 2, f"fastdca {args.command}: error: {error.strerror or error}{where}\n")
     except KeyboardInterrupt:    # a second Ctrl-C, while the first one's checkpoint was being written
-        parser.exit(130, f"fastdca {args.command}: interrupted again: stopped at once, without a new checkpoint "
-                         "(the folder's earlier checkpoints are whole; run the same command to resume)\n")
+        _exit(parser, 130, f"fastdca {args.command}: interrupted again: stopped at once, without a new checkpoint "
+                           "(the folder's earlier checkpoints are whole; run the same command to resume)\n")
     finally:
         warnings.formatwarning = previous_format
+
+
+def _exit(parser, status: int, message: str):
+    """Print the error on a line of its own (progress bars still open are closed first, ending their line)
+    and exit with `status`."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:       # a bar half torn down by the error: its line matters less than the message
+            pass
+    parser.exit(status, message)
+
+
+def _as_out_of_memory(error, command: str):
+    """An out-of-memory error that fastdca's steps did not already explain (fastdca.errors.OutOfMemory), as one
+    that says what ran out and what `command` can change; any other error as it is."""
+    from fastdca.errors import OutOfMemory, out_of_memory_cause, what_ran_out
+
+    cause = out_of_memory_cause(error)
+    if cause is None or isinstance(error, OutOfMemory):
+        return error
+    what, allocation = what_ran_out(cause)
+    return OutOfMemory(what, f"in fastdca {command}", command=command, stage="", allocation=allocation)
 
 
 def _one_line_warning(message, category, filename, lineno, line=None):
@@ -97,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--gradient-checkpointing", action="store_true",
                      help="recompute each decoder layer in the backward instead of keeping its activations "
                           "(non-reentrant; the same loss and gradients, less memory, a slower step)")
+    opt.add_argument("--auto-batch-size", action="store_true",
+                     help="out of memory: halve the micro-batch and double --grad-accum (the same examples a step) "
+                          "until a step fits, not below 2 (the causal loss is a variance over the micro-batch); the "
+                          "micro-batch it settles on is printed and kept in OUTPUT/run.json, where a resume starts")
     opt.add_argument("--fsdp", action="store_true",
                      help="shard the model over the launched processes (FSDP2 through accelerate, GPUs only; "
                           "launch with torchrun or accelerate launch): each decoder layer is one unit, the "
@@ -123,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N examples")
     evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--auto-batch-size", action="store_true",
+                          help="out of memory: halve the batch until it fits (the batches already generated are kept)")
     evaluate.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the task's")
     evaluate.add_argument("--output", default=None, help="predictions JSONL (default: predictions.jsonl in the "
                           "adapter directory; without --adapter none are written unless --output is given)")
@@ -163,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--lr", type=float, default=1e-2)
     demo.add_argument("--n-test", type=int, default=100, help="held-out names evaluated")
     demo.add_argument("--output", default="fastdca-demo", help="output directory")
+    demo.add_argument("--auto-batch-size", action="store_true",
+                      help="out of memory: halve the micro-batch and double the accumulation (the same examples a "
+                           "step), and halve the evaluation's batches, until they fit")
     demo.add_argument("--overwrite", action="store_true",
                       help="train again although OUTPUT holds this demo's finished run (by default it is reused)")
     demo.set_defaults(run=run_demo)
@@ -181,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--lr", type=float, default=1e-2)
     sweep.add_argument("--max-length", type=int, default=256)
     sweep.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N test examples")
+    sweep.add_argument("--auto-batch-size", action="store_true",
+                       help="out of memory: halve the micro-batch and double the accumulation (the same examples a "
+                            "step), and halve the evaluation's batches, until they fit")
     sweep.add_argument("--output", required=True, help="sweep directory: results.jsonl, summary.md, sweep.png, runs/")
     sweep.set_defaults(run=run_sweep)
 
@@ -279,7 +315,8 @@ def run_train(args) -> int:
                              seed=args.seed, save_steps=args.save_steps, logging_steps=args.logging_steps,
                              bf16=args.dtype == "bfloat16", fp16=args.dtype == "float16", nonfinite=args.nonfinite,
                              packing=args.packing, compile=args.compile, compile_mode=args.compile_mode,
-                             gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp)
+                             gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp,
+                             auto_batch_size=args.auto_batch_size)
     if args.fsdp:
         from fastdca.train.fsdp import check_launch
 
@@ -325,12 +362,13 @@ def run_eval(args) -> int:
     if args.adapter is not None:
         load_adapter(model, args.adapter)  # patches the model with the adapter's own config
     result = evaluate(model, tokenizer, task, examples, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, predictions_path=output)
+                      max_new_tokens=args.max_new_tokens, predictions_path=output, auto_batch_size=args.auto_batch_size)
     summary = {"task": task.name, "split": args.split, **result, "predictions": output}
     if args.xg_stats:
         from fastdca.commands.eval import write_json, xg_variance, xg_variance_table
 
-        stats = xg_variance(model, tokenizer, [ex.prompt for ex in examples], batch_size=args.batch_size)
+        stats = xg_variance(model, tokenizer, [ex.prompt for ex in examples], batch_size=args.batch_size,
+                            auto_batch_size=args.auto_batch_size)
         stats_path = str(Path(output).with_suffix(".xg_stats.json"))
         write_json(stats_path, {"task": task.name, "split": args.split, "adapter": args.adapter, **stats})
         print(xg_variance_table(stats))
@@ -368,7 +406,7 @@ def run_demo(args) -> int:
     from fastdca.commands.demo import demo
 
     demo(model=args.model, steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-         n_test=args.n_test, output_dir=args.output, overwrite=args.overwrite)
+         n_test=args.n_test, output_dir=args.output, overwrite=args.overwrite, auto_batch_size=args.auto_batch_size)
     return 0
 
 
@@ -379,7 +417,7 @@ def run_sweep(args) -> int:
     task = resolve_task(args, **parse_task_options(args.task_option))
     rows = sweep(args.model, task, grid, args.seeds, args.output, steps=args.steps,
                  batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length,
-                 test_limit=args.limit)
+                 test_limit=args.limit, auto_batch_size=args.auto_batch_size)
     print(summary_table(rows))
     return 0
 

@@ -15,9 +15,22 @@ from fastdca.io import atomic_write
 
 
 def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learning_rate: float = 1e-2,
-         n_test: int = 100, output_dir="fastdca-demo", progress: bool = True, overwrite: bool = False) -> dict:
+         n_test: int = 100, output_dir="fastdca-demo", progress: bool = True, overwrite: bool = False,
+         auto_batch_size: bool = False) -> dict:
     """Run the demo; returns {"before", "after", "train_seconds", "plot", ...}. An interrupted demo resumes
-    from its checkpoint; a finished one is reused (its adapter loaded, no training) unless overwrite."""
+    from its checkpoint; a finished one is reused (its adapter loaded, no training) unless overwrite. Out of
+    memory raises fastdca.errors.OutOfMemory advising `fastdca demo`'s options; auto_batch_size halves the
+    micro-batch (the same examples a step) and the evaluation's batches until they fit."""
+    from fastdca.errors import OutOfMemory
+
+    try:
+        return _demo(model=model, steps=steps, batch_size=batch_size, learning_rate=learning_rate, n_test=n_test,
+                     output_dir=output_dir, progress=progress, overwrite=overwrite, auto_batch_size=auto_batch_size)
+    except OutOfMemory as error:
+        raise error.for_command("demo") from error.__cause__
+
+
+def _demo(*, model, steps, batch_size, learning_rate, n_test, output_dir, progress, overwrite, auto_batch_size):
     import torch
 
     from fastdca.commands.eval import evaluate
@@ -39,20 +52,21 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
     print(f"model: {model}; task: Letter Concatenation (second-last letters), {len(test)} held-out names")
 
     before = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
-                      predictions_path=output_dir / "predictions_before.jsonl")
+                      predictions_path=output_dir / "predictions_before.jsonl", auto_batch_size=auto_batch_size)
     config = DCAConfig(adapter_layers=min(20, net.config.num_hidden_layers), adapter_len=10, causal_len=2,
                        causal_layers=min(task.causal_layers, net.config.num_hidden_layers), alpha=1.0)
     patch(net, config)
     print(describe(net))
     settings = TrainSettings(max_steps=steps, batch_size=batch_size, learning_rate=learning_rate,
                              warmup=0.05, lr_scheduler="cosine", max_length=128,
-                             save_steps=max(steps // 2, 1), logging_steps=max(steps // 30, 1))
+                             save_steps=max(steps // 2, 1), logging_steps=max(steps // 30, 1),
+                             auto_batch_size=auto_batch_size)
     train_started = time.perf_counter()
     history = train(net, tokenizer, task.examples("train"), output_dir / "adapter", config=config,
                     settings=settings, progress=progress, overwrite=overwrite)
     train_seconds = time.perf_counter() - train_started
     after = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
-                     predictions_path=output_dir / "predictions_after.jsonl")
+                     predictions_path=output_dir / "predictions_after.jsonl", auto_batch_size=auto_batch_size)
     plot = plot_losses(history, output_dir / "losses.png", accuracy=(before["accuracy"], after["accuracy"]))
 
     total = time.perf_counter() - started

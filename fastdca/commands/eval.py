@@ -1,5 +1,6 @@
 """Accuracy on a task from batched greedy generation with the KV cache, and the spread of X_G across the
-evaluated samples (`fastdca eval --xg-stats`)."""
+evaluated samples (`fastdca eval --xg-stats`). Out of memory, both raise fastdca.errors.OutOfMemory naming the
+batch; with auto_batch_size they halve the batch until it fits, keeping the batches already done."""
 
 from __future__ import annotations
 
@@ -9,22 +10,63 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
+from fastdca.errors import OutOfMemory, out_of_memory_cause, search_batch_size, what_ran_out
 from fastdca.io import atomic_write_text
 from fastdca.tasks import Example, Task
 
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], *, batch_size: int = 16,
-                       max_new_tokens: int = 32, progress: bool = True, desc: str = "eval") -> list[str]:
+                       max_new_tokens: int = 32, progress: bool = True, desc: str = "eval",
+                       auto_batch_size: bool = False) -> list[str]:
     """Greedy continuations of `prompts`, in batches, left-padded so every prompt ends where generation
-    starts. Returns the decoded new tokens of each prompt."""
+    starts. Returns the decoded new tokens of each prompt. Out of memory: OutOfMemory naming the batch, or with
+    auto_batch_size the batch is halved until it fits (the prompts already answered are kept)."""
     responses = []
-    for batch in prompt_batches(model, tokenizer, prompts, batch_size, "left", desc, progress):
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, use_cache=True)
-        new_tokens = generated[:, batch["input_ids"].shape[1]:]
-        responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    current = {}
+
+    def generate(size):
+        for batch in prompt_batches(model, tokenizer, prompts[len(responses):], size, "left", desc, progress):
+            current.update(batch=batch["input_ids"].shape[0], tokens=batch["input_ids"].shape[1])
+            generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                       pad_token_id=tokenizer.pad_token_id, use_cache=True)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]
+            responses.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+
+    def doing(size):
+        rows = (f"a batch of {current['batch']} prompts of up to {current['tokens']} tokens" if current
+                else f"a batch of {size} prompts")
+        return f"generating for {rows} (batch size {size}, up to {max_new_tokens} new tokens)"
+
+    fit_batches(generate, batch_size, auto_batch_size, doing)
     return responses
+
+
+def fit_batches(run, batch_size: int, auto_batch_size: bool, doing) -> int:
+    """`run(batch_size)`; with auto_batch_size, after an out-of-memory error run(half of it) and so on
+    (fastdca.errors.search_batch_size), the batch it settled on printed once. An out-of-memory error that is
+    not searched past becomes OutOfMemory, `doing(the batch size)` naming the step. Returns the batch size
+    that ran."""
+    tried = {"size": batch_size}
+
+    def attempt(size):
+        tried["size"] = size
+        run(size)
+        return size
+
+    try:
+        if not auto_batch_size:
+            return attempt(batch_size)
+        settled = search_batch_size(attempt, batch_size, lambda size: size // 2 or None)
+        print(f"--auto-batch-size: batches of {settled} fit")
+        return settled
+    except BaseException as error:
+        cause = out_of_memory_cause(error)
+        if cause is None:
+            raise
+        what, allocation = what_ran_out(cause)
+        raise OutOfMemory(what, doing(tried["size"]), command="eval", stage="generate", batch_size=tried["size"],
+                          allocation=allocation) from cause
 
 
 def prompt_batches(model, tokenizer, prompts: list[str], batch_size: int, padding_side: str, desc: str,
@@ -49,7 +91,8 @@ def prompt_batches(model, tokenizer, prompts: list[str], batch_size: int, paddin
 
 
 def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_size: int = 16,
-             max_new_tokens: Optional[int] = None, predictions_path=None, progress: bool = True) -> dict:
+             max_new_tokens: Optional[int] = None, predictions_path=None, progress: bool = True,
+             auto_batch_size: bool = False) -> dict:
     """Generate for every example, score with the task's answer extraction, and (optionally) write one
     JSON line per example to `predictions_path`.
 
@@ -62,13 +105,18 @@ def evaluate(model, tokenizer, task: Task, examples: list[Example], *, batch_siz
         max_new_tokens: the longest continuation; None = the task's.
         predictions_path: a JSONL file to write (atomically), one scored row per example; None = none.
         progress: show a progress bar.
+        auto_batch_size: out of memory, halve the batch until it fits (else raise OutOfMemory).
 
     Returns:
         {"accuracy": correct / total (0.0 with no examples), "correct": int, "total": int}.
+
+    Raises:
+        OutOfMemory (fastdca.errors, a RuntimeError): a batch did not fit (with auto_batch_size, not even one
+            prompt); it names the batch and what to change, and is raised from the original error.
     """
     responses = generate_responses(model, tokenizer, [ex.prompt for ex in examples], batch_size=batch_size,
                                    max_new_tokens=max_new_tokens or task.max_new_tokens, progress=progress,
-                                   desc=f"eval {task.name}")
+                                   desc=f"eval {task.name}", auto_batch_size=auto_batch_size)
     rows = task.score(responses, examples)
     if predictions_path is not None:
         write_jsonl(predictions_path, rows)
@@ -84,7 +132,8 @@ XG_VARIANCE_DEFINITION = (
 
 
 @torch.no_grad()
-def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progress: bool = True) -> dict:
+def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, progress: bool = True,
+                auto_batch_size: bool = False) -> dict:
     """Var(X_G) across `prompts`, per adapted layer of a patched `model`, as the causal loss measures it.
 
     x_n = the mean of X_G (before o_proj) over the real tokens of prompt n, (Hq, D), from one forward over
@@ -101,6 +150,7 @@ def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, p
         prompts: the prompt texts, e.g. a task's test prompts.
         batch_size: prompts run together in one forward.
         progress: show a progress bar.
+        auto_batch_size: out of memory, halve the batch until it fits (else raise OutOfMemory).
 
     Returns:
         {"definition": how each number is computed, "samples": the prompts counted, "layers": one row per
@@ -112,15 +162,28 @@ def xg_variance(model, tokenizer, prompts: list[str], *, batch_size: int = 16, p
     layers = adapted_layers(model)
     causal = set(layers[len(layers) - get_config(model).causal_layers:])
     moments = {i: _RunningMoments() for i in layers}
-    for batch in prompt_batches(model, tokenizer, prompts, batch_size, "right", "X_G statistics", progress):
-        with record_adapter_attention(model) as records:
-            model(**batch)
-        for i, record in records.items():
-            real = record.real.to(record.xg.dtype)[:, :, None, None]                     # (B, T, 1, 1)
-            counts = real.sum(1)
-            means = (record.xg * real).sum(1) / counts.clamp(min=1)                      # (B, Hq, D)
-            # a prompt with no real token has no mean, as in the causal loss
-            moments[i].add(means[counts.flatten() > 0].flatten(1).to("cpu", torch.float64))
+    done = {"prompts": 0, "tokens": None}
+
+    def measure(size):
+        for batch in prompt_batches(model, tokenizer, prompts[done["prompts"]:], size, "right", "X_G statistics",
+                                    progress):
+            done["tokens"] = batch["input_ids"].shape[1]
+            with record_adapter_attention(model) as records:
+                model(**batch)
+            means = {}
+            for i, record in records.items():
+                real = record.real.to(record.xg.dtype)[:, :, None, None]                     # (B, T, 1, 1)
+                counts = real.sum(1)
+                means[i] = (record.xg * real).sum(1) / counts.clamp(min=1)                   # (B, Hq, D)
+                # a prompt with no real token has no mean, as in the causal loss
+                means[i] = means[i][counts.flatten() > 0].flatten(1).to("cpu", torch.float64)
+            for i, rows in means.items():       # added once the whole batch is measured: a retry repeats none
+                moments[i].add(rows)
+            done["prompts"] += batch["input_ids"].shape[0]
+
+    fit_batches(measure, batch_size, auto_batch_size,
+                lambda size: f"measuring X_G for a batch of {size} prompts"
+                             + (f" of up to {done['tokens']} tokens" if done["tokens"] else ""))
     rows = []
     for i in layers:
         m = moments[i]

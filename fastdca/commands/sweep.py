@@ -93,14 +93,28 @@ def read_results(output_dir) -> list[dict]:
 
 def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None = None, steps: int = 150,
               batch_size: int = 8, learning_rate: float = 1e-2, max_length: int = 256, test_limit=None,
-              progress: bool = True, log=print) -> list[dict]:
+              progress: bool = True, log=print, auto_batch_size: bool = False) -> list[dict]:
     """Train and evaluate every (setting, seed) not yet in results.jsonl; returns all result rows.
 
     `model` is a model directory or "smollm2"; `task` a fastdca Task. The base DCAConfig is the
     paper's with the task's L' (`base` overrides fields), then each setting's fields. The optimisation
     is the demo's: AdamW, cosine schedule with 5% warmup, `steps` steps of `batch_size`. One sweep at a
-    time per `output_dir`: a second one raises RuntimeError while the first runs.
+    time per `output_dir`: a second one raises RuntimeError while the first runs. Out of memory raises
+    fastdca.errors.OutOfMemory advising `fastdca sweep`'s options; auto_batch_size halves each run's micro-batch
+    (the same examples a step) and the evaluation's batches until they fit.
     """
+    from fastdca.errors import OutOfMemory
+
+    try:
+        return _run_sweep(model, task, grid, seeds, output_dir, base=base, steps=steps, batch_size=batch_size,
+                          learning_rate=learning_rate, max_length=max_length, test_limit=test_limit,
+                          progress=progress, log=log, auto_batch_size=auto_batch_size)
+    except OutOfMemory as error:
+        raise error.for_command("sweep") from error.__cause__
+
+
+def _run_sweep(model, task, grid, seeds, output_dir, *, base, steps, batch_size, learning_rate, max_length,
+               test_limit, progress, log, auto_batch_size):
     import torch
 
     from fastdca.commands.eval import evaluate, write_jsonl
@@ -131,12 +145,13 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
             patch(net, config)
             settings = TrainSettings(max_steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                                      warmup=0.05, lr_scheduler="cosine", max_length=max_length,
-                                     save_steps=max(steps // 4, 1), logging_steps=max(steps // 10, 1))
+                                     save_steps=max(steps // 4, 1), logging_steps=max(steps // 10, 1),
+                                     auto_batch_size=auto_batch_size)
             folder = run_dir(output_dir, key)
             history = train(net, tokenizer, task.examples("train"), folder, config=config, settings=settings,
                             progress=progress)
             result = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
-                              predictions_path=folder / "predictions.jsonl")
+                              predictions_path=folder / "predictions.jsonl", auto_batch_size=auto_batch_size)
             last = history[-1] if history else {}
             row = dict(key=key, setting=setting, seed=seed, accuracy=result["accuracy"], correct=result["correct"],
                        total=result["total"], ce=last.get("ce"), causal_loss=last.get("causal_loss"),

@@ -12,6 +12,7 @@ Its modules, from the bottom up (each imports only those above it in this list):
     run_record   run.json: the settings that decide a run's result, and what a new run into the folder does
     checkpoints  what resuming needs of a checkpoint-N folder; its partial folder until it is whole; the adapter
                  a diverged run leaves
+    memory       out of memory in training: the error that says what to change; --auto-batch-size's search
     fsdp         what `--fsdp` adds to Trainer: the FSDP2 options, float32 reduction, the checks
     settings     TrainSettings, the optimisation settings (the paper's defaults)
     data         the examples tokenized, and the collators (padded, bucketed, packed)

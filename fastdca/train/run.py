@@ -1,12 +1,13 @@
 """`train`: one training run into its output folder. The folder is created and checked writable and roomy,
 locked for this run and compared with the run it holds (fastdca.train.run_record: start, resume, or nothing
 to train); then Trainer is set up with fastdca's collator, callbacks and guards, and the loss history, the
-adapter and run.json are written; a diverged or interrupted run says what it left."""
+adapter and run.json are written; a diverged, interrupted or out-of-memory run says what it left."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -20,7 +21,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca.config import DCAConfig
-from fastdca.errors import TrainingDiverged, TrainingInterrupted
+from fastdca.errors import TrainingDiverged, TrainingInterrupted, out_of_memory_cause
 from fastdca.grad_share import warn_if_causal_term_inert
 from fastdca.hf import load_adapter, save_adapter
 from fastdca.io import atomic_write_text
@@ -30,7 +31,8 @@ from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint, re
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
 from fastdca.train.locks import only_writer
-from fastdca.train.run_record import decide_run, differences, read_record, run_record, write_record
+from fastdca.train.memory import Retries, SettledMicroBatch, micro_batch_floor, out_of_memory_in_training, search_micro_batch
+from fastdca.train.run_record import decide_run, differences, read_record, run_record, split_change, write_record
 from fastdca.train.settings import TrainSettings, compile_mode
 from fastdca.train.trainer import DCATrainer, LogLastStep, LossProgressBar
 
@@ -76,6 +78,9 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
             folder that cannot be written or holds another run, too little free disk.
         AdapterError (a ValueError): the checkpoint to resume lacks a file or is damaged.
         RuntimeError: another run holds the folder's lock.
+        OutOfMemory (fastdca.errors, a RuntimeError): a step ran out of memory (with settings.auto_batch_size, even
+            the smallest micro-batch); it names what ran out, the micro-batch, what to change and the checkpoint
+            a resume starts from, and is raised from the original error.
         OSError: writing a checkpoint failed (a full disk, say): nothing of that checkpoint is left, the ones
             before it are whole.
         TrainingDiverged: a non-finite loss or gradient (output_dir's adapter is the last checkpoint's, if any).
@@ -84,6 +89,9 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
     settings = TrainSettings() if settings is None else settings
     if settings.fsdp:
         fsdp.check_launch()
+    if settings.auto_batch_size and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--auto-batch-size searches in one process (ranks that shrink their micro-batches apart "
+                         "would wait on each other); give each process a --batch-size and --grad-accum that fit")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not examples:
@@ -102,6 +110,7 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
         removed = remove_partial_checkpoint(output_dir)
         if removed:
             print(removed)
+        saved = read_record(output_dir)
         action, carried = decide_run(output_dir, record, resume=resume, overwrite=overwrite,
                                      resume_anyway=resume_anyway)
         if action == "finished":
@@ -109,11 +118,33 @@ def train(model, tokenizer, examples: list[Example], output_dir, *, config: DCAC
                   "trains it again from the start)")
             return _finished_run(model, output_dir)
         check_free_space(output_dir, model, settings)
+        if action == "resume" and split_change(saved, record):
+            print(f"resuming with another micro-batch: {split_change(saved, record)}")
+        start = _recorded_micro_batch(saved if action == "resume" else None, settings)
+        if start is not None:
+            record["auto_batch_size"] = saved["auto_batch_size"]
         write_record(output_dir, record, finished=False, resumed_anyway=carried)
+
+        def settled(batch_size, grad_accum):
+            record["auto_batch_size"] = {"batch_size": batch_size, "grad_accum": grad_accum}
+            write_record(output_dir, record, finished=False)
+
         history = _train(model, tokenizer, rows, output_dir, config, settings, action == "resume", progress,
-                         callbacks)
+                         callbacks, start_batch=start, settled=settled)
         write_record(output_dir, record, finished=True)
         return history
+
+
+def _recorded_micro_batch(saved, settings):
+    """The micro-batch a resumed --auto-batch-size run settled on (run.json's "auto_batch_size"), where its
+    search starts again, if it holds the same examples a step; else None."""
+    recorded = (saved or {}).get("auto_batch_size")
+    if not settings.auto_batch_size or not isinstance(recorded, dict):
+        return None
+    batch, accum = recorded.get("batch_size"), recorded.get("grad_accum")
+    if not isinstance(batch, int) or not isinstance(accum, int) or batch < 1:
+        return None
+    return batch if batch * accum == settings.batch_size * settings.grad_accum else None
 
 
 
@@ -160,7 +191,8 @@ def check_free_space(output_dir, model, settings) -> None:
                          "another folder")
 
 
-def _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks):
+def _train(model, tokenizer, rows, output_dir, config, settings, resume, progress, callbacks, start_batch=None,
+           settled=None):
     on_cuda = next(model.parameters()).is_cuda
     args = TrainingArguments(
         output_dir=str(output_dir),
@@ -218,13 +250,29 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
     trainer.add_callback(NonFiniteGuard(trainer, settings.nonfinite))
     interrupt = InterruptGuard()
     trainer.add_callback(interrupt)
+    retries = Retries(trainer, model, checkpoint, settings.auto_batch_size)
+
+    def run(batch_size, grad_accum):
+        return trainer.train(resume_from_checkpoint=retries.start(batch_size, grad_accum))
+
     try:
-        with interrupt, _compiled_backward_retains_graph(settings.compile):
-            trainer.train(resume_from_checkpoint=checkpoint)
+        with interrupt, _compiled_backward_retains_graph(settings.compile), _quiet_resume_warning():
+            if settings.auto_batch_size:
+                if settled is not None:
+                    trainer.add_callback(SettledMicroBatch(settled))
+                search_micro_batch(run, start_batch or settings.batch_size, settings.batch_size * settings.grad_accum,
+                                   micro_batch_floor(config))
+            else:
+                run(settings.batch_size, settings.grad_accum)
     except TrainingDiverged as diverged:
         _write_history(trainer, output_dir)
         kept = keep_last_checkpoint(trainer, output_dir)
         raise TrainingDiverged(diverged.step, diverged.ce, diverged.causal_loss, diverged.detail, kept) from None
+    except BaseException as error:
+        cause = out_of_memory_cause(error)
+        if cause is None:
+            raise
+        raise out_of_memory_in_training(cause, trainer, settings, config, output_dir) from cause
     finally:
         if bar is not None:
             bar.close()        # the bar's line ends before any message that follows it
@@ -240,6 +288,27 @@ def _train(model, tokenizer, rows, output_dir, config, settings, resume, progres
     if trainer.is_world_process_zero():
         warn_if_causal_term_inert(history, config.alpha)
     return history
+
+
+class _DropResumeArgumentsWarning(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith("Warning: The following arguments do not match")
+
+
+@contextlib.contextmanager
+def _quiet_resume_warning():
+    """Without Trainer's multi-line warning that a resumed checkpoint's batch size (or logging, saving steps)
+    differs from the run's: run.json compares the settings that change the result and names them itself
+    (fastdca.train.run_record), and another micro-batch of the same examples a step is expected."""
+    quiet = _DropResumeArgumentsWarning()
+    loggers = [logging.getLogger(name) for name in ("transformers.trainer", "transformers.trainer_utils")]
+    for logger in loggers:
+        logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(quiet)
 
 
 def _compiled_backward_retains_graph(compiled: bool):

@@ -4,7 +4,10 @@ into that folder takes from it: start, resume, or stop because the run there is 
 run.json holds every setting that changes the result (the data's fingerprint, the model, the
 optimisation settings, the DCAConfig) and whether the run finished. A resume with other settings would
 silently mix two runs, and a new run into a finished run's folder would silently replace its adapter:
-both are refused, naming each difference, unless asked for (resume_anyway, overwrite).
+both are refused, naming each difference, unless asked for (resume_anyway, overwrite). The same examples a
+step split into other micro-batches (batch_size x grad_accum, what a run short of memory changes) is the
+same run: a resume takes it and records it. With --auto-batch-size run.json also keeps the micro-batch the
+search settled on ("auto_batch_size"), where a resume starts.
 """
 
 from __future__ import annotations
@@ -44,13 +47,32 @@ def run_record(examples, settings, config, model_name=None) -> dict:
     return json.loads(json.dumps(record, default=str))
 
 
+def split_change(saved: dict, record: dict):
+    """'settings.batch_size x grad_accum: 96 x 1 -> 48 x 2 (the same 96 examples a step)' when two records split
+    the same examples a step into other micro-batches, else None."""
+    old, new = saved.get("settings"), record.get("settings")
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return None
+    try:
+        before, after = (old["batch_size"], old["grad_accum"]), (new["batch_size"], new["grad_accum"])
+        same = before != after and before[0] * before[1] == after[0] * after[1]
+    except (KeyError, TypeError):
+        return None
+    return (f"settings.batch_size x grad_accum: {before[0]} x {before[1]} -> {after[0]} x {after[1]} (the same "
+            f"{after[0] * after[1]} examples a step)") if same else None
+
+
 def differences(saved: dict, record: dict) -> list:
-    """'name: old -> new' for each setting that differs between two run records."""
+    """'name: old -> new' for each setting that differs between two run records; another split of the same
+    examples a step into micro-batches is not one (split_change)."""
+    split = split_change(saved, record) is not None
     out = []
     for section in ("data", "model", "settings", "config", "sharding"):
         old, new = saved.get(section), record.get(section)
         if isinstance(old, dict) and isinstance(new, dict):
             for name in sorted(set(old) | set(new)):
+                if split and section == "settings" and name in ("batch_size", "grad_accum"):
+                    continue
                 if old.get(name) != new.get(name):
                     out.append(f"{section}.{name}: {old.get(name)!r} -> {new.get(name)!r}")
         elif old != new:
@@ -109,9 +131,26 @@ def decide_run(output_dir, record: dict, *, resume: bool, overwrite: bool, resum
         return "fresh", []
     if diffs and not resume_anyway:
         raise ValueError(f"{output_dir} holds an unfinished run with other settings ({'; '.join(diffs)}); resuming "
-                         "would mix them: pass --resume-anyway to resume with the new settings, --no-resume to "
-                         "start over, or give another --output")
-    return "resume", diffs
+                         f"would mix them: pass --resume-anyway to resume with the new settings, --no-resume to "
+                         f"start over, or give another --output{_split_hint(saved, record)}")
+    split = split_change(saved, record)
+    return "resume", diffs + ([split] if split else [])
+
+
+def _split_hint(saved: dict, record: dict) -> str:
+    """Where the micro-batch is all that changed and with it the examples a step (a run short of memory given a
+    smaller --batch-size alone): the --grad-accum with which the same command resumes instead."""
+    old, new = saved.get("settings") or {}, record.get("settings") or {}
+    others = [d for d in differences(saved, record)
+              if not d.startswith(("settings.batch_size:", "settings.grad_accum:"))]
+    try:
+        effective = old["batch_size"] * old["grad_accum"]
+        if not others and new["batch_size"] != old["batch_size"] and effective % new["batch_size"] == 0:
+            return (f" (--batch-size {new['batch_size']} --grad-accum {effective // new['batch_size']} keeps its "
+                    f"{effective} examples a step, and resumes)")
+    except (KeyError, TypeError):
+        pass
+    return ""
 
 
 def write_record(output_dir, record: dict, *, finished: bool, resumed_anyway=()) -> None:

@@ -35,6 +35,7 @@ class TrainSettings:
     compile_mode: Optional[str] = None  # torch.compile mode; None: "reduce-overhead" (CUDA graphs) on CUDA
     gradient_checkpointing: bool = False  # recompute each decoder layer in the backward (non-reentrant)
     fsdp: bool = False             # shard the model over the launched processes (FSDP2; fastdca.train.fsdp)
+    auto_batch_size: bool = False  # out of memory: halve the micro-batch, double grad_accum (fastdca.train.memory)
     extra: dict = field(default_factory=dict)  # further TrainingArguments fields
 
     def __post_init__(self):

@@ -51,6 +51,30 @@ class DCATrainer(Trainer):
         self._share = {"step": None, "value": None}
         self._staging = None                    # set while a checkpoint is written into the partial folder
         self.last_checkpoint_written = None     # the checkpoint-N folder this trainer last moved into place
+        self.last_micro_batch_shape = None      # the input_ids shape of the latest micro-batch (an OOM names it)
+
+    def use_micro_batch(self, batch_size: int, grad_accum: int) -> None:
+        """Train with micro-batches of `batch_size`, `grad_accum` of them a step (--auto-batch-size's tries);
+        Trainer does the accumulation itself (its accelerator's is 1), reading both from args."""
+        self.args.per_device_train_batch_size = batch_size
+        self.args.gradient_accumulation_steps = grad_accum
+        self._train_batch_size = batch_size
+
+    def _inner_training_loop(self, batch_size=None, *args, **kwargs):
+        # The micro-batch is the one in args: transformers 5.0 resumes a checkpoint at the batch size its
+        # trainer_state.json recorded (5.2x only under auto_find_batch_size), which would silently undo
+        # another split of the same examples a step (fastdca.train.run_record decides what a resume may change).
+        return super()._inner_training_loop(self.args.train_batch_size, *args, **kwargs)
+
+    def forget_try(self) -> None:
+        """Drop what a try that ran out of memory left: the optimizer and schedule it created (the next try
+        creates them again, or loads a checkpoint's), the losses it summed, its model wrapping."""
+        self.optimizer = self.lr_scheduler = None
+        self._loss_sums = {"ce": 0.0, "causal": 0.0, "n": 0}
+        self._step_losses = []
+        self._share = {"step": None, "value": None}
+        self.model_wrapped = self.model
+        self.last_micro_batch_shape = None
 
     def take_step_losses(self) -> list:
         """The {"loss", "ce", "causal_loss"} of each micro-batch since the last call (NonFiniteGuard)."""
@@ -58,6 +82,8 @@ class DCATrainer(Trainer):
         return losses
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and isinstance(inputs.get("input_ids"), torch.Tensor):
+            self.last_micro_batch_shape = tuple(inputs["input_ids"].shape)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
                                              num_items_in_batch=num_items_in_batch)
         if model.training:
@@ -193,15 +219,21 @@ def _checkpoint_write_error(error, staging, final, run_dir):
 
 
 class LossProgressBar(TrainerCallback):
-    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss. `close()` ends its line,
-    as a run that stops on an error must before the error's line."""
+    """One tqdm bar over the optimisation steps, showing the latest CE and causal loss; a try that starts again
+    (--auto-batch-size) reuses it. `close()` ends its line, as a run that stops on an error must before the
+    error's line."""
 
     def __init__(self):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
+        if not state.is_world_process_zero:
+            return
+        if self.bar is None:
             self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", dynamic_ncols=True)
+        else:
+            self.bar.reset(total=state.max_steps)
+            self.bar.update(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.bar is not None:
