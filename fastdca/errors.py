@@ -97,7 +97,8 @@ def search_batch_size(run, start: int, smaller):
     from accelerate.utils import find_executable_batch_size
 
     if "reduce_batch_size_fn" not in inspect.signature(find_executable_batch_size).parameters:
-        raise RuntimeError(f"--auto-batch-size needs accelerate >= {ACCELERATE_WITH_REDUCTION}: pip install -U accelerate")
+        raise RuntimeError(f"--auto-batch-size needs accelerate >= {ACCELERATE_WITH_REDUCTION}: "
+                           "pip install -U accelerate")
     tried = {"size": start, "error": None}
 
     def reduce():

@@ -31,7 +31,8 @@ from fastdca.train.checkpoints import check_checkpoint, keep_last_checkpoint, re
 from fastdca.train.data import PadCollator, length_buckets, packing_collator, tokenize_examples
 from fastdca.train.guards import InterruptGuard, NonFiniteGuard
 from fastdca.train.locks import only_writer
-from fastdca.train.memory import Retries, SettledMicroBatch, micro_batch_floor, out_of_memory_in_training, search_micro_batch
+from fastdca.train.memory import (Retries, SettledMicroBatch, micro_batch_floor, out_of_memory_in_training,
+                                  search_micro_batch)
 from fastdca.train.run_record import decide_run, differences, read_record, run_record, split_change, write_record
 from fastdca.train.settings import TrainSettings, compile_mode
 from fastdca.train.trainer import DCATrainer, LogLastStep, LossProgressBar

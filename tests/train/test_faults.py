@@ -228,9 +228,9 @@ def test_a_full_disk_in_the_middle_of_a_checkpoint_leaves_it_absent_and_the_same
     out = tmp_path / "run"
     assert exit_code(checkpoint_argv(tiny_model_dir, out)) == 2
     last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
-    assert last == ("fastdca train: error: writing checkpoint 3 failed (No space left on device); nothing of it was kept "
-                    "and checkpoint-2 is whole: free some space and run the same command again to resume from it: "
-                    f"{out / 'checkpoint-3' / 'rng_state.pth'}")
+    assert last == ("fastdca train: error: writing checkpoint 3 failed (No space left on device); nothing of it was "
+                    "kept and checkpoint-2 is whole: free some space and run the same command again to resume from "
+                    f"it: {out / 'checkpoint-3' / 'rng_state.pth'}")
     assert sorted(p.name for p in out.iterdir() if p.name.startswith((".c", "c"))) == ["checkpoint-1", "checkpoint-2"]
     monkeypatch.undo()
     assert main(checkpoint_argv(tiny_model_dir, out)) == 0
@@ -249,7 +249,7 @@ KILL_DRIVER = textwrap.dedent("""
     def save(obj, f, *args, **kwargs):
         real_save(obj, f, *args, **kwargs)
         if "checkpoint-3" in str(f) and str(f).endswith("scheduler.pt"):
-            os.kill(os.getpid(), signal.SIGKILL)     # in the middle of checkpoint-3: its rng state and trainer state unwritten
+            os.kill(os.getpid(), signal.SIGKILL)     # mid checkpoint-3: its RNG and trainer states unwritten
 
 
     torch.save = save

@@ -129,13 +129,27 @@ def test_auto_batch_size_keeps_the_examples_a_step_and_equals_the_run_at_the_bat
     assert gpu_fits["calls"] == 0
     assert json.loads((auto / "run.json").read_text())["auto_batch_size"] == {"batch_size": 4, "grad_accum": 2}
 
-    # with the causal loss on, no micro-batch below 2 (the variance over one sample is 0)
-    gpu_fits["rows"] = 1
-    assert exit_code(train_argv(tiny_model_dir, tmp_path / "none", "--auto-batch-size")) == 2
-    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
-    assert "a micro-batch of 2 examples" in last and "(batch size 2, accumulation 4" in last
-    assert "(no micro-batch below 2: the variance over one sample is 0, no causal loss)" in last
-    assert [next_micro_batch(s, 96, 2) for s in (96, 48, 24, 12, 6, 3)] == [48, 24, 12, 6, 3, None]
+
+
+def test_the_search_halves_to_divisors_of_the_step_and_stops_at_the_floor():
+    """With the causal loss on, no micro-batch below 2 (the variance over one sample is 0): the search re-raises the
+    last out-of-memory error, and the message says why it stopped."""
+    from fastdca.train.memory import search_micro_batch
+
+    tried = []
+
+    def run(batch_size, grad_accum):
+        tried.append((batch_size, grad_accum))
+        raise torch.OutOfMemoryError(GPU_OOM)
+
+    with pytest.raises(torch.OutOfMemoryError):
+        search_micro_batch(run, 96, 96, 2)
+    assert tried == [(96, 1), (48, 2), (24, 4), (12, 8), (6, 16), (3, 32)]
+    assert [next_micro_batch(s, 24, 1) for s in (6, 3, 1)] == [3, 1, None]
+    error = OutOfMemory("GPU memory", "in training step 1", batch_size=3, grad_accum=32, min_batch=2)
+    assert str(error) == ("out of GPU memory in training step 1. To fit, try --gradient-checkpointing, a shorter "
+                          "--max-length or --load-in-4bit (no micro-batch below 2: the variance over one sample is 0, "
+                          "no causal loss)")
 
 
 def test_eval_out_of_memory_and_auto_batch_size(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -169,8 +183,8 @@ def test_out_of_memory_elsewhere_and_in_demo_and_sweep_names_their_options(monke
 
     monkeypatch.setattr(cli, "load", load)
     assert exit_code(["eval", "--model", "m", "--task", "letter_concat"]) == 2
-    assert capsys.readouterr().err == ("fastdca eval: error: out of CPU memory (RAM) in fastdca eval: it tried to allocate "
-                                       "1.11 GB. To fit, try --load-in-4bit or a smaller --batch-size\n")
+    assert capsys.readouterr().err == ("fastdca eval: error: out of CPU memory (RAM) in fastdca eval: it tried to "
+                                       "allocate 1.11 GB. To fit, try --load-in-4bit or a smaller --batch-size\n")
 
     def demo(**kwargs):
         raise OutOfMemory("CPU memory (RAM)", "in training step 1, a micro-batch of 8 examples", batch_size=8,
@@ -179,8 +193,9 @@ def test_out_of_memory_elsewhere_and_in_demo_and_sweep_names_their_options(monke
     monkeypatch.setattr(demo_module, "_demo", demo)
     assert exit_code(["demo", "--model", "m"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fastdca demo: error: out of CPU memory (RAM) in training step 1") and "--grad-accum" not in err
-    assert "To fit, try --auto-batch-size" in err and "same command with --auto-batch-size resumes from checkpoint-4" in err
+    assert err.startswith("fastdca demo: error: out of CPU memory (RAM) in training step 1")
+    assert "--grad-accum" not in err and "To fit, try --auto-batch-size" in err
+    assert "the same command with --auto-batch-size resumes from checkpoint-4" in err
 
 
 REAL_DRIVER = textwrap.dedent("""
@@ -203,7 +218,8 @@ REAL_DRIVER = textwrap.dedent("""
                 LimitMemory.set = True
                 with open("/proc/self/status") as f:
                     size = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-                resource.setrlimit(resource.RLIMIT_AS, (size + margin * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+                hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+                resource.setrlimit(resource.RLIMIT_AS, (size + margin * 2**20, hard))
 
 
     original = fastdca.train.train
