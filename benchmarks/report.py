@@ -99,8 +99,8 @@ def render(data, steps, ops, chart_name):
             "saves for backward, each storage once, parameters excluded. "
             f"Targets for fastdca with alpha=1: at most {TIME_TARGET}x the floor in time and {BYTES_TARGET}x in "
             "saved bytes, and below PEFT's AdaptionPrompt on both. fastdca-alpha1 is the default causal loss "
-            "(variance token, xg_space hidden), which keeps one float32 (B, T, hidden) per causal layer for "
-            "backward; fastdca-alpha1-sample-head the cheaper sample/head definition (README: Which causal loss).",
+            "(variance token, xg_space hidden), which keeps the Hq·H causal weights per token and causal layer for "
+            "backward; fastdca-alpha1-sample-head the sample/head definition (README: Which causal loss).",
             "",
             "| variant | time / step | x floor | saved for backward | x floor | peak memory |",
             "|---|---|---|---|---|---|",

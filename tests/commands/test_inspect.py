@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fastdca import DCAConfig
+from fastdca import DCAConfig, reference
 from fastdca.commands.attention_maps import adapter_attention_maps
 from fastdca.cli import main
 from fastdca.commands.eval import xg_variance
@@ -38,8 +38,8 @@ def patched_tiny(path, seed=3):
 
 
 class OpSpy:
-    """Replaces the op patch.py calls: records each adapted layer's inputs and the op's own X_G per token
-    (xg="token"), computed by the op independently of `record_adapter_attention`."""
+    """Replaces the op patch.py calls: records each adapted layer's inputs and X_G per token from the op's own
+    causal weights (xg="token"; X_G = w av[:H]), computed independently of `record_adapter_attention`."""
 
     def __init__(self, monkeypatch):
         self.calls = []
@@ -48,8 +48,8 @@ class OpSpy:
 
     def __call__(self, q, k, v, ak, av, gate, **kwargs):
         kwargs["xg"] = "token"
-        out, xg = self.op(q, k, v, ak, av, gate, **kwargs)
-        self.calls.append(dict(q=q, ak=ak, av=av, gate=gate, scale=kwargs["scale"], xg=xg))
+        out, weights = self.op(q, k, v, ak, av, gate, **kwargs)
+        self.calls.append(dict(q=q, ak=ak, av=av, gate=gate, scale=kwargs["scale"], xg=reference.x_g(weights, av)))
         return out, None
 
 
