@@ -59,9 +59,9 @@ def _exit(parser, status: int, message: str):
 
 
 def _as_out_of_memory(error, command: str):
-    """An out-of-memory error that fastdca's steps did not already explain (fastdca.errors.OutOfMemory), as one
+    """An out-of-memory error that fastdca's steps did not already explain (fastdca.out_of_memory.OutOfMemory), as one
     that says what ran out and what `command` can change; any other error as it is."""
-    from fastdca.errors import OutOfMemory, out_of_memory_cause, what_ran_out
+    from fastdca.out_of_memory import OutOfMemory, out_of_memory_cause, what_ran_out
 
     cause = out_of_memory_cause(error)
     if cause is None or isinstance(error, OutOfMemory):

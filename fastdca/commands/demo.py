@@ -19,9 +19,9 @@ def demo(*, model: str = "smollm2", steps: int = 150, batch_size: int = 8, learn
          auto_batch_size: bool = False) -> dict:
     """Run the demo; returns {"before", "after", "train_seconds", "plot", ...}. An interrupted demo resumes
     from its checkpoint; a finished one is reused (its adapter loaded, no training) unless overwrite. Out of
-    memory raises fastdca.errors.OutOfMemory advising `fastdca demo`'s options; auto_batch_size halves the
+    memory raises fastdca.out_of_memory.OutOfMemory advising `fastdca demo`'s options; auto_batch_size halves the
     micro-batch (the same examples a step) and the evaluation's batches until they fit."""
-    from fastdca.errors import OutOfMemory
+    from fastdca.out_of_memory import OutOfMemory
 
     try:
         return _demo(model=model, steps=steps, batch_size=batch_size, learning_rate=learning_rate, n_test=n_test,

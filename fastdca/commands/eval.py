@@ -1,5 +1,5 @@
 """Accuracy on a task from batched greedy generation with the KV cache, and the spread of X_G across the
-evaluated samples (`fastdca eval --xg-stats`). Out of memory, both raise fastdca.errors.OutOfMemory naming the
+evaluated samples (`fastdca eval --xg-stats`). Out of memory, both raise fastdca.out_of_memory.OutOfMemory naming the
 batch; with auto_batch_size they halve the batch until it fits, keeping the batches already done."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 
-from fastdca.errors import OutOfMemory, out_of_memory_cause, search_batch_size, what_ran_out
+from fastdca.out_of_memory import OutOfMemory, out_of_memory_cause, search_batch_size, what_ran_out
 from fastdca.io import atomic_write_text
 from fastdca.tasks import Example, Task
 
@@ -44,7 +44,7 @@ def generate_responses(model, tokenizer, prompts: list[str], *, batch_size: int 
 
 def fit_batches(run, batch_size: int, auto_batch_size: bool, doing) -> int:
     """`run(batch_size)`; with auto_batch_size, after an out-of-memory error run(half of it) and so on
-    (fastdca.errors.search_batch_size), the batch it settled on printed once. An out-of-memory error that is
+    (fastdca.out_of_memory.search_batch_size), the batch it settled on printed once. An out-of-memory error that is
     not searched past becomes OutOfMemory, `doing(the batch size)` naming the step. Returns the batch size
     that ran."""
     tried = {"size": batch_size}

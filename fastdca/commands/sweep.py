@@ -100,10 +100,10 @@ def run_sweep(model, task, grid: dict, seeds, output_dir, *, base: dict | None =
     paper's with the task's L' (`base` overrides fields), then each setting's fields. The optimisation
     is the demo's: AdamW, cosine schedule with 5% warmup, `steps` steps of `batch_size`. One sweep at a
     time per `output_dir`: a second one raises RuntimeError while the first runs. Out of memory raises
-    fastdca.errors.OutOfMemory advising `fastdca sweep`'s options; auto_batch_size halves each run's micro-batch
+    fastdca.out_of_memory.OutOfMemory advising `fastdca sweep`'s options; auto_batch_size halves each run's micro-batch
     (the same examples a step) and the evaluation's batches until they fit.
     """
-    from fastdca.errors import OutOfMemory
+    from fastdca.out_of_memory import OutOfMemory
 
     try:
         return _run_sweep(model, task, grid, seeds, output_dir, base=base, steps=steps, batch_size=batch_size,

@@ -1,4 +1,4 @@
-"""Out of memory in training: the error that says what ran out and what to change (fastdca.errors.OutOfMemory),
+"""Out of memory in training: the error that says what ran out and what to change (fastdca.out_of_memory.OutOfMemory),
 and `--auto-batch-size`, which halves the micro-batch and doubles the accumulation until a step fits.
 
 The search is accelerate's find_executable_batch_size (what transformers' auto_find_batch_size runs) with a
@@ -17,7 +17,7 @@ import torch
 from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from fastdca.errors import OutOfMemory, next_micro_batch, search_batch_size, what_ran_out
+from fastdca.out_of_memory import OutOfMemory, next_micro_batch, search_batch_size, what_ran_out
 
 def micro_batch_floor(config) -> int:
     """The smallest micro-batch that still has a causal loss: 2 with alpha > 0 (L_causal is a variance over the
@@ -28,7 +28,7 @@ def micro_batch_floor(config) -> int:
 def search_micro_batch(run, start: int, effective: int, floor: int):
     """`run(micro_batch, grad_accum)` with micro_batch = start, then after each out-of-memory error with the
     next smaller micro-batch that divides `effective` (at most half the last, at least `floor`) and
-    grad_accum = effective / micro_batch, until one returns (fastdca.errors.search_batch_size: accelerate's
+    grad_accum = effective / micro_batch, until one returns (fastdca.out_of_memory.search_batch_size: accelerate's
     find_executable_batch_size). Returns what `run` returned; when none fits, the last out-of-memory error
     propagates."""
     return search_batch_size(lambda size: run(size, effective // size), start,

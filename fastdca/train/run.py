@@ -21,7 +21,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from fastdca.config import DCAConfig
-from fastdca.errors import TrainingDiverged, TrainingInterrupted, out_of_memory_cause
+from fastdca.errors import TrainingDiverged, TrainingInterrupted
+from fastdca.out_of_memory import out_of_memory_cause
 from fastdca.grad_share import warn_if_causal_term_inert
 from fastdca.hf import load_adapter, save_adapter
 from fastdca.io import atomic_write_text

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from fastdca.cli import main
-from fastdca.errors import OutOfMemory, next_micro_batch
+from fastdca.out_of_memory import OutOfMemory, next_micro_batch
 
 GPU_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.19 GiB of which 1.00 MiB "
            "is free. Of the allocated memory 77.50 GiB is allocated by PyTorch")
