@@ -153,9 +153,11 @@ def _run_sweep(model, task, grid, seeds, output_dir, *, base, steps, batch_size,
             result = evaluate(net, tokenizer, task, test, batch_size=25, progress=progress,
                               predictions_path=folder / "predictions.jsonl", auto_batch_size=auto_batch_size)
             last = history[-1] if history else {}
+            # the gradient share is measured every few logging steps: the last measurement, not the last step's
+            shares = [entry["grad_share"] for entry in history if entry.get("grad_share") is not None]
             row = dict(key=key, setting=setting, seed=seed, accuracy=result["accuracy"], correct=result["correct"],
                        total=result["total"], ce=last.get("ce"), causal_loss=last.get("causal_loss"),
-                       grad_share=last.get("grad_share"), seconds=round(time.perf_counter() - started, 1),
+                       grad_share=shares[-1] if shares else None, seconds=round(time.perf_counter() - started, 1),
                        config=config.to_dict())
             rows.append(row)
             done.add(key)

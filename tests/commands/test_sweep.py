@@ -85,3 +85,19 @@ def test_summary_mean_and_std():
     assert by_alpha[1.0]["mean"] == pytest.approx(0.2) and by_alpha[1.0]["std"] == pytest.approx(0.1414213, rel=1e-6)
     assert by_alpha[1.0]["grad_share"] == pytest.approx(2e-3) and by_alpha[0.0]["n"] == 1
     assert json.dumps(by_alpha[0.0]["setting"]) == '{"alpha": 0.0}'
+
+
+def test_the_grad_share_is_the_last_measured_one(tiny_model_dir, tmp_path):
+    """The share is measured at logging steps (every steps // 10); a last step off that grid logs none, and the
+    results keep the last measurement instead of nothing."""
+    output = tmp_path / "sweep"
+    argv = ["sweep", "--model", str(tiny_model_dir), "--task", "letter_concat", "--grid", "adapter_layers=2",
+            "--grid", "adapter_len=4", "--grid", "alpha=1", "--task-option", "n_train=16", "--steps", "21",
+            "--batch-size", "2", "--limit", "2", "--output", str(output)]
+    assert main(argv) == 0
+    (row,) = read_results(output)
+    (run,) = (output / "runs").iterdir()
+    history = json.loads((run / "loss_history.json").read_text())
+    assert history[-1]["step"] == 21 and history[-1]["grad_share"] is None
+    measured = [entry["grad_share"] for entry in history if entry["grad_share"] is not None]
+    assert measured and row["grad_share"] == measured[-1] > 0
