@@ -84,6 +84,16 @@ def table(directory: Path) -> str:
     return "\n".join(lines)
 
 
+def replace_table(text: str, name: str, table_text: str) -> str:
+    """`text` with what stands between `<!-- studies/NAME -->` and `<!-- /studies/NAME -->` replaced by the table
+    (unchanged where the markers are absent)."""
+    start, end = f"<!-- studies/{name} -->", f"<!-- /studies/{name} -->"
+    if start not in text:
+        return text
+    before, rest = text.split(start, 1)
+    return f"{before}{start}\n{table_text}\n{end}{rest.split(end, 1)[1]}"
+
+
 def plot_xg(directory: Path, path: Path) -> None:
     """Against alpha, one line per definition: the causal grad share at the end of training, and the
     held-out Var(X_G) and Var / mean x² (means over seeds), LLaMA-Adapter's as a dashed line."""
@@ -135,10 +145,8 @@ def main() -> int:
     text = results.read_text()
     for name in DIRECTORIES:
         directory = STUDIES / name
-        start, end = f"<!-- studies/{name} -->", f"<!-- /studies/{name} -->"
-        if (directory / "results.jsonl").is_file() and start in text:
-            before, rest = text.split(start, 1)
-            text = f"{before}{start}\n{table(directory)}\n{end}{rest.split(end, 1)[1]}"
+        if (directory / "results.jsonl").is_file():
+            text = replace_table(text, name, table(directory))
     atomic_write_text(results, text)
     plot_xg(STUDIES / "letters", STUDIES / "letters" / "xg.png")
     return 0
