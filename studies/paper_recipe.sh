@@ -5,8 +5,12 @@
 # causal loss (variance token, xg_space hidden), LLaMA-Adapter at alpha = 0, nothing else different.
 # 3 seeds each, seed-major, paired by seed. The sweep's schedule: cosine with 5% warmup (the paper names none).
 # Resumable: run it again and finished runs are skipped; an interrupted run resumes from its checkpoint.
+# OUT (default studies/paper_recipe) is where the task folders go; TASKS picks them (default both, letters
+# first). The runs are deterministic on the CPU: OUT=/tmp/rerun reproduces every row, and its run folders
+# hold the per-item predictions that studies/paired_comparison.py --runs /tmp/rerun copies into the study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+OUT=${OUT:-studies/paper_recipe}
 RECIPE="--model smollm2 --batch-size 4 --lr 1e-3 --max-length 256 --grid alpha=0,1"
 
 # Letter Concatenation, second-last letters: N_TRAIN names (5 epochs = 5 * N_TRAIN / 4 steps), 400 held out.
@@ -15,7 +19,7 @@ RECIPE="--model smollm2 --batch-size 4 --lr 1e-3 --max-length 256 --grid alpha=0
 # steps, 4,000 examples seen) take about 13 min a run.
 LETTERS_TRAIN=${LETTERS_TRAIN:-800}
 LETTER_OPTIONS="--task-option train_variants=second_last --task-option n_train=$LETTERS_TRAIN --task-option n_test=400"
-LETTERS="--task letter_concat $LETTER_OPTIONS --steps $(( 5 * LETTERS_TRAIN / 4 )) --output studies/paper_recipe/letters"
+LETTERS="--task letter_concat $LETTER_OPTIONS --steps $(( 5 * LETTERS_TRAIN / 4 )) --output $OUT/letters"
 # Date Understanding (BIG-bench, 369 items): 300 held out, the other 69 trained on (5 epochs = 87 steps).
 # The second task, chosen by a base-model check (`fastdca eval --model smollm2 --task T`, 100 items) and the
 # earlier short runs (studies/date_understanding, studies/math401): the base model answers 10% of Date
@@ -23,12 +27,20 @@ LETTERS="--task letter_concat $LETTER_OPTIONS --steps $(( 5 * LETTERS_TRAIN / 4 
 # the floor (base 5%, adapters 5.7-7.3%); AddSub holds out only 61 items (the rest of it is in the training
 # mix), short of the 300 the comparison needs.
 DATE_OPTIONS="--task-option test_size=300"
-DATES="--task date_understanding $DATE_OPTIONS --steps 87 --output studies/paper_recipe/date_understanding"
+DATES="--task date_understanding $DATE_OPTIONS --steps 87 --output $OUT/date_understanding"
 
+TASKS=${TASKS:-letters dates}
+for task in $TASKS; do
+  [[ $task == letters || $task == dates ]] || { echo "TASKS: expected letters and/or dates, got $task" >&2; exit 2; }
+done
 for seed in ${SEEDS:-0 1 2}; do
-  fastdca sweep $RECIPE $LETTERS --seeds $seed
-  fastdca sweep $RECIPE $DATES --seeds $seed
+  for task in $TASKS; do
+    if [[ $task == letters ]]; then fastdca sweep $RECIPE $LETTERS --seeds $seed
+    else fastdca sweep $RECIPE $DATES --seeds $seed; fi
+  done
 done
 # Held-out Var(X_G) and Var / mean x^2 of every run's adapter on its task's test prompts (xg_stats.jsonl)
-python studies/xg_stats.py studies/paper_recipe/letters --task letter_concat $LETTER_OPTIONS
-python studies/xg_stats.py studies/paper_recipe/date_understanding --task date_understanding $DATE_OPTIONS
+for task in $TASKS; do
+  if [[ $task == letters ]]; then python studies/xg_stats.py $OUT/letters --task letter_concat $LETTER_OPTIONS
+  else python studies/xg_stats.py $OUT/date_understanding --task date_understanding $DATE_OPTIONS; fi
+done
