@@ -206,8 +206,6 @@ def build_parser() -> argparse.ArgumentParser:
     _task_arguments(sweep)
     sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                        help="a DCAConfig field and its values (repeat for more fields; one value fixes a field)")
-    sweep.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
-                       help="a keyword of the task, e.g. train_variants=second_last or n_train=1200 (repeatable)")
     sweep.add_argument("--seeds", type=int, nargs="+", default=[0])
     sweep.add_argument("--steps", type=int, default=150)
     sweep.add_argument("--batch-size", type=int, default=8)
@@ -265,11 +263,17 @@ def _task_arguments(parser):
 
     source.add_argument("--task", help=f"a task name: {', '.join(task_names())}")
     source.add_argument("--data", help="a data file in the LLM-Adapters JSON/JSONL format")
+    parser.add_argument("--task-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="a keyword of the task, e.g. train_variants=second_last, n_train=1200 or n_test=400 "
+                             "(repeatable; give eval the options the adapter was trained with to score the same "
+                             "held-out items)")
 
 
-def resolve_task(args, **options):
+def resolve_task(args):
+    from fastdca.commands.sweep import parse_task_options
     from fastdca.tasks import get_task
 
+    options = parse_task_options(args.task_option)
     return get_task(Path(args.data), **options) if args.data else get_task(args.task, **options)
 
 
@@ -411,10 +415,10 @@ def run_demo(args) -> int:
 
 
 def run_sweep(args) -> int:
-    from fastdca.commands.sweep import parse_grid, parse_task_options, run_sweep as sweep, summary_table
+    from fastdca.commands.sweep import parse_grid, run_sweep as sweep, summary_table
 
     grid = parse_grid(args.grid)
-    task = resolve_task(args, **parse_task_options(args.task_option))
+    task = resolve_task(args)
     rows = sweep(args.model, task, grid, args.seeds, args.output, steps=args.steps,
                  batch_size=args.batch_size, learning_rate=args.lr, max_length=args.max_length,
                  test_limit=args.limit, auto_batch_size=args.auto_batch_size)

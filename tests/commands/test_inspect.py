@@ -241,3 +241,28 @@ def test_cli_eval_xg_stats_needs_an_adapter(tiny_model_dir, capsys):
         main(["eval", "--model", str(tiny_model_dir), "--task", "letter_concat", "--xg-stats"])
     assert exit_info.value.code == 2
     assert "--xg-stats needs --adapter" in capsys.readouterr().err
+
+
+def test_cli_eval_task_options_pick_the_held_out_items(tiny_model_dir, tmp_path, capsys):
+    """`--task-option` reaches the task in eval as in sweep: the adapter is scored on the held-out items of
+    the split it was trained with (n_test=5 of second-last-letter names), not on the default split."""
+    from fastdca.tasks import get_task
+
+    output = tmp_path / "predictions.jsonl"
+    assert main(["eval", "--model", str(tiny_model_dir), "--task", "letter_concat", "--task-option", "n_test=5",
+                 "--task-option", "train_variants=second_last", "--batch-size", "5", "--max-new-tokens", "2",
+                 "--output", str(output)]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    expected = get_task("letter_concat", n_test=5, train_variants=("second_last",)).examples("test")
+    assert [row["id"] for row in rows] == [example.id for example in expected]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["total"] == 5
+
+
+def test_cli_task_option_errors_name_the_option(tiny_model_dir, capsys):
+    for option, message in (("n_test", "--task-option takes KEY=VALUE; got 'n_test'"),
+                            ("n_tset=5", "does not take the options ['n_tset']")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "--model", str(tiny_model_dir), "--task", "letter_concat", "--task-option", option])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
