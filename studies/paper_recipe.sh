@@ -39,6 +39,12 @@ for seed in ${SEEDS:-0 1 2}; do
     else fastdca sweep $RECIPE $DATES --seeds $seed; fi
   done
 done
+# The base model on the same held-out items (no adapter): where the adapters start from
+for task in $TASKS; do
+  if [[ $task == letters ]]; then options="--task letter_concat $LETTER_OPTIONS"; folder=$OUT/letters
+  else options="--task date_understanding $DATE_OPTIONS"; folder=$OUT/date_understanding; fi
+  [[ -f $folder/base_model.jsonl ]] || fastdca eval --model smollm2 $options --output $folder/base_model.jsonl
+done
 # Held-out Var(X_G) and Var / mean x^2 of every run's adapter on its task's test prompts (xg_stats.jsonl)
 for task in $TASKS; do
   if [[ $task == letters ]]; then python studies/xg_stats.py $OUT/letters --task letter_concat $LETTER_OPTIONS
