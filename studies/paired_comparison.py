@@ -5,11 +5,12 @@ its runs' per-item predictions.
     python studies/paired_comparison.py [--runs ROOT]   # rewrites RESULTS.md's tables and <task>/accuracy.png
 
 The runs' predictions (runs/ is not kept in git) are copied to <task>/predictions/seed-S-alpha-A.jsonl, which
-is kept, so the item-level numbers can be recomputed from the repository alone; --runs takes them from another
-sitting's output (`OUT=ROOT bash studies/paper_recipe.sh`), each checked against the study's own results. Per task: DCA - LLaMA-Adapter
-per seed, its mean over seeds with the 95% t interval of the seed-paired differences, and the test-item
-standard error of that mean, sd_i(d_i) / sqrt(n) with d_i = mean over seeds of (DCA correct - LLaMA-Adapter
-correct) on item i: how much the difference would move on another draw of the same number of test items.
+is kept, so the item-level numbers can be recomputed from the repository alone; --runs takes them from
+another sitting's output (`OUT=ROOT bash studies/paper_recipe.sh`), each checked against the study's own
+results. Per task: DCA - LLaMA-Adapter per seed, its mean over seeds with the 95% t interval of the
+seed-paired differences, the test-item standard error of that mean, sd_i(d_i) / sqrt(n) with d_i = mean over
+seeds of (DCA correct - LLaMA-Adapter correct) on item i (how much the difference would move on another draw
+of as many test items), and how often the two methods extract the same answer (over seeds and items).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ METHODS = {0.0: "LLaMA-Adapter (alpha 0)", 1.0: "DCA (alpha 1)"}
 
 
 def collect_predictions(folder: Path, runs: Path) -> dict:
-    """{(seed, alpha): [correct per test item]}; copies each run's predictions.jsonl from the sweep folder
+    """{(seed, alpha): [the scored prediction per test item]}; copies each run's predictions.jsonl from the sweep folder
     `runs` (the study's own, or a sitting that reproduced it) beside the results, once."""
     from fastdca.commands.sweep import run_dir
 
@@ -44,9 +45,10 @@ def collect_predictions(folder: Path, runs: Path) -> dict:
             kept.mkdir(exist_ok=True)
             shutil.copyfile(source, copy)
         if copy.is_file():
-            items = [bool(r["correct"]) for r in read_jsonl(copy)]
-            if len(items) != row["total"] or sum(items) != row["correct"]:
-                raise ValueError(f"{copy}: {sum(items)}/{len(items)} correct, results.jsonl says "
+            items = read_jsonl(copy)
+            correct = sum(bool(r["correct"]) for r in items)
+            if len(items) != row["total"] or correct != row["correct"]:
+                raise ValueError(f"{copy}: {correct}/{len(items)} correct, results.jsonl says "
                                  f"{row['correct']}/{row['total']}")
             outcomes[seed, alpha] = items
     return outcomes
@@ -58,14 +60,17 @@ def paired_difference(rows: list[dict], outcomes: dict) -> dict:
     seeds = sorted(s for s, a in by if a == 0.0 and (s, 1.0) in by)
     per_seed = [100 * (by[s, 1.0]["accuracy"] - by[s, 0.0]["accuracy"]) for s in seeds]
     out = {"seeds": seeds, "per_seed": per_seed, "mean": statistics.fmean(per_seed) if per_seed else None,
-           "interval": None, "item_se": None, "items": None}
+           "interval": None, "item_se": None, "items": None, "same_answer": None}
     if len(per_seed) > 1:
         half = T_975[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
         out["interval"] = (out["mean"] - half, out["mean"] + half)
     if seeds and all((s, a) in outcomes for s in seeds for a in (0.0, 1.0)):
-        n = len(outcomes[seeds[0], 0.0])
-        d = [statistics.fmean(outcomes[s, 1.0][i] - outcomes[s, 0.0][i] for s in seeds) for i in range(n)]
+        dca, adapter = ([[bool(r["correct"]) for r in outcomes[s, a]] for s in seeds] for a in (1.0, 0.0))
+        n = len(dca[0])
+        d = [statistics.fmean(dca[k][i] - adapter[k][i] for k in range(len(seeds))) for i in range(n)]
         out["item_se"], out["items"] = 100 * statistics.stdev(d) / math.sqrt(n), n
+        out["same_answer"] = statistics.fmean(x["prediction"] == y["prediction"] for s in seeds
+                                              for x, y in zip(outcomes[s, 1.0], outcomes[s, 0.0]))
     return out
 
 
@@ -96,10 +101,11 @@ def table(folder: Path, runs: Path) -> str:
         interval = ("-" if diff["interval"] is None
                     else f"[{diff['interval'][0]:+.1f}, {diff['interval'][1]:+.1f}]")
         item_se = "-" if diff["item_se"] is None else f"{diff['item_se']:.2f} points ({diff['items']} items)"
+        same = "-" if diff["same_answer"] is None else f"{100 * diff['same_answer']:.1f}%"
         lines += ["", "| DCA − LLaMA-Adapter, points | per seed | mean | 95% interval (paired by seed, t) "
-                      "| test-item SE of the mean |",
-                  "|---|---|---|---|---|",
-                  f"| {TASKS[folder.name]} | {per_seed} | {diff['mean']:+.2f} | {interval} | {item_se} |"]
+                      "| test-item SE of the mean | same answer as LLaMA-Adapter |",
+                  "|---|---|---|---|---|---|",
+                  f"| {TASKS[folder.name]} | {per_seed} | {diff['mean']:+.2f} | {interval} | {item_se} | {same} |"]
     return "\n".join(lines)
 
 
