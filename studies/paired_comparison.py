@@ -10,7 +10,8 @@ another sitting's output (`OUT=ROOT bash studies/paper_recipe.sh`), each checked
 results. Per task: DCA - LLaMA-Adapter per seed, its mean over seeds with the 95% t interval of the
 seed-paired differences, the test-item standard error of that mean, sd_i(d_i) / sqrt(n) with d_i = mean over
 seeds of (DCA correct - LLaMA-Adapter correct) on item i (how much the difference would move on another draw
-of as many test items), and how often the two methods extract the same answer (over seeds and items).
+of as many test items), and how often the two methods extract the same answer (over seeds and items);
+both over the seeds whose predictions are there, named where that is not all of them.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ def paired_difference(rows: list[dict], outcomes: dict) -> dict:
     if len(per_seed) > 1:
         half = T_975[len(per_seed) - 1] * statistics.stdev(per_seed) / math.sqrt(len(per_seed))
         out["interval"] = (out["mean"] - half, out["mean"] + half)
-    if seeds and all((s, a) in outcomes for s in seeds for a in (0.0, 1.0)):
-        dca, adapter = ([[bool(r["correct"]) for r in outcomes[s, a]] for s in seeds] for a in (1.0, 0.0))
+    predicted = [s for s in seeds if (s, 0.0) in outcomes and (s, 1.0) in outcomes]
+    out["predicted_seeds"] = predicted
+    if predicted:
+        dca, adapter = ([[bool(r["correct"]) for r in outcomes[s, a]] for s in predicted] for a in (1.0, 0.0))
         n = len(dca[0])
-        d = [statistics.fmean(dca[k][i] - adapter[k][i] for k in range(len(seeds))) for i in range(n)]
+        d = [statistics.fmean(dca[k][i] - adapter[k][i] for k in range(len(predicted))) for i in range(n)]
         out["item_se"], out["items"] = 100 * statistics.stdev(d) / math.sqrt(n), n
-        out["same_answer"] = statistics.fmean(x["prediction"] == y["prediction"] for s in seeds
+        out["same_answer"] = statistics.fmean(x["prediction"] == y["prediction"] for s in predicted
                                               for x, y in zip(outcomes[s, 1.0], outcomes[s, 0.0]))
     return out
 
@@ -100,7 +103,10 @@ def table(folder: Path, runs: Path) -> str:
         per_seed = ", ".join(f"{s}: {d:+.1f}" for s, d in zip(diff["seeds"], diff["per_seed"]))
         interval = ("-" if diff["interval"] is None
                     else f"[{diff['interval'][0]:+.1f}, {diff['interval'][1]:+.1f}]")
-        item_se = "-" if diff["item_se"] is None else f"{diff['item_se']:.2f} points ({diff['items']} items)"
+        partial = ("" if diff["predicted_seeds"] == diff["seeds"]
+                   else f", seeds {', '.join(map(str, diff['predicted_seeds']))} only")
+        item_se = ("-" if diff["item_se"] is None
+                   else f"{diff['item_se']:.2f} points ({diff['items']} items{partial})")
         same = "-" if diff["same_answer"] is None else f"{100 * diff['same_answer']:.1f}%"
         lines += ["", "| DCA − LLaMA-Adapter, points | per seed | mean | 95% interval (paired by seed, t) "
                       "| test-item SE of the mean | same answer as LLaMA-Adapter |",
