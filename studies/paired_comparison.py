@@ -104,7 +104,8 @@ def table(folder: Path, runs: Path) -> str:
         interval = ("-" if diff["interval"] is None
                     else f"[{diff['interval'][0]:+.1f}, {diff['interval'][1]:+.1f}]")
         partial = ("" if diff["predicted_seeds"] == diff["seeds"]
-                   else f", seeds {', '.join(map(str, diff['predicted_seeds']))} only")
+                   else f", seed{'s' * (len(diff['predicted_seeds']) > 1)} "
+                        f"{', '.join(map(str, diff['predicted_seeds']))} only")
         item_se = ("-" if diff["item_se"] is None
                    else f"{diff['item_se']:.2f} points ({diff['items']} items{partial})")
         same = "-" if diff["same_answer"] is None else f"{100 * diff['same_answer']:.1f}%"
