@@ -32,8 +32,8 @@ METHODS = {0.0: "LLaMA-Adapter (alpha 0)", 1.0: "DCA (alpha 1)"}
 
 
 def collect_predictions(folder: Path, runs: Path) -> dict:
-    """{(seed, alpha): [the scored prediction per test item]}; copies each run's predictions.jsonl from the sweep folder
-    `runs` (the study's own, or a sitting that reproduced it) beside the results, once."""
+    """{(seed, alpha): [the scored prediction per test item]}; copies each run's predictions.jsonl from the
+    sweep folder `runs` (the study's own, or a sitting that reproduced it) beside the results, once."""
     from fastdca.commands.sweep import run_dir
 
     kept = folder / "predictions"
@@ -53,6 +53,11 @@ def collect_predictions(folder: Path, runs: Path) -> dict:
                                  f"{row['correct']}/{row['total']}")
             outcomes[seed, alpha] = items
     return outcomes
+
+
+def method_rows(rows: list[dict], alpha: float) -> list[dict]:
+    """The runs of one method (its alpha), by seed."""
+    return sorted((r for r in rows if r["setting"]["alpha"] == alpha), key=lambda r: r["seed"])
 
 
 def paired_difference(rows: list[dict], outcomes: dict) -> dict:
@@ -85,19 +90,19 @@ def table(folder: Path, runs: Path) -> str:
              "| held-out Var(X_G) | Var / mean x² | minutes per run |",
              "|---|---|---|---|---|---|---|---|"]
     for alpha, method in METHODS.items():
-        runs = sorted((r for r in rows if r["setting"]["alpha"] == alpha), key=lambda r: r["seed"])
-        if not runs:
+        own = method_rows(rows, alpha)
+        if not own:
             continue
-        measured = [stats[r["key"]] for r in runs if r["key"] in stats]
-        shares = [r["grad_share"] for r in runs if r.get("grad_share") is not None]
-        per_seed = ", ".join(f"{r['seed']}: {100 * r['accuracy']:.1f}%" for r in runs)
+        measured = [stats[r["key"]] for r in own if r["key"] in stats]
+        shares = [r["grad_share"] for r in own if r.get("grad_share") is not None]
+        per_seed = ", ".join(f"{r['seed']}: {100 * r['accuracy']:.1f}%" for r in own)
         share = f"{statistics.fmean(shares):.1e}" if shares else "-"
         variance, relative = (f"{statistics.fmean(m[name] for m in measured):.2e}" if measured else "-"
                               for name in ("variance", "relative_variance"))
         lines.append(
-            f"| {method} | {per_seed} | {mean_std([r['accuracy'] for r in runs], 100)} "
-            f"| {statistics.fmean(r['ce'] for r in runs):.4f} | {share} | {variance} | {relative} "
-            f"| {mean_std([r['seconds'] for r in runs], 1 / 60)} |")
+            f"| {method} | {per_seed} | {mean_std([r['accuracy'] for r in own], 100)} "
+            f"| {statistics.fmean(r['ce'] for r in own):.4f} | {share} | {variance} | {relative} "
+            f"| {mean_std([r['seconds'] for r in own], 1 / 60)} |")
     diff = paired_difference(rows, outcomes)
     if diff["per_seed"]:
         per_seed = ", ".join(f"{s}: {d:+.1f}" for s, d in zip(diff["seeds"], diff["per_seed"]))
@@ -128,10 +133,10 @@ def plot(folder: Path, path: Path) -> None:
     rows = read_jsonl(folder / "results.jsonl")
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for offset, (alpha, method) in zip((-0.08, 0.08), METHODS.items()):
-        runs = sorted((r for r in rows if r["setting"]["alpha"] == alpha), key=lambda r: r["seed"])
-        accuracy = [100 * r["accuracy"] for r in runs]
-        error = [196 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["total"]) for r in runs]
-        ax.errorbar([r["seed"] + offset for r in runs], accuracy, yerr=error, fmt="o", capsize=3, label=method)
+        own = method_rows(rows, alpha)
+        accuracy = [100 * r["accuracy"] for r in own]
+        error = [196 * math.sqrt(r["accuracy"] * (1 - r["accuracy"]) / r["total"]) for r in own]
+        ax.errorbar([r["seed"] + offset for r in own], accuracy, yerr=error, fmt="o", capsize=3, label=method)
     ax.set(xlabel="seed", ylabel="held-out accuracy (%)", title=TASKS[folder.name])
     ax.set_xticks(sorted({r["seed"] for r in rows}))
     ax.legend(fontsize=8)
