@@ -270,7 +270,7 @@ def _task_arguments(parser):
 
 
 def resolve_task(args):
-    from fastdca.commands.sweep import parse_task_options
+    from fastdca.tasks.options import parse_task_options
     from fastdca.tasks import get_task
 
     options = parse_task_options(args.task_option)

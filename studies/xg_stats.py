@@ -18,7 +18,8 @@ from pathlib import Path
 
 from fastdca.commands.eval import xg_variance
 from fastdca.commands.models import load_smollm2
-from fastdca.commands.sweep import parse_task_options, read_results, run_dir
+from fastdca.commands.sweep import read_results, run_dir
+from fastdca.tasks.options import parse_task_options
 from fastdca.hf import load_adapter
 from fastdca.io import atomic_write_text
 from fastdca.tasks import get_task

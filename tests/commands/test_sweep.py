@@ -5,7 +5,7 @@ import json
 import pytest
 
 from fastdca.cli import main
-from fastdca.commands.sweep import parse_grid, parse_task_options, read_results, summarize
+from fastdca.commands.sweep import parse_grid, read_results, summarize
 
 
 def test_grid_parsing_and_its_errors():
@@ -17,8 +17,6 @@ def test_grid_parsing_and_its_errors():
         parse_grid(["causal_len=two"])
     with pytest.raises(ValueError, match="FIELD=V1,V2"):
         parse_grid(["alpha"])
-    assert parse_task_options(["n_train=1200", "train_variants=second_last", "test_fraction=0.1"]) == {
-        "n_train": 1200, "train_variants": ("second_last",), "test_fraction": 0.1}
 
 
 def test_sweep_runs_once_resumes_and_summarises(tiny_model_dir, tmp_path, monkeypatch):

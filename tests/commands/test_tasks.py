@@ -9,6 +9,7 @@ from fastdca.tasks import (
     format_prompt, get_task, numbers_equal, parse_number, read_records,
 )
 from fastdca.tasks.letters import LetterConcatenation
+from fastdca.tasks.options import parse_task_options
 
 PAPER_CAUSAL_LAYERS = {"letter_concat": 20, "date_understanding": 10, "math401": 1, "addsub": 3,
                        "svamp": 3, "multiarith": 3, "singleeq": 3, "gsm8k": 3}
@@ -20,6 +21,14 @@ def test_registry_and_paper_causal_layers():
     assert set(TASKS) == set(PAPER_CAUSAL_LAYERS)
     for name, lp in PAPER_CAUSAL_LAYERS.items():
         assert get_task(name).causal_layers == lp
+
+
+def test_task_options_from_the_command_line():
+    assert parse_task_options(["n_train=1200", "train_variants=second_last", "test_fraction=0.1", "seed=x"]) == {
+        "n_train": 1200, "train_variants": ("second_last",), "test_fraction": 0.1, "seed": "x"}
+    assert parse_task_options(["train_variants=second_last,last"]) == {"train_variants": ("second_last", "last")}
+    with pytest.raises(ValueError, match="--task-option takes KEY=VALUE; got 'n_train'"):
+        parse_task_options(["n_train"])
 
 
 def test_unknown_task_lists_known_ones():
